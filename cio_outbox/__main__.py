@@ -1,0 +1,3 @@
+from cio_outbox.cli import main
+
+main()

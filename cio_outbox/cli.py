@@ -1,0 +1,15 @@
+"""The cio-outbox command line: each command is a thin wrapper over an Outbox or Worker call."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group()
+@click.version_option(package_name="cio-outbox")
+def cli() -> None:
+    """Durable outbox and worker for the Customer.io Data Pipelines API."""
+
+
+def main() -> None:
+    cli()
