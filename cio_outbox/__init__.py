@@ -7,4 +7,21 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0"
 
-__all__ = ["__version__"]
+from cio_outbox.config import ApiKey, ConfigError
+from cio_outbox.messages import MessageError
+from cio_outbox.outbox import EnqueueResult, Outbox
+from cio_outbox.storage import StorageError
+from cio_outbox.worker import AuthError, Worker, WorkerError
+
+__all__ = [
+    "ApiKey",
+    "AuthError",
+    "ConfigError",
+    "EnqueueResult",
+    "MessageError",
+    "Outbox",
+    "StorageError",
+    "Worker",
+    "WorkerError",
+    "__version__",
+]

@@ -1,0 +1,161 @@
+"""HTTP to the Pipelines API: one requests.Session, the key's auth scheme, replies classified.
+
+The client never raises for an HTTP status: the worker decides what a status
+means. Transport failures (refused, reset, timeout) raise :class:`TransportError`
+with a text that names the host, never the key.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import gzip as _gzip
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+
+from cio_outbox import __version__
+from cio_outbox.config import ApiKey, Target
+
+USER_AGENT = f"cio-outbox/{__version__} python-requests/{requests.__version__}"
+DEFAULT_TIMEOUT = (5.0, 30.0)  # connect, read (seconds)
+
+
+class TransportError(RuntimeError):
+    """No HTTP answer: connection refused or reset, DNS failure, or a timeout."""
+
+
+class _KeyAuth(requests.auth.AuthBase):
+    """Sets the Authorization header. Passing an auth object also stops requests from
+    reading credentials out of a ~/.netrc file."""
+
+    def __init__(self, key: ApiKey) -> None:
+        self._key = key
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = self._key.authorization()
+        return request
+
+    def __repr__(self) -> str:
+        return f"_KeyAuth({self._key!r})"
+
+
+@dataclass
+class Reply:
+    """What the API answered to one request."""
+
+    status_code: int
+    latency_ms: float
+    retry_after: float | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    text: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status_code < 300
+
+    def describe(self) -> str:
+        """A short error text for the audit trail: status and the server's reasons."""
+        if self.errors:
+            parts = []
+            for error in self.errors[:5]:
+                piece = ": ".join(
+                    str(error[k]) for k in ("field", "reason", "message") if error.get(k)
+                )
+                parts.append(piece or json.dumps(error))
+            more = f" (+{len(self.errors) - 5} more)" if len(self.errors) > 5 else ""
+            return f"HTTP {self.status_code}: " + "; ".join(parts) + more
+        return f"HTTP {self.status_code}: {self.text[:300]}".rstrip(": ")
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Retry-After as seconds: either a number of seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _errors_of(response: requests.Response) -> list[dict[str, Any]]:
+    try:
+        data = response.json()
+    except ValueError:
+        return []
+    meta = data.get("meta") if isinstance(data, dict) else None
+    errors = meta.get("errors") if isinstance(meta, dict) else None
+    if isinstance(errors, list):
+        return [e if isinstance(e, dict) else {"message": str(e)} for e in errors]
+    return []
+
+
+class Client:
+    """Posts request bodies to ``<base_url>/v1/<endpoint>`` with the key's auth scheme."""
+
+    def __init__(
+        self,
+        key: ApiKey,
+        target: Target,
+        *,
+        gzip: bool = False,
+        timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.key = key
+        self.target = target
+        self.gzip = gzip
+        self.timeout = timeout
+        self.session = session or requests.Session()
+        self.session.auth = _KeyAuth(key)
+        self.session.headers.update({"User-Agent": USER_AGENT, "Content-Type": "application/json"})
+
+    def send(self, endpoint: str, body: bytes) -> Reply:
+        headers = {}
+        if self.gzip:
+            body = _gzip.compress(body, compresslevel=6)
+            headers["Content-Encoding"] = "gzip"
+        url = self.target.url(endpoint)
+        started = time.perf_counter()
+        try:
+            response = self.session.post(url, data=body, headers=headers, timeout=self.timeout)
+        except requests.Timeout:
+            raise TransportError(f"timed out waiting for {self.target.base_url}") from None
+        except requests.ConnectionError as exc:
+            raise TransportError(
+                f"cannot reach {self.target.base_url}: {_short_reason(exc)}"
+            ) from None
+        except requests.RequestException as exc:
+            raise TransportError(f"request to {self.target.base_url} failed: {exc}") from None
+        latency_ms = (time.perf_counter() - started) * 1000
+        reply = Reply(status_code=response.status_code, latency_ms=latency_ms)
+        if not reply.ok:
+            reply.errors = _errors_of(response)
+            reply.text = response.text[:1000]
+            reply.retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        return reply
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __repr__(self) -> str:
+        return f"Client(target={self.target.base_url!r}, key={self.key!r}, gzip={self.gzip})"
+
+
+def _short_reason(exc: BaseException) -> str:
+    text = str(exc)
+    for marker in ("Connection refused", "Connection reset", "Name or service not known",
+                   "Remote end closed connection", "timed out", "Connection aborted"):
+        if marker.lower() in text.lower():
+            return marker.lower()
+    return text[:200]

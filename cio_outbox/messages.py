@@ -1,0 +1,350 @@
+"""Validated Pipelines API messages: the six call types and their exact wire JSON.
+
+Nothing reaches the outbox without passing through :func:`build`. It checks the
+ids and required fields with pydantic, converts values JSON cannot carry
+natively, and measures the serialized size against the 32 KB per call limit.
+
+Value conversions (documented in README "Messages"):
+
+- ``datetime``: ISO-8601 in UTC with milliseconds and ``Z``. A naive datetime
+  (no tzinfo) is taken to be UTC, because exports from databases usually hold UTC.
+- ``date``: ``YYYY-MM-DD``.
+- ``Decimal``: a JSON number (float), refused when NaN or infinite.
+- ``UUID``: its string form. Tuples become lists. numpy scalars become Python numbers.
+- Refused with an error naming the field: sets, bytes, NaN, infinities and any
+  other object.
+- ``userId``, ``anonymousId``, ``groupId``, ``previousId`` given as integers become
+  strings; empty or blank ids are refused.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import uuid
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cio_outbox import __version__
+
+MAX_MESSAGE_BYTES = 32_768
+BATCHABLE = frozenset({"identify", "track", "page", "screen", "group"})
+CALL_TYPES = (*sorted(BATCHABLE), "alias")
+LIBRARY = {"name": "cio-outbox", "version": __version__}
+
+# messageIds derived from idempotency keys live in their own UUID namespace, so the
+# same key always gives the same id and cannot collide with random uuid4 ids.
+IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1c3f55-8a52-4c1e-9c55-2f7d8f4c0b11")
+
+
+class MessageError(ValueError):
+    """A message cannot be sent as it is. ``field`` names the offending field."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def message_id_for(idempotency_key: str) -> str:
+    """The stable messageId for an idempotency key: the same key gives the same id."""
+    return str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, idempotency_key))
+
+
+def format_timestamp(value: _dt.datetime) -> str:
+    """ISO-8601 UTC with milliseconds; naive datetimes are taken as UTC."""
+    value = value.replace(tzinfo=_dt.UTC) if value.tzinfo is None else value.astimezone(_dt.UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, _dt.datetime):
+        return format_timestamp(value)
+    if isinstance(value, _dt.date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError("Decimal value is not finite")
+        return float(value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    item = getattr(value, "item", None)  # numpy scalars
+    if callable(item) and type(value).__module__ == "numpy":
+        return item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _find_bad_value(value: Any, path: str) -> tuple[str, str] | None:
+    """Slow path, only after a failed dump: find where and why a value cannot be JSON."""
+    if isinstance(value, Mapping):
+        for key, inner in value.items():
+            if not isinstance(key, str):
+                return path, f"has a non-string key {key!r}"
+            found = _find_bad_value(inner, f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        for index, inner in enumerate(value):
+            found = _find_bad_value(inner, f"{path}[{index}]")
+            if found:
+                return found
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, f"is {value}, which JSON cannot carry"
+    if isinstance(value, (set, frozenset)):
+        return path, "is a set; JSON has no sets (convert it to a sorted list)"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return path, "is bytes; decode it to a string first"
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            str(value)
+        except ValueError:
+            return path, "is an integer too large to write as JSON"
+        return None
+    if value is None or isinstance(value, (str, bool, float)):
+        return None
+    try:
+        _json_default(value)
+    except (TypeError, ValueError) as exc:
+        return path, f"cannot be sent as JSON ({exc})"
+    return None
+
+
+def dumps(wire: dict[str, Any]) -> str:
+    """Compact JSON for one message, or a :class:`MessageError` naming the field."""
+    try:
+        return json.dumps(
+            wire,
+            default=_json_default,
+            allow_nan=False,
+            ensure_ascii=False,
+            separators=(",", ":"),
+            check_circular=False,
+        )
+    except (TypeError, ValueError, RecursionError) as exc:
+        found = _find_bad_value(wire, "") if not isinstance(exc, RecursionError) else None
+        if found:
+            field, reason = found
+            raise MessageError(f"{field} {reason}", field=field) from None
+        raise MessageError(f"message cannot be written as JSON: {exc}") from None
+
+
+def _check_id(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"{name} must be a string (got {type(value).__name__})")
+    text = str(value)
+    if not text.strip():
+        raise ValueError(f"{name} must not be empty")
+    return text
+
+
+def _parse_timestamp(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, _dt.datetime):
+        return format_timestamp(value)
+    if isinstance(value, _dt.date):
+        return format_timestamp(_dt.datetime(value.year, value.month, value.day))
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            parsed = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"timestamp {value!r} is not ISO-8601") from None
+        return format_timestamp(parsed)
+    raise ValueError(
+        f"timestamp must be a datetime or ISO-8601 string (got {type(value).__name__})"
+    )
+
+
+class Message(BaseModel):
+    """Fields every call shares. Field names are the wire names (camelCase)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    call_type: ClassVar[str]
+
+    messageId: str = Field(default_factory=lambda: str(uuid.uuid4()))
+    userId: str | None = None
+    anonymousId: str | None = None
+    timestamp: str | None = None
+    originalTimestamp: str | None = None
+    context: dict[str, Any] | None = None
+    integrations: dict[str, bool] | None = None
+
+    @field_validator("userId", "anonymousId", mode="before")
+    @classmethod
+    def _ids(cls, value: Any, info: Any) -> str | None:
+        return _check_id(value, info.field_name)
+
+    @field_validator("messageId", mode="before")
+    @classmethod
+    def _message_id(cls, value: Any) -> str:
+        checked = _check_id(value, "messageId")
+        if checked is None:
+            raise ValueError("messageId must not be null")
+        if len(checked) > 100:
+            raise ValueError("messageId is longer than 100 characters")
+        return checked
+
+    @field_validator("timestamp", "originalTimestamp", mode="before")
+    @classmethod
+    def _timestamp(cls, value: Any) -> str | None:
+        return _parse_timestamp(value)
+
+    @model_validator(mode="after")
+    def _someone(self) -> Message:
+        if self.userId is None and self.anonymousId is None:
+            raise ValueError("userId or anonymousId is required")
+        return self
+
+    @property
+    def person(self) -> str:
+        """The id that orders this person's messages: userId, else anonymousId."""
+        return self.userId or self.anonymousId or ""
+
+    @property
+    def endpoint(self) -> str:
+        return "alias" if self.call_type == "alias" else "batch"
+
+    def wire(self) -> dict[str, Any]:
+        """The exact JSON object sent to the API (library context added unless set)."""
+        data: dict[str, Any] = {"type": self.call_type}
+        for name, value in self:
+            if value is not None:
+                data[name] = value
+        context = dict(data.get("context") or {})
+        context.setdefault("library", LIBRARY)
+        data["context"] = context
+        return data
+
+    def to_json(self) -> str:
+        """Compact wire JSON, checked against the 32 KB per call limit."""
+        return self.encode()[0]
+
+    def encode(self) -> tuple[str, int]:
+        """Compact wire JSON and its size in bytes, checked against the 32 KB limit."""
+        text = dumps(self.wire())
+        size = len(text.encode("utf-8"))
+        if size > MAX_MESSAGE_BYTES:
+            raise MessageError(
+                f"message {self.messageId} is {size} bytes, over the limit of "
+                f"{MAX_MESSAGE_BYTES} bytes per call",
+                field="message",
+            )
+        return text, size
+
+
+class Identify(Message):
+    call_type: ClassVar[str] = "identify"
+    traits: dict[str, Any] | None = None
+
+
+class Track(Message):
+    call_type: ClassVar[str] = "track"
+    event: str
+    properties: dict[str, Any] | None = None
+
+    @field_validator("event", mode="before")
+    @classmethod
+    def _event(cls, value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("event must be a non-empty string")
+        return value
+
+
+class Page(Message):
+    call_type: ClassVar[str] = "page"
+    name: str | None = None
+    properties: dict[str, Any] | None = None
+
+
+class Screen(Message):
+    call_type: ClassVar[str] = "screen"
+    name: str | None = None
+    properties: dict[str, Any] | None = None
+
+
+class Group(Message):
+    call_type: ClassVar[str] = "group"
+    groupId: str
+    traits: dict[str, Any] | None = None
+
+    @field_validator("groupId", mode="before")
+    @classmethod
+    def _group_id(cls, value: Any) -> str:
+        checked = _check_id(value, "groupId")
+        if checked is None:
+            raise ValueError("groupId is required")
+        return checked
+
+
+class Alias(Message):
+    call_type: ClassVar[str] = "alias"
+    userId: str  # type: ignore[assignment]
+    previousId: str
+
+    @field_validator("previousId", mode="before")
+    @classmethod
+    def _previous_id(cls, value: Any) -> str:
+        checked = _check_id(value, "previousId")
+        if checked is None:
+            raise ValueError("previousId is required")
+        return checked
+
+
+MODELS: dict[str, type[Message]] = {
+    model.call_type: model for model in (Identify, Track, Page, Screen, Group, Alias)
+}
+
+
+def _explain(call_type: str, exc: ValidationError) -> MessageError:
+    first = exc.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or None
+    reason = first["msg"]
+    if reason.startswith("Value error, "):
+        reason = reason[len("Value error, ") :]
+    if first["type"] == "missing":
+        reason = "is required"
+    elif first["type"] == "extra_forbidden":
+        reason = f"is not a field of a {call_type} call"
+    text = f"{call_type}: {field} {reason}" if field else f"{call_type}: {reason}"
+    if len(exc.errors()) > 1:
+        text += f" (and {len(exc.errors()) - 1} more problem(s))"
+    return MessageError(text, field=field)
+
+
+def build(call_type: str, fields: Mapping[str, Any]) -> Message:
+    """Validate one call given by its wire field names; raise :class:`MessageError`."""
+    model = MODELS.get(call_type)
+    if model is None:
+        raise MessageError(
+            f"type {call_type!r} is not one of: {', '.join(CALL_TYPES)}", field="type"
+        )
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise _explain(call_type, exc) from None
+
+
+def from_wire(data: Mapping[str, Any]) -> Message:
+    """Build a message from its wire shape, ``{"type": "track", "userId": ..., ...}``."""
+    if not isinstance(data, Mapping):
+        raise MessageError("a call must be a JSON object", field="type")
+    call_type = data.get("type")
+    if not isinstance(call_type, str):
+        raise MessageError("type is required (identify, track, page, screen, group or alias)",
+                           field="type")
+    fields = {key: value for key, value in data.items() if key != "type"}
+    # Set by Customer.io or by the sender at send time; never stored.
+    for server_field in ("receivedAt", "sentAt", "version"):
+        fields.pop(server_field, None)
+    return build(call_type, fields)
+
+
+CallType = Literal["identify", "track", "page", "screen", "group", "alias"]

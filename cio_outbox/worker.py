@@ -1,0 +1,533 @@
+"""The worker: claims rows under a lease, sends them, records every outcome.
+
+Retry policy, declared with tenacity:
+
+- 429: wait what ``Retry-After`` says, and pause every sender of this worker;
+- 5xx, 408, timeouts, refused or reset connections: capped exponential backoff
+  with jitter;
+- 400, 413, 422: the batch holds a bad message. Items the server names
+  (``batch[3]...``) are dead-lettered with its reason and the rest resent; without
+  names the batch is split in halves until the bad ones stand alone;
+- 401, 403: stop at once; rows go back to pending with no attempt counted;
+- after ``max_attempts`` HTTP attempts a row is dead-lettered with its last error.
+
+While a request is being retried its rows stay leased (the lease is extended),
+so no other sender can take a later message of the same person: one person's
+messages reach the API in the order they were enqueued.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tenacity import (
+    RetryCallState,
+    RetryError,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from cio_outbox.batch import MAX_BATCH_BYTES, Row, batch_body, sent_at_now, single_body
+from cio_outbox.client import Client, Reply, TransportError
+from cio_outbox.storage.base import Attempt, Storage
+
+log = logging.getLogger("cio_outbox.worker")
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_AUTH = 3
+
+_ITEM_INDEX = re.compile(r"^batch\[(\d+)\]")
+
+
+class WorkerError(RuntimeError):
+    """The worker stopped because it cannot go on (bad host, bad key)."""
+
+    exit_code = EXIT_FATAL
+
+
+class AuthError(WorkerError):
+    """The API refused the key (401/403). No row was counted as attempted."""
+
+    exit_code = EXIT_AUTH
+
+
+class _Transient(Exception):
+    """A failure worth retrying: 429, 5xx, 408 or no answer."""
+
+    def __init__(self, text: str, retry_after: float | None = None) -> None:
+        super().__init__(text)
+        self.text = text
+        self.retry_after = retry_after
+
+
+class _Stopped(Exception):
+    """The worker was asked to stop while this request waited for a retry."""
+
+
+@dataclass
+class Progress:
+    """A snapshot of the worker for a progress line or a notebook."""
+
+    sent: int = 0
+    failed: int = 0
+    requests: int = 0
+    retries: int = 0
+    rejected_requests: int = 0
+    pending: int = 0
+    in_flight: int = 0
+    rate: float = 0.0
+    elapsed: float = 0.0
+    state: str = "starting"
+    last_error: str | None = None
+
+    def line(self) -> str:
+        text = (
+            f"sent {self.sent:,}  failed {self.failed:,}  pending {self.pending:,}  "
+            f"in flight {self.in_flight:,}  {self.rate:,.0f} msg/s"
+        )
+        if self.state not in ("sending", "done"):
+            text += f"  [{self.state}]"
+        return text
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class WorkerResult:
+    """How a run ended. ``exit_code`` is what the CLI exits with."""
+
+    sent: int
+    failed: int
+    requests: int
+    retries: int
+    elapsed: float
+    stopped: bool
+    exit_code: int = EXIT_OK
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Throttle:
+    """Shared by every sender thread: an optional requests/s cap and a pause after 429."""
+
+    def __init__(self, max_rps: float | None = None) -> None:
+        self.max_rps = max_rps
+        self._lock = threading.Lock()
+        self._next_slot = 0.0
+        self._pause_until = 0.0
+
+    def pause(self, seconds: float) -> None:
+        with self._lock:
+            self._pause_until = max(self._pause_until, time.monotonic() + seconds)
+
+    def paused_for(self) -> float:
+        return max(0.0, self._pause_until - time.monotonic())
+
+    def acquire(self, stop: threading.Event) -> bool:
+        """Wait for a slot; False when the worker is stopping."""
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                start = max(now, self._pause_until, self._next_slot)
+                if start <= now:
+                    if self.max_rps:
+                        self._next_slot = now + 1.0 / self.max_rps
+                    return True
+            if stop.wait(min(start - now, 1.0)):
+                return False
+
+
+@dataclass
+class _Counters:
+    sent: int = 0
+    failed: int = 0
+    requests: int = 0
+    retries: int = 0
+    rejected_requests: int = 0
+    last_error: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, **changes: int) -> None:
+        with self.lock:
+            for name, value in changes.items():
+                setattr(self, name, getattr(self, name) + value)
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    """Drains an outbox through a :class:`Client`.
+
+    ``concurrency`` sender threads each claim one request's worth of rows at a
+    time. Several workers (threads or processes) may drain one outbox.
+
+    >>> worker = Worker(storage, client, concurrency=4)   # doctest: +SKIP
+    >>> worker.run(until_empty=True).sent                  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        client: Client,
+        *,
+        concurrency: int = 2,
+        run: str | None = None,
+        max_bytes: int = MAX_BATCH_BYTES,
+        max_messages: int = 5000,
+        lease_seconds: float = 120.0,
+        max_attempts: int = 10,
+        max_rps: float | None = None,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 60.0,
+        idle_interval: float = 0.5,
+        worker_id: str | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        progress_interval: float = 1.0,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if not 0 < max_bytes <= MAX_BATCH_BYTES:
+            raise ValueError(f"max_bytes must be between 1 and {MAX_BATCH_BYTES}")
+        self.storage = storage
+        self.client = client
+        self.concurrency = concurrency
+        self.run_filter = run
+        self.max_bytes = max_bytes
+        self.max_messages = max_messages
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.idle_interval = idle_interval
+        self.worker_id = worker_id or default_worker_id()
+        self.on_progress = on_progress
+        self.progress_interval = progress_interval
+        self.throttle = Throttle(max_rps)
+        self._backoff = wait_exponential_jitter(
+            initial=backoff_initial, max=backoff_max, jitter=backoff_initial
+        )
+        self._stop = threading.Event()
+        self._drained = threading.Event()
+        self._fatal: WorkerError | None = None
+        self._counters = _Counters()
+        self._state = "starting"
+        self._started = 0.0
+
+    # -- control -----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask every sender to finish its request in flight, record it, and stop."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self, *, until_empty: bool = False, timeout: float | None = None) -> WorkerResult:
+        """Send until stopped, or with ``until_empty`` until nothing is pending or in flight.
+
+        Rows in flight under another worker's lease are waited for: if that worker
+        died, its lease expires and this worker takes them back.
+        """
+        self._started = time.monotonic()
+        self._state = "sending"
+        released = self.storage.release_worker(self.worker_id)
+        if released:
+            log.info("took back %d rows this worker id held before a restart", released)
+        threads = [
+            threading.Thread(
+                target=self._sender, args=(until_empty,), name=f"cio-sender-{i}", daemon=True
+            )
+            for i in range(self.concurrency)
+        ]
+        for thread in threads:
+            thread.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last_report = 0.0
+        last_sent = 0
+        try:
+            while any(thread.is_alive() for thread in threads):
+                time.sleep(0.05)
+                if deadline is not None and time.monotonic() > deadline:
+                    self.stop()
+                now = time.monotonic()
+                if self.on_progress and now - last_report >= self.progress_interval:
+                    progress = self._snapshot(now - last_report if last_report else None,
+                                              last_sent)
+                    last_report, last_sent = now, progress.sent
+                    self.on_progress(progress)
+        except KeyboardInterrupt:
+            self.stop()
+            for thread in threads:
+                thread.join()
+        self._state = "done" if self._fatal is None else "stopped: " + str(self._fatal)
+        if self.on_progress:
+            self.on_progress(self._snapshot(None, 0))
+        counters = self._counters
+        result = WorkerResult(
+            sent=counters.sent,
+            failed=counters.failed,
+            requests=counters.requests,
+            retries=counters.retries,
+            elapsed=time.monotonic() - self._started,
+            stopped=self._stop.is_set() and self._fatal is None and not self._drained.is_set(),
+        )
+        if self._fatal is not None:
+            result.exit_code = self._fatal.exit_code
+            result.error = str(self._fatal)
+        return result
+
+    def progress(self) -> Progress:
+        return self._snapshot(None, 0)
+
+    def _snapshot(self, interval: float | None, last_sent: int) -> Progress:
+        counts = self.storage.counts(self.run_filter)
+        counters = self._counters
+        elapsed = time.monotonic() - self._started
+        if interval:
+            rate = (counters.sent - last_sent) / interval
+        else:
+            rate = counters.sent / elapsed if elapsed > 0 else 0.0
+        state = self._state
+        paused = self.throttle.paused_for()
+        if paused > 0 and state == "sending":
+            state = f"rate limited, resuming in {paused:.0f}s"
+        return Progress(
+            sent=counters.sent, failed=counters.failed, requests=counters.requests,
+            retries=counters.retries, rejected_requests=counters.rejected_requests,
+            pending=counts["pending"], in_flight=counts["in_flight"], rate=rate,
+            elapsed=elapsed, state=state, last_error=counters.last_error,
+        )
+
+    # -- the sender loop ---------------------------------------------------------------
+
+    def _sender(self, until_empty: bool) -> None:
+        try:
+            while not self._stop.is_set():
+                rows = self.storage.claim(
+                    self.worker_id,
+                    lease_seconds=self.lease_seconds,
+                    max_bytes=self.max_bytes,
+                    max_messages=self.max_messages,
+                    run=self.run_filter,
+                )
+                if not rows:
+                    if until_empty and self._nothing_left():
+                        self._drained.set()
+                        self._stop.set()
+                        return
+                    self._stop.wait(self.idle_interval)
+                    continue
+                self._deliver(rows)
+        except WorkerError as exc:
+            self._fatal = self._fatal or exc
+            self._stop.set()
+        except Exception as exc:  # a bug or a storage failure: stop, rows come back by lease
+            log.exception("sender stopped")
+            self._fatal = self._fatal or WorkerError(f"worker stopped: {exc}")
+            self._stop.set()
+
+    def _nothing_left(self) -> bool:
+        counts = self.storage.counts(self.run_filter)
+        return counts["pending"] == 0 and counts["in_flight"] == 0
+
+    def _deliver(self, rows: Sequence[Row]) -> None:
+        """Send rows as one request, with retries; isolate bad messages on rejection."""
+        endpoint = rows[0].endpoint
+        try:
+            reply, body_size = self._send_with_retries(rows, endpoint)
+        except _Stopped:
+            self.storage.release([row.id for row in rows], next_attempt_at=None)
+            return
+        except _Transient as exc:  # attempts exhausted for some rows
+            self._give_up(rows, exc.text)
+            return
+        if reply.ok:
+            self.storage.record_attempt(
+                self._attempt(rows, endpoint, body_size, reply, "sent"), count=True
+            )
+            self.storage.mark_sent([row.id for row in rows])
+            self._counters.add(sent=len(rows))
+            return
+        if reply.status_code in (401, 403):
+            self.storage.record_attempt(
+                self._attempt(rows, endpoint, body_size, reply, "auth", reply.describe()),
+                count=False,
+            )
+            self.storage.release([row.id for row in rows])
+            target = self.client.target
+            region = target.region.upper() if target.region else "custom host"
+            raise AuthError(
+                f"authentication failed (HTTP {reply.status_code}) at {target.base_url} "
+                f"(region {region}); check CIO_API_KEY and the region or host. "
+                "No row was counted as attempted."
+            )
+        if reply.status_code in (400, 413, 422):
+            self._counters.add(rejected_requests=1)
+            error = reply.describe()
+            self._counters.last_error = error
+            self.storage.record_attempt(
+                self._attempt(rows, endpoint, body_size, reply, "rejected", error), count=True
+            )
+            self._isolate(rows, reply)
+            return
+        # Anything else (404, 405, ...) means we are not talking to the Pipelines API.
+        self.storage.record_attempt(
+            self._attempt(rows, endpoint, body_size, reply, "fatal", reply.describe()),
+            count=False,
+        )
+        self.storage.release([row.id for row in rows])
+        raise WorkerError(
+            f"{self.client.target.url(endpoint)} answered {reply.describe()}; "
+            "is --host the Pipelines API?"
+        )
+
+    def _isolate(self, rows: Sequence[Row], reply: Reply) -> None:
+        """Dead-letter the bad message(s) of a rejected request and resend the rest."""
+        if len(rows) == 1:
+            self._dead_letter([(rows[0], reply.describe())])
+            return
+        named: dict[int, list[str]] = {}
+        for error in reply.errors:
+            match = _ITEM_INDEX.match(str(error.get("field", "")))
+            if match and int(match.group(1)) < len(rows):
+                text = ": ".join(
+                    str(error[k]) for k in ("field", "reason", "message") if error.get(k)
+                )
+                named.setdefault(int(match.group(1)), []).append(text)
+        if named:
+            bad = [
+                (rows[i], f"HTTP {reply.status_code}: " + "; ".join(texts))
+                for i, texts in sorted(named.items())
+            ]
+            self._dead_letter(bad)
+            good = [row for i, row in enumerate(rows) if i not in named]
+            if good:
+                self._deliver(good)
+            return
+        middle = len(rows) // 2
+        # In order, one after the other, so that a person's messages stay in order.
+        self._deliver(rows[:middle])
+        self._deliver(rows[middle:])
+
+    def _dead_letter(self, bad: Sequence[tuple[Row, str]]) -> None:
+        self.storage.dead_letter([(row.id, error) for row, error in bad])
+        self._counters.add(failed=len(bad))
+        log.warning("dead-lettered %d message(s): %s", len(bad), bad[0][1])
+
+    def _give_up(self, rows: Sequence[Row], error: str) -> None:
+        """Attempts ran out: dead-letter the rows that used them all, release the others."""
+        exhausted = [row for row in rows if row.attempts >= self.max_attempts]
+        others = [row.id for row in rows if row.attempts < self.max_attempts]
+        if exhausted:
+            self._dead_letter(
+                [(row, f"gave up after {row.attempts} attempts: {error}") for row in exhausted]
+            )
+        if others:
+            self.storage.release(others, next_attempt_at=time.time() + self.backoff_initial)
+
+    # -- one request with retries ------------------------------------------------------
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, _Transient) and exc.retry_after is not None:
+            return exc.retry_after + random.uniform(0, 0.1)
+        return self._backoff(state)
+
+    def _sleep(self, seconds: float) -> None:
+        if self._stop.wait(seconds):
+            raise _Stopped()
+
+    def _send_with_retries(self, rows: Sequence[Row], endpoint: str) -> tuple[Reply, int]:
+        attempts_left = max(1, self.max_attempts - max(row.attempts for row in rows))
+        retrying = Retrying(
+            retry=retry_if_exception_type(_Transient),
+            stop=stop_after_attempt(attempts_left),
+            wait=self._wait,
+            sleep=self._sleep,
+            before_sleep=lambda state: self._before_retry(rows, state),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    return self._send_once(rows, endpoint)
+        except RetryError as exc:  # pragma: no cover - reraise=True re-raises the cause
+            raise exc.last_attempt.exception() or _Transient("retries exhausted") from None
+        raise AssertionError("unreachable")
+
+    def _before_retry(self, rows: Sequence[Row], state: RetryCallState) -> None:
+        self._counters.add(retries=1)
+        wait = state.upcoming_sleep or 0.0
+        self.storage.extend_lease([row.id for row in rows], self.worker_id,
+                                  self.lease_seconds + wait)
+
+    def _send_once(self, rows: Sequence[Row], endpoint: str) -> tuple[Reply, int]:
+        if not self.throttle.acquire(self._stop):
+            raise _Stopped()
+        sent_at = sent_at_now()
+        if endpoint == "alias":
+            body = single_body(rows[0].payload, sent_at)
+        else:
+            body = batch_body([row.payload for row in rows], sent_at)
+        self._counters.add(requests=1)
+        try:
+            reply = self.client.send(endpoint, body)
+        except TransportError as exc:
+            self._transient(rows, endpoint, len(body), None, str(exc), None)
+            raise _Transient(str(exc)) from None
+        if reply.status_code == 429 or reply.status_code == 408 or reply.status_code >= 500:
+            error = reply.describe()
+            if reply.status_code == 429:
+                pause = reply.retry_after if reply.retry_after is not None else 1.0
+                self.throttle.pause(pause)
+                error = f"rate limited (HTTP 429), retrying in {pause:g}s"
+            self._transient(rows, endpoint, len(body), reply, error, reply.latency_ms)
+            raise _Transient(error, reply.retry_after if reply.status_code == 429 else None)
+        return reply, len(body)
+
+    def _transient(
+        self, rows: Sequence[Row], endpoint: str, size: int, reply: Reply | None,
+        error: str, latency_ms: float | None,
+    ) -> None:
+        self._counters.last_error = error
+        self.storage.record_attempt(
+            Attempt(
+                worker_id=self.worker_id, endpoint=endpoint, rows=rows, bytes=size,
+                status_code=reply.status_code if reply else None, latency_ms=latency_ms,
+                outcome="retry", error=error,
+            ),
+            count=True,
+        )
+        for row in rows:
+            row.attempts += 1
+
+    def _attempt(
+        self, rows: Sequence[Row], endpoint: str, size: int, reply: Reply, outcome: str,
+        error: str | None = None,
+    ) -> Attempt:
+        return Attempt(
+            worker_id=self.worker_id, endpoint=endpoint, rows=rows, bytes=size,
+            status_code=reply.status_code, latency_ms=reply.latency_ms, outcome=outcome,
+            error=error,
+        )
