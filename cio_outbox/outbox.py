@@ -22,6 +22,7 @@ from typing import Any
 from cio_outbox.client import Client
 from cio_outbox.config import ApiKey, Target, resolve_target
 from cio_outbox.messages import Message, MessageError, build, from_wire, message_id_for
+from cio_outbox.operations import Operations
 from cio_outbox.storage import NewRow, Storage, open_storage
 from cio_outbox.worker import Progress, Worker, WorkerResult
 
@@ -94,7 +95,7 @@ def parse_age(value: str | float | _dt.timedelta) -> float:
         raise ValueError(f"age {value!r} is not like 30d, 12h, 15m or 45s") from None
 
 
-class Outbox:
+class Outbox(Operations):
     """A durable outbox of Pipelines API calls, in an SQLite file (or PostgreSQL URL).
 
     ``location`` defaults to ``CIO_OUTBOX`` or ``./outbox.db``. ``synchronous="FULL"``
