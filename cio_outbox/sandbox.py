@@ -90,11 +90,87 @@ _CONFIG_FIELDS = frozenset({"fail_rate", "rate_limit", "latency", "reject_events
 _INJECTED_STATUSES = (500, 502, 503)
 _PREFIXED_KEY = re.compile(r"^(?:pk|sk)_(?:us|eu)_")
 _COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# A JSON value whose text spans N characters re-serialises compactly to at most 28 * N UTF-8
+# bytes: compacting only drops whitespace and shortens escapes, except that a number in
+# exponent notation can grow by at most 24 characters ("1e15" -> "1000000000000000.0"), and a
+# character takes at most 4 bytes. So a message spanning at most this many characters of the
+# body cannot exceed MESSAGE_LIMIT and needs no exact measure.
+_SPAN_SURELY_SMALL = MESSAGE_LIMIT // 28
+_DECODER = json.JSONDecoder(parse_constant=lambda name: _refuse_constant(name))
+_WS = re.compile(r"[ \t\n\r]*")
 
 
 def message_size(message: Any) -> int:
     """Size of one message as Customer.io measures it: compact UTF-8 JSON bytes."""
-    return len(_COMPACT(message).encode())
+    return len(_COMPACT(message).encode("utf-8", "surrogatepass"))
+
+
+def _parse_body(text: str) -> tuple[Any, list[int] | None]:
+    """``json.loads(text)``, and the span in characters of each item of a top-level
+    ``"batch"`` list (None when the body has no such list).
+
+    The same single parse as ``json.loads`` (the C scanner for every value), walking only the
+    top-level object and the batch array by hand to learn where each item starts and ends.
+    """
+    scan = json.scanner.make_scanner(_DECODER)
+    ws = _WS.match
+    idx = ws(text, 0).end()
+    if text[idx:idx + 1] != "{":
+        return _DECODER.decode(text), None
+    doc: dict[str, Any] = {}
+    spans: list[int] | None = None
+    idx = ws(text, idx + 1).end()
+    try:
+        if text[idx] == "}":
+            idx += 1
+        else:
+            while True:
+                if text[idx] != '"':
+                    raise json.JSONDecodeError("Expecting property name enclosed in double "
+                                               "quotes", text, idx)
+                key, idx = json.decoder.scanstring(text, idx + 1)
+                idx = ws(text, idx).end()
+                if text[idx] != ":":
+                    raise json.JSONDecodeError("Expecting ':' delimiter", text, idx)
+                idx = ws(text, idx + 1).end()
+                if key == "batch" and text[idx] == "[":
+                    items: list[Any] = []
+                    spans = []
+                    idx = ws(text, idx + 1).end()
+                    if text[idx] == "]":
+                        idx += 1
+                    else:
+                        while True:
+                            start = idx
+                            item, idx = scan(text, idx)
+                            items.append(item)
+                            spans.append(idx - start)
+                            idx = ws(text, idx).end()
+                            if text[idx] == "]":
+                                idx += 1
+                                break
+                            if text[idx] != ",":
+                                raise json.JSONDecodeError("Expecting ',' delimiter", text, idx)
+                            idx = ws(text, idx + 1).end()
+                    doc[key] = items
+                else:
+                    spans = None if key == "batch" else spans
+                    doc[key], idx = scan(text, idx)
+                idx = ws(text, idx).end()
+                if text[idx] == "}":
+                    idx += 1
+                    break
+                if text[idx] != ",":
+                    raise json.JSONDecodeError("Expecting ',' delimiter", text, idx)
+                idx = ws(text, idx + 1).end()
+    except StopIteration as exc:
+        raise json.JSONDecodeError("Expecting value", text, exc.value) from None
+    except IndexError:
+        raise json.JSONDecodeError("Unexpected end of body", text, len(text)) from None
+    idx = ws(text, idx).end()
+    if idx != len(text):
+        raise json.JSONDecodeError("Extra data", text, idx)
+    return doc, spans
 
 
 # ---------------------------------------------------------------- validation
@@ -572,7 +648,8 @@ class _State:
 
     def _accept(self, endpoint: str, data: bytes, cfg: _Config, flags: Counter[str]) -> _Response:
         try:
-            doc = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+            text = data.decode("utf-8")
+            doc, spans = _parse_body(text)
         except (ValueError, RecursionError) as exc:
             raise _HttpError(
                 400, [_error("body", "invalid_json", f"body is not JSON: {exc}")]
@@ -590,10 +667,13 @@ class _State:
             sent_at = doc.get("sentAt")
         else:
             items = [doc]
+            spans = [len(text)]
             sent_at = doc.get("sentAt")
+        if spans is None or len(spans) != len(items):
+            spans = [MESSAGE_LIMIT] * len(items)  # unknown spans: measure every message
 
         started = time.perf_counter()
-        errors, invalid = self._validate(endpoint, items, cfg)
+        errors, invalid = self._validate(endpoint, items, spans, cfg)
         elapsed = time.perf_counter() - started
         with self._lock:
             self._validation_seconds += elapsed
@@ -606,8 +686,9 @@ class _State:
         return _Response(200, b"{}", [])
 
     def _validate(
-        self, endpoint: str, items: list[Any], cfg: _Config
+        self, endpoint: str, items: list[Any], spans: list[int], cfg: _Config
     ) -> tuple[list[dict[str, str]], int]:
+        """Every problem of every item; the loop is the sandbox's hot path."""
         batch = endpoint == "batch"
         check_call = self._check_call
         reject = cfg.reject_events
@@ -617,48 +698,38 @@ class _State:
             prefix = f"batch[{i}]" if batch else ""
             found: list[dict[str, str]] = []
             if not isinstance(msg, dict):
-                found.append(_error(prefix or "body", "invalid_type",
-                                    "a message must be a JSON object"))
-            else:
-                call_type = msg.get("type")
-                type_ok = True
-                if batch:
-                    if call_type == "alias":
-                        type_ok = False
-                        found.append(_error(
-                            f"{prefix}.type", "not_allowed_in_batch",
-                            "alias is not accepted inside /v1/batch; send it to /v1/alias",
-                        ))
-                    elif call_type not in BATCH_TYPES:
-                        type_ok = False
-                        found.append(_error(
-                            f"{prefix}.type", "required" if call_type is None else "invalid",
-                            "type must be one of " + ", ".join(sorted(BATCH_TYPES)),
-                        ))
-                elif call_type is None:
-                    msg["type"] = call_type = endpoint
-                elif call_type != endpoint:
-                    type_ok = False
-                    found.append(_error(
-                        "type", "mismatch",
-                        f"type must be absent or {endpoint!r} on /v1/{endpoint}",
-                    ))
-                size = len(_COMPACT(msg).encode())
+                errors.append(_error(prefix or "body", "invalid_type",
+                                     "a message must be a JSON object"))
+                invalid += 1
+                continue
+            if spans[i] > _SPAN_SURELY_SMALL:
+                size = message_size(msg)
                 if size > MESSAGE_LIMIT:
                     found.append(_error(
                         prefix or "body", "too_large",
                         f"message is {size} bytes; the limit is {MESSAGE_LIMIT} bytes",
                     ))
-                if type_ok:
-                    for v in check_call(call_type, msg):
-                        found.append(_error(_join(prefix, v.field), str(v.reason), str(v.message)))
-                    if reject and call_type == "track":
-                        event = msg.get("event")
-                        if isinstance(event, str) and event in reject:
-                            found.append(_error(
-                                _join(prefix, "event"), f"rejected_event: {event}",
-                                f"event {event!r} is rejected by this sandbox (reject_events)",
-                            ))
+            call_type = msg.get("type")
+            if batch:
+                if call_type not in BATCH_TYPES:
+                    found.append(_type_error(prefix, call_type))
+                    call_type = None
+            elif call_type is None:
+                msg["type"] = call_type = endpoint
+            elif call_type != endpoint:
+                found.append(_error(
+                    "type", "mismatch", f"type must be absent or {endpoint!r} on /v1/{endpoint}"))
+                call_type = None
+            if call_type is not None:
+                for v in check_call(call_type, msg):
+                    found.append(_error(_join(prefix, v.field), str(v.reason), str(v.message)))
+                if reject and call_type == "track":
+                    event = msg.get("event")
+                    if isinstance(event, str) and event in reject:
+                        found.append(_error(
+                            _join(prefix, "event"), f"rejected_event: {event}",
+                            f"event {event!r} is rejected by this sandbox (reject_events)",
+                        ))
             if found:
                 invalid += 1
                 errors.extend(found)
@@ -694,6 +765,14 @@ class _State:
                 msg["_sandbox"]["seq"] = len(stored)
                 index[key] = msg
         flags["duplicates"] += duplicates
+
+
+def _type_error(prefix: str, call_type: Any) -> dict[str, str]:
+    if call_type == "alias":
+        return _error(f"{prefix}.type", "not_allowed_in_batch",
+                      "alias is not accepted inside /v1/batch; send it to /v1/alias")
+    return _error(f"{prefix}.type", "required" if call_type is None else "invalid",
+                  "type must be one of " + ", ".join(sorted(BATCH_TYPES)))
 
 
 def _refuse_constant(name: str) -> Any:

@@ -753,3 +753,71 @@ def test_cli_sigint_exits_zero() -> None:
         if child.poll() is None:
             child.kill()
             child.communicate()
+
+
+# ---------------------------------------------------------------- parsing and the size shortcut
+
+
+@pytest.mark.parametrize("text", [
+    '{"batch": [{"a": 1}, {"b": [1, 2, {"c": "d"}]}], "sentAt": "x"}',
+    ' \n{ "sentAt" : null , "batch" : [ ] , "context" : {"x": 1.5e3} } \n',
+    '{"batch": [1, "two", null, true, {"k": "\\u00e9\\n"}]}',
+    '{"batch": "not a list", "x": 1}',
+    '{"batch": [{"a": 1}], "batch": [{"b": 2}, {"c": 3}]}',
+    '{}',
+    '[1, 2]',
+    '"text"',
+    '{"userId": "u", "event": "E"}',
+])
+def test_parse_body_matches_json_loads(text: str) -> None:
+    doc, spans = sandbox_module._parse_body(text)
+    assert doc == json.loads(text)
+    if isinstance(doc, dict) and isinstance(doc.get("batch"), list):
+        assert spans is not None
+        assert len(spans) == len(doc["batch"])
+    else:
+        assert spans is None
+
+
+@pytest.mark.parametrize("text", [
+    '{"batch": [1, 2,]}', '{"batch": [1 2]}', '{"batch": [1, 2]', '{"batch": [1]} x',
+    '{"batch" [1]}', "{'batch': []}", '{"batch": [NaN]}', '{"a": 1,}', "", "{",
+])
+def test_parse_body_refuses_what_json_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        sandbox_module._parse_body(text)
+
+
+def test_parse_body_spans_are_item_text_lengths() -> None:
+    items = ['{"a": 1}', '[1,  2]', '"x"']
+    text = '{"batch": [' + " , ".join(items) + "]}"
+    assert sandbox_module._parse_body(text)[1] == [len(i) for i in items]
+
+
+def test_compact_size_never_exceeds_28_times_span() -> None:
+    # The shortcut skips exact measuring for short items; check the bound on worst cases.
+    cases = ['{"n":1e15}', '{"n":9.999e15}', '{"n":1E-5}', '[1e999]', '{"s":"\\ud83d\\ude00"}',
+             '{"s":"\U0001f600"}', '{"s":"\\u0001\\"\\\\"}', '[0.1e1,-0.0,1e-7]']
+    for text in cases:
+        value = json.loads(text)
+        assert message_size(value) <= 28 * len(text), text
+
+
+def test_big_messages_are_measured_exactly_even_with_small_neighbours(sb: Sandbox) -> None:
+    small = [track(mid=f"s{i}") for i in range(50)]
+    big = track(mid="big")
+    big["properties"] = {"n": "NUMBERS"}
+    numbers = "[" + ",".join(["1e15"] * 2500) + "]"  # 5 chars each in the body, 19 compact
+    raw = json.dumps({"batch": [*small, big]}).replace('"NUMBERS"', numbers).encode()
+    big_text = json.dumps(big).replace('"NUMBERS"', numbers)
+    assert len(big_text) < MESSAGE_LIMIT
+    assert message_size(json.loads(big_text)) > MESSAGE_LIMIT
+    resp = post(sb, "batch", None, data=raw)
+    assert resp.status_code == 400
+    assert [e["field"] for e in errors(resp)] == ["batch[50]"]
+
+
+def test_lone_surrogate_does_not_crash(sb: Sandbox) -> None:
+    resp = post(sb, "track", None, data=b'{"userId": "u", "event": "\\ud800"}')
+    assert resp.status_code in (200, 400)
+    assert sb.stats()["by_status"].get("500") is None
