@@ -27,7 +27,15 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cio_outbox import __version__
 
@@ -175,7 +183,7 @@ class Message(BaseModel):
     timestamp: str | None = None
     originalTimestamp: str | None = None
     context: dict[str, Any] | None = None
-    integrations: dict[str, bool] | None = None
+    integrations: dict[str, StrictBool] | None = None
 
     @field_validator("userId", "anonymousId", mode="before")
     @classmethod

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cio_outbox.client import Client
+from cio_outbox.client import DEFAULT_TIMEOUT, Client
 from cio_outbox.config import ApiKey, Target, resolve_target
 from cio_outbox.messages import Message, MessageError, build, from_wire, message_id_for
 from cio_outbox.operations import Operations
@@ -331,6 +331,7 @@ class Outbox(Operations):
         region: str | None = None,
         gzip: bool = False,
         allow_insecure: bool = False,
+        timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
         **options: Any,
     ) -> Worker:
         """A :class:`Worker` for this outbox. The key defaults to ``CIO_API_KEY``, the host
@@ -344,7 +345,7 @@ class Outbox(Operations):
             region=region or os.environ.get("CIO_REGION") or None,
             allow_insecure=allow_insecure,
         )
-        client = Client(api_key, target, gzip=gzip)
+        client = Client(api_key, target, gzip=gzip, timeout=timeout)
         return Worker(self.storage, client, **options)
 
     def drain(
@@ -355,10 +356,13 @@ class Outbox(Operations):
         region: str | None = None,
         run: str | None = None,
         progress: bool = True,
-        timeout: float | None = None,
+        max_seconds: float | None = None,
         **options: Any,
     ) -> dict[str, Any]:
         """Run a worker until nothing is pending or in flight, then return what it did.
+
+        ``max_seconds`` stops it earlier (cleanly: rows not sent stay pending). Other
+        options go to :class:`Worker` (``concurrency``, ``max_attempts``, ``max_rps``...).
 
         >>> outbox.drain(host=sandbox.url, key=sandbox.key)
         {'sent': 1000, 'failed': 0, ...}
@@ -368,7 +372,7 @@ class Outbox(Operations):
             options.setdefault("progress_interval", 2.0)
         worker = self.worker(key=key, host=host, region=region, run=run, **options)
         try:
-            result: WorkerResult = worker.run(until_empty=True, timeout=timeout)
+            result: WorkerResult = worker.run(until_empty=True, timeout=max_seconds)
         finally:
             worker.client.close()
         if progress:

@@ -224,7 +224,7 @@ class Worker:
         self.progress_interval = progress_interval
         self.throttle = Throttle(max_rps)
         self._backoff = wait_exponential_jitter(
-            initial=backoff_initial, max=backoff_max, jitter=backoff_initial
+            multiplier=backoff_initial, max=backoff_max, jitter=backoff_initial
         )
         self._stop = threading.Event()
         self._drained = threading.Event()

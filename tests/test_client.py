@@ -1,0 +1,118 @@
+"""The HTTP layer, with `responses`: auth headers, netrc, gzip, reply parsing, failures."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+import requests
+import responses
+
+from cio_outbox.batch import batch_body
+from cio_outbox.client import USER_AGENT, Client, TransportError, parse_retry_after
+from cio_outbox.config import ApiKey, resolve_target
+
+URL = "https://cdp.customer.io/v1/batch"
+
+
+def _client(raw: str = "legacykey", **options: object) -> Client:
+    key = ApiKey(raw)
+    return Client(key, resolve_target(key, host="https://cdp.customer.io"), **options)
+
+
+@responses.activate
+def test_legacy_key_sends_basic_auth_and_user_agent() -> None:
+    responses.post(URL, json={})
+    reply = _client("legacykey").send("batch", b'{"batch":[]}')
+    assert reply.ok
+    sent = responses.calls[0].request
+    assert sent.headers["Authorization"] == "Basic " + base64.b64encode(b"legacykey:").decode()
+    assert sent.headers["User-Agent"] == USER_AGENT
+    assert USER_AGENT.startswith("cio-outbox/")
+    assert sent.headers["Content-Type"] == "application/json"
+
+
+@responses.activate
+def test_prefixed_key_sends_bearer() -> None:
+    responses.post(URL, json={})
+    _client("sk_us_abc").send("batch", b"{}")
+    assert responses.calls[0].request.headers["Authorization"] == "Bearer sk_us_abc"
+
+
+@responses.activate
+def test_netrc_credentials_are_never_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine cdp.customer.io login intruder password pw\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    responses.post(URL, json={})
+    _client("legacykey").send("batch", b"{}")
+    header = responses.calls[0].request.headers["Authorization"]
+    assert "intruder" not in base64.b64decode(header.split()[1]).decode()
+
+
+@responses.activate
+def test_gzip_compresses_the_body_and_says_so() -> None:
+    responses.post(URL, json={})
+    body = batch_body(['{"type":"track","userId":"u","event":"E"}'] * 100, "2024-01-01T00:00:00.000Z")
+    _client(gzip=True).send("batch", body)
+    sent = responses.calls[0].request
+    assert sent.headers["Content-Encoding"] == "gzip"
+    assert gzip.decompress(sent.body) == body
+    assert len(sent.body) < len(body)
+
+
+@responses.activate
+def test_error_replies_carry_the_servers_reasons_and_retry_after() -> None:
+    responses.post(URL, status=400, json={"meta": {"errors": [
+        {"field": "batch[2].event", "reason": "required", "message": "event is missing"}]}})
+    reply = _client().send("batch", b"{}")
+    assert reply.status_code == 400 and not reply.ok
+    assert reply.errors[0]["field"] == "batch[2].event"
+    assert "batch[2].event: required: event is missing" in reply.describe()
+
+    responses.post(URL, status=429, headers={"Retry-After": "7"}, body="slow down")
+    reply = _client().send("batch", b"{}")
+    assert reply.retry_after == 7.0
+    assert reply.describe().startswith("HTTP 429")
+
+
+def test_retry_after_takes_seconds_or_an_http_date() -> None:
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after("0.5") == 0.5
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    now = 1_700_000_000.0
+    assert parse_retry_after("Tue, 14 Nov 2023 22:13:30 GMT", now=now) == pytest.approx(10.0)
+    assert parse_retry_after("Tue, 14 Nov 2023 22:00:00 GMT", now=now) == 0.0
+
+
+@responses.activate
+def test_connection_errors_and_timeouts_become_transport_errors_without_the_key() -> None:
+    responses.post(URL, body=requests.ConnectionError("Connection refused"))
+    with pytest.raises(TransportError) as caught:
+        _client("sk_us_topsecret").send("batch", b"{}")
+    assert "cdp.customer.io" in str(caught.value)
+    assert "topsecret" not in str(caught.value)
+    responses.replace(responses.POST, URL, body=requests.ReadTimeout("read timed out"))
+    with pytest.raises(TransportError, match="timed out"):
+        _client().send("batch", b"{}")
+
+
+def test_client_repr_hides_the_key() -> None:
+    assert "topsecret" not in repr(_client("sk_us_topsecret"))
+    assert "topsecret" not in repr(_client("sk_us_topsecret").session.auth)
+
+
+@responses.activate
+def test_no_proxy_or_netrc_environment_leaks_the_key_into_errors() -> None:
+    os.environ.pop("CIO_API_KEY", None)
+    responses.post(URL, status=401, json={"meta": {"errors": [{"message": "bad key"}]}})
+    reply = _client("sk_us_topsecret").send("batch", json.dumps({"batch": []}).encode())
+    assert reply.status_code == 401
+    assert "topsecret" not in reply.describe()

@@ -1,0 +1,328 @@
+"""The worker against the sandbox over real HTTP: delivery, faults, isolation, order, crashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import responses
+
+from cio_outbox import AuthError, Outbox
+from cio_outbox.batch import MAX_BATCH_BYTES
+from cio_outbox.client import Client
+from cio_outbox.config import ApiKey, resolve_target
+from cio_outbox.sandbox import Sandbox
+from cio_outbox.worker import EXIT_AUTH, Worker
+
+FAST = {"backoff_initial": 0.01, "backoff_max": 0.05, "progress": False}
+
+
+def _events(n: int, persons: int = 50, event: str = "Viewed") -> list[dict]:
+    return [
+        {"type": "track", "userId": f"u{i % persons}", "event": event, "properties": {"seq": i}}
+        for i in range(n)
+    ]
+
+
+def _received_ids(sandbox: Sandbox) -> list[str]:
+    return [m["messageId"] for m in sandbox.messages(limit=10**7)]
+
+
+def _all_ids(outbox: Outbox) -> set[str]:
+    return {row["message_id"] for row in outbox.rows(limit=10**7)}
+
+
+def test_drain_delivers_every_message_exactly_as_stored(outbox: Outbox, sandbox: Sandbox) -> None:
+    outbox.enqueue_many(_events(3000), run="r1")
+    outbox.identify("u1", traits={"email": "ada@example.com"}, run="r1")
+    outbox.alias("u1", "anon-1", run="r1")
+    result = outbox.drain(host=sandbox.url, key=sandbox.key, **FAST)
+    assert result["sent"] == 3002 and result["failed"] == 0
+    status = outbox.status()
+    assert (status["pending"], status["in_flight"], status["sent"], status["failed"]) == (
+        0, 0, 3002, 0)
+    received = {m["messageId"]: m for m in sandbox.messages(limit=10**6)}
+    assert set(received) == _all_ids(outbox)
+    for row in outbox.rows(limit=10):
+        stored = json.loads(row["payload"])
+        got = {k: v for k, v in received[row["message_id"]].items() if k in stored}
+        assert got == stored
+    stats = sandbox.stats()
+    assert stats["by_endpoint"]["alias"] == 1
+    assert stats["duplicates"] == 0
+
+
+def test_request_bodies_stay_within_the_batch_limit(outbox: Outbox, sandbox: Sandbox) -> None:
+    blob = "x" * 20_000
+    outbox.enqueue_many(
+        {"type": "track", "userId": f"u{i}", "event": "Big", "properties": {"b": blob}}
+        for i in range(120)
+    )
+    outbox.drain(host=sandbox.url, key=sandbox.key, **FAST)
+    log = outbox.log(limit=1000)
+    assert all(entry["bytes"] <= MAX_BATCH_BYTES for entry in log)
+    assert max(entry["bytes"] for entry in log) > MAX_BATCH_BYTES - 21_000  # packed full
+    assert sandbox.stats()["messages"] == 120
+
+
+def test_429_storm_is_honoured_and_everything_arrives(outbox: Outbox) -> None:
+    with Sandbox(rate_limit=4) as sandbox:
+        outbox.enqueue_many(_events(400))
+        result = outbox.drain(host=sandbox.url, key=sandbox.key, max_messages=20,
+                              concurrency=3, **FAST)
+        stats = sandbox.stats()
+    assert result["sent"] == 400
+    assert stats["rate_limited"] > 0
+    assert stats["messages"] == 400
+    retries = [a for a in outbox.log(limit=10_000) if a["outcome"] == "retry"]
+    assert retries and all(a["status_code"] == 429 for a in retries)
+    assert "rate limited" in retries[0]["error"]
+
+
+def test_5xx_are_retried_with_backoff_and_audited(outbox: Outbox) -> None:
+    with Sandbox(fail_rate=0.4, seed=7) as sandbox:
+        outbox.enqueue_many(_events(2000))
+        result = outbox.drain(host=sandbox.url, key=sandbox.key, max_messages=100, **FAST)
+        stats = sandbox.stats()
+    assert result["sent"] == 2000 and result["failed"] == 0
+    assert result["retries"] > 0
+    assert stats["injected_failures"] > 0
+    assert stats["messages"] == 2000
+    row = outbox.rows(limit=10_000)[0]
+    history = outbox.history(row["message_id"])
+    assert history is not None
+    assert history["attempts"][-1]["outcome"] == "sent"
+    assert history["message"]["attempts"] == len(history["attempts"])
+
+
+def test_timeouts_are_retried(outbox: Outbox) -> None:
+    with Sandbox(latency=1.5) as sandbox:
+        outbox.enqueue_many(_events(50))
+        healer = threading.Timer(1.0, lambda: sandbox.configure(latency=0.0))
+        healer.start()
+        result = outbox.drain(host=sandbox.url, key=sandbox.key, timeout=(1.0, 0.5), **FAST)
+        healer.join()
+        received = set(_received_ids(sandbox))
+    assert result["sent"] == 50
+    assert received == _all_ids(outbox)
+    assert any("timed out" in (a["error"] or "") for a in outbox.log(limit=1000))
+
+
+def test_one_poison_message_in_1000_is_the_only_one_dead_lettered(outbox: Outbox) -> None:
+    calls = _events(1000)
+    calls[437] = {"type": "track", "userId": "u437", "event": "Poison", "properties": {}}
+    with Sandbox(reject_events=["Poison"]) as sandbox:
+        outbox.enqueue_many(calls, run="poison")
+        result = outbox.drain(host=sandbox.url, key=sandbox.key, **FAST)
+        received = _received_ids(sandbox)
+    assert result["sent"] == 999 and result["failed"] == 1
+    failed = outbox.failed()
+    assert len(failed) == 1
+    assert failed[0]["summary"] == "track Poison for u437"
+    assert "batch[437]" in failed[0]["error"] and "Poison" in failed[0]["error"]
+    assert len(received) == 999
+
+
+def test_400_without_item_indexes_is_isolated_by_splitting(outbox: Outbox) -> None:
+    calls = _events(64)
+    calls[21] = {"type": "track", "userId": "bad", "event": "Poison"}
+    outbox.enqueue_many(calls)
+    delivered: list[str] = []
+
+    def answer(request):  # type: ignore[no-untyped-def]
+        batch = json.loads(request.body)["batch"]
+        if any(m["event"] == "Poison" for m in batch):
+            return (400, {}, "bad request")
+        delivered.extend(m["messageId"] for m in batch)
+        return (200, {}, "{}")
+
+    key = ApiKey("testkey")
+    client = Client(key, resolve_target(key, host="https://cdp.customer.io"))
+    with responses.RequestsMock() as mock:
+        mock.add_callback(responses.POST, "https://cdp.customer.io/v1/batch", callback=answer)
+        result = Worker(outbox.storage, client, concurrency=1).run(until_empty=True)
+    assert result.sent == 63 and result.failed == 1
+    assert len(delivered) == 63
+    assert outbox.failed()[0]["summary"] == "track Poison for bad"
+
+
+def test_wrong_key_stops_at_once_and_counts_no_attempt(outbox: Outbox, sandbox: Sandbox) -> None:
+    outbox.enqueue_many(_events(500))
+    worker = outbox.worker(key="sk_us_wrongsecret", host=sandbox.url, concurrency=3)
+    result = worker.run(until_empty=True)
+    assert result.exit_code == EXIT_AUTH
+    assert "401" in result.error and sandbox.url in result.error
+    assert "wrongsecret" not in result.error
+    assert outbox.status()["pending"] == 500
+    assert all(row["attempts"] == 0 for row in outbox.rows(limit=1000))
+    assert sandbox.stats()["messages"] == 0
+    auth_attempts = [a for a in outbox.log() if a["outcome"] == "auth"]
+    assert auth_attempts and len(auth_attempts) <= 3  # stopped on the first response
+
+
+def test_auth_error_is_an_exception_type_too() -> None:
+    assert issubclass(AuthError, RuntimeError)
+
+
+def test_attempts_run_out_then_rows_are_dead_lettered_and_can_be_requeued(
+    outbox: Outbox,
+) -> None:
+    with Sandbox(fail_rate=1.0) as sandbox:
+        outbox.enqueue_many(_events(30), run="doomed")
+        result = outbox.drain(host=sandbox.url, key=sandbox.key, max_attempts=3, **FAST)
+        assert result["failed"] == 30
+        failed = outbox.failed(run="doomed")
+        assert all(row["attempts"] == 3 for row in failed)
+        assert "gave up after 3 attempts" in failed[0]["error"]
+        sandbox.configure(fail_rate=0.0)
+        assert outbox.retry(run="doomed") == 30
+        result = outbox.drain(host=sandbox.url, key=sandbox.key, **FAST)
+    assert result["sent"] == 30
+    assert outbox.status(run="doomed")["sent"] == 30
+
+
+def test_rows_leased_by_a_dead_worker_come_back_when_the_lease_expires(
+    outbox: Outbox, sandbox: Sandbox
+) -> None:
+    outbox.enqueue_many(_events(100))
+    held = outbox.storage.claim("dead-worker", lease_seconds=1.0, max_bytes=MAX_BATCH_BYTES,
+                                max_messages=40)
+    assert len(held) == 40
+    started = time.monotonic()
+    result = outbox.drain(host=sandbox.url, key=sandbox.key, **FAST)
+    assert result["sent"] == 100
+    assert time.monotonic() - started >= 0.9  # it waited for the lease
+    assert set(_received_ids(sandbox)) == _all_ids(outbox)
+
+
+def test_a_restarted_worker_id_takes_its_rows_back_at_once(
+    outbox: Outbox, sandbox: Sandbox
+) -> None:
+    outbox.enqueue_many(_events(100))
+    outbox.storage.claim("box-1", lease_seconds=3600, max_bytes=MAX_BATCH_BYTES, max_messages=40)
+    result = outbox.drain(host=sandbox.url, key=sandbox.key, worker_id="box-1", max_seconds=30,
+                          **FAST)
+    assert result["sent"] == 100
+
+
+def test_per_person_order_holds_with_concurrency_and_retries(outbox: Outbox) -> None:
+    calls = [
+        {"type": "track", "userId": f"p{i % 15}", "event": "Step", "properties": {"seq": i}}
+        for i in range(3000)
+    ]
+    with Sandbox(fail_rate=0.25, seed=3) as sandbox:
+        outbox.enqueue_many(calls)
+        outbox.drain(host=sandbox.url, key=sandbox.key, concurrency=4, max_messages=37, **FAST)
+        arrivals = sandbox.messages(limit=10**6)
+    by_person: dict[str, list[int]] = defaultdict(list)
+    for message in arrivals:
+        by_person[message["userId"]].append(message["properties"]["seq"])
+    assert len(by_person) == 15
+    for seqs in by_person.values():
+        assert seqs == sorted(seqs)
+        assert len(seqs) == 200
+
+
+def test_two_workers_and_enqueuers_share_one_file(tmp_path: Path, sandbox: Sandbox) -> None:
+    path = tmp_path / "shared.db"
+    Outbox(path).close()
+    errors: list[BaseException] = []
+
+    def enqueue(part: int) -> None:
+        try:
+            with Outbox(path) as box:
+                for chunk in range(5):
+                    box.enqueue_many(
+                        ({"type": "track", "userId": f"w{part}-{i % 7}", "event": "E",
+                          "properties": {"seq": chunk * 200 + i}} for i in range(200)),
+                        idempotency_keys=lambda i, _c, p=part, c=chunk: f"{p}:{c}:{i}",
+                    )
+                    box.identify(f"solo-{part}-{chunk}", run="singles")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    results: list[dict] = []
+
+    def work() -> None:
+        try:
+            with Outbox(path) as box:
+                worker = box.worker(host=sandbox.url, key=sandbox.key, concurrency=2,
+                                    max_messages=150, idle_interval=0.05)
+                threading.Timer(4.0, worker.stop).start()
+                results.append(worker.run().as_dict())
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=enqueue, args=(p,)) for p in range(3)]
+    threads += [threading.Thread(target=work) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with Outbox(path) as box:
+        box.drain(host=sandbox.url, key=sandbox.key, **FAST)
+        status = box.status()
+        ids = _all_ids(box)
+    assert status["sent"] == 3 * (1000 + 5) and status["pending"] == 0
+    received = _received_ids(sandbox)
+    assert set(received) == ids and len(received) == len(ids)
+    assert sandbox.stats()["duplicates"] == 0
+
+
+WORKER_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from cio_outbox import Outbox
+    box = Outbox(sys.argv[1])
+    worker = box.worker(host=sys.argv[2], key=sys.argv[3], concurrency=2, max_messages=200,
+                        lease_seconds=1.0, backoff_initial=0.01, backoff_max=0.05)
+    print("started", flush=True)
+    result = worker.run(until_empty=True)
+    print(result.exit_code, flush=True)
+    """
+)
+
+
+def test_sigkill_mid_drain_loses_nothing_and_resends_keep_their_ids(
+    outbox: Outbox, tmp_path: Path
+) -> None:
+    outbox.enqueue_many(_events(20_000, persons=500))
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_SCRIPT)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    kills = 0
+    with Sandbox(latency=0.02) as sandbox:
+        for _ in range(3):
+            proc = subprocess.Popen(
+                [sys.executable, str(script), outbox.location, sandbox.url, sandbox.key],
+                stdout=subprocess.PIPE, env=env,
+            )
+            assert proc.stdout is not None and proc.stdout.readline().strip() == b"started"
+            time.sleep(0.6)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.wait()
+        final = subprocess.run(
+            [sys.executable, str(script), outbox.location, sandbox.url, sandbox.key],
+            capture_output=True, env=env, timeout=240,
+        )
+        assert final.returncode == 0, final.stderr.decode()[-2000:]
+        received = _received_ids(sandbox)
+        stats = sandbox.stats()
+    assert kills >= 1
+    status = outbox.status()
+    assert status["sent"] == 20_000 and status["pending"] == 0 and status["in_flight"] == 0
+    assert set(received) == _all_ids(outbox)
+    assert len(received) == 20_000  # stored once each, whatever was resent
+    assert stats["duplicates"] >= 0
