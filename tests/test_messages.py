@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 import uuid
 from decimal import Decimal
 
@@ -175,3 +176,15 @@ def test_from_wire_drops_fields_the_server_or_sender_sets() -> None:
     wire = json.loads(m.to_json())
     assert "sentAt" not in wire and "receivedAt" not in wire
     assert wire["messageId"] == "keep-me"
+
+
+def test_generated_message_ids_are_uuid7_and_grow_with_time() -> None:
+    from cio_outbox.messages import new_message_id
+
+    first = new_message_id()
+    time.sleep(0.002)
+    second = new_message_id()
+    assert uuid.UUID(first).version == 7
+    assert uuid.UUID(first).variant == uuid.RFC_4122
+    assert first[:13] < second[:13]  # the millisecond timestamp leads
+    assert len({new_message_id() for _ in range(10_000)}) == 10_000
