@@ -9,7 +9,9 @@ Retry policy, declared with tenacity:
   (``batch[3]...``) are dead-lettered with its reason and the rest resent; without
   names the batch is split in halves until the bad ones stand alone;
 - 401, 403: stop at once; rows go back to pending with no attempt counted;
-- after ``max_attempts`` HTTP attempts a row is dead-lettered with its last error.
+- after ``max_attempts`` answered HTTP attempts a row is dead-lettered with its last
+  error. Attempts that got no answer at all (refused, reset, timed out) are audited
+  but do not count: a network outage never dead-letters a row, it waits and retries.
 
 While a request is being retried its rows stay leased (the lease is extended),
 so no other sender can take a later message of the same person: one person's
@@ -35,7 +37,6 @@ from tenacity import (
     RetryError,
     Retrying,
     retry_if_exception_type,
-    stop_after_attempt,
     wait_exponential_jitter,
 )
 
@@ -161,7 +162,12 @@ class _Counters:
     retries: int = 0
     rejected_requests: int = 0
     last_error: str | None = None
+    last_error_at: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def error(self, text: str) -> None:
+        self.last_error = text
+        self.last_error_at = time.monotonic()
 
     def add(self, **changes: int) -> None:
         with self.lock:
@@ -310,8 +316,14 @@ class Worker:
             rate = counters.sent / elapsed if elapsed > 0 else 0.0
         state = self._state
         paused = self.throttle.paused_for()
+        recent_error = (
+            counters.last_error
+            and time.monotonic() - counters.last_error_at < max(2 * self.progress_interval, 5.0)
+        )
         if paused > 0 and state == "sending":
             state = f"rate limited, resuming in {paused:.0f}s"
+        elif recent_error and state == "sending":
+            state = f"retrying: {counters.last_error}"[:120]
         return Progress(
             sent=counters.sent, failed=counters.failed, requests=counters.requests,
             retries=counters.retries, rejected_requests=counters.rejected_requests,
@@ -385,7 +397,7 @@ class Worker:
         if reply.status_code in (400, 413, 422):
             self._counters.add(rejected_requests=1)
             error = reply.describe()
-            self._counters.last_error = error
+            self._counters.error(error)
             self.storage.record_attempt(
                 self._attempt(rows, endpoint, body_size, reply, "rejected", error), count=True
             )
@@ -459,10 +471,10 @@ class Worker:
             raise _Stopped()
 
     def _send_with_retries(self, rows: Sequence[Row], endpoint: str) -> tuple[Reply, int]:
-        attempts_left = max(1, self.max_attempts - max(row.attempts for row in rows))
         retrying = Retrying(
             retry=retry_if_exception_type(_Transient),
-            stop=stop_after_attempt(attempts_left),
+            # Only answered attempts count: a network outage never dead-letters a row.
+            stop=lambda state: max(row.attempts for row in rows) >= self.max_attempts,
             wait=self._wait,
             sleep=self._sleep,
             before_sleep=lambda state: self._before_retry(rows, state),
@@ -494,7 +506,7 @@ class Worker:
         try:
             reply = self.client.send(endpoint, body)
         except TransportError as exc:
-            self._transient(rows, endpoint, len(body), None, str(exc), None)
+            self._transient(rows, endpoint, len(body), None, str(exc), None, count=False)
             raise _Transient(str(exc)) from None
         if reply.status_code == 429 or reply.status_code == 408 or reply.status_code >= 500:
             error = reply.describe()
@@ -508,19 +520,20 @@ class Worker:
 
     def _transient(
         self, rows: Sequence[Row], endpoint: str, size: int, reply: Reply | None,
-        error: str, latency_ms: float | None,
+        error: str, latency_ms: float | None, *, count: bool = True,
     ) -> None:
-        self._counters.last_error = error
+        self._counters.error(error)
         self.storage.record_attempt(
             Attempt(
                 worker_id=self.worker_id, endpoint=endpoint, rows=rows, bytes=size,
                 status_code=reply.status_code if reply else None, latency_ms=latency_ms,
-                outcome="retry", error=error,
+                outcome="retry" if count else "no answer", error=error,
             ),
-            count=True,
+            count=count,
         )
-        for row in rows:
-            row.attempts += 1
+        if count:
+            for row in rows:
+                row.attempts += 1
 
     def _attempt(
         self, rows: Sequence[Row], endpoint: str, size: int, reply: Reply, outcome: str,

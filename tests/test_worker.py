@@ -326,3 +326,22 @@ def test_sigkill_mid_drain_loses_nothing_and_resends_keep_their_ids(
     assert set(received) == _all_ids(outbox)
     assert len(received) == 20_000  # stored once each, whatever was resent
     assert stats["duplicates"] >= 0
+
+
+def test_progress_line_says_what_is_wrong_while_retrying(outbox: Outbox) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a loopback port with nothing listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    outbox.enqueue_many(_events(10))
+    lines: list[str] = []
+    worker = outbox.worker(key="k", host=f"http://127.0.0.1:{port}", backoff_initial=0.05,
+                           backoff_max=0.1, progress_interval=0.1,
+                           on_progress=lambda p: lines.append(p.line()))
+    result = worker.run(until_empty=True, timeout=1.5)
+    assert result.sent == 0 and result.stopped
+    assert any("retrying: cannot reach" in line and "connection refused" in line
+               for line in lines), lines
+    status = outbox.status()
+    assert status["pending"] == 10 and status["in_flight"] == 0  # released on stop
