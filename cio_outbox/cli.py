@@ -1,19 +1,611 @@
-"""The cio-outbox command line: each command is a thin wrapper over an Outbox or Worker call."""
+"""The cio-outbox command line: each command is a thin wrapper over an Outbox or Worker call.
+
+=================  ============================================================
+command            library call
+=================  ============================================================
+enqueue FILE       :func:`cio_outbox.importers.enqueue_records` (chunked
+                   :meth:`Outbox.enqueue_many`)
+worker             :meth:`Outbox.worker` then :meth:`Worker.run`
+status             :meth:`Outbox.status`
+failed             :meth:`Outbox.failed`
+retry              :meth:`Outbox.retry`
+history ID         :meth:`Outbox.history`
+log                :meth:`Outbox.log`
+purge              :meth:`Outbox.purge`
+forget USER_ID     :meth:`Outbox.forget`
+demo               :func:`cio_outbox.demo.run_demo`
+sandbox            :func:`cio_outbox.sandbox.sandbox_command`
+=================  ============================================================
+
+Commands that report data take ``--json`` and then print JSON only on stdout; messages
+for people (progress, warnings, rejected lines) go to stderr.
+"""
 
 from __future__ import annotations
 
+import datetime as _dt
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import IO, Any
+
 import click
 
+from cio_outbox.config import ConfigError
+from cio_outbox.importers import (
+    CsvMapping,
+    ImportResult,
+    MappingError,
+    default_run,
+    enqueue_records,
+    reader_for,
+)
+from cio_outbox.outbox import DEFAULT_PATH, Outbox
 from cio_outbox.sandbox import sandbox_command
+from cio_outbox.storage import StorageError
+from cio_outbox.worker import EXIT_AUTH, EXIT_FATAL, EXIT_OK, Progress, Worker
+
+EXIT_USAGE = 2
+"""Usage or configuration error (click's code for usage errors); also: enqueue rejected lines."""
+
+EXIT_CODES_HELP = f"""\b
+Exit codes:
+  {EXIT_OK}  done, or stopped cleanly (SIGINT/SIGTERM)
+  {EXIT_FATAL}  fatal error: bad host, storage error, message not found
+  {EXIT_USAGE}  usage or configuration error (bad option, bad key, region
+     mismatch); enqueue: some lines were rejected
+  {EXIT_AUTH}  the API refused the key (HTTP 401/403)"""
 
 
-@click.group()
+class Failure(click.ClickException):
+    """An error with its exit code; click prints ``Error: <message>`` on stderr."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FATAL) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _db_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--db", envvar="CIO_OUTBOX", default=DEFAULT_PATH, show_default=True, metavar="PATH",
+        help="The outbox file (env CIO_OUTBOX).",
+    )(function)
+
+
+def _json_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print JSON only (nothing else on stdout).")(function)
+
+
+@contextmanager
+def _opened(db: str) -> Iterator[Outbox]:
+    """The outbox at ``db``; storage errors become exit code 1 with their message."""
+    try:
+        outbox = Outbox(db)
+    except StorageError as exc:
+        raise Failure(str(exc)) from None
+    try:
+        yield outbox
+    except StorageError as exc:
+        raise Failure(str(exc)) from None
+    finally:
+        outbox.close()
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def _err(text: str) -> None:
+    click.echo(text, err=True)
+
+
+@click.group(epilog=EXIT_CODES_HELP)
 @click.version_option(package_name="cio-outbox")
 def cli() -> None:
-    """Durable outbox and worker for the Customer.io Data Pipelines API."""
+    """Durable outbox and worker for the Customer.io Data Pipelines API.
+
+    Enqueue calls into an SQLite outbox (--db, env CIO_OUTBOX, default ./outbox.db),
+    drain it with `worker` (key from env CIO_API_KEY only), and inspect it with
+    `status`, `failed`, `history` and `log`. `cio-outbox demo` shows it all against a
+    local sandbox, without an account.
+    """
 
 
 cli.add_command(sandbox_command, name="sandbox")
+
+
+# -- enqueue ---------------------------------------------------------------------------
+
+
+def _csv_mapping(
+    call_type: str | None, maps: tuple[str, ...], named: dict[str, str | None],
+    event: str | None, delimiter: str,
+) -> CsvMapping:
+    columns: dict[str, str] = {}
+    for item in maps:
+        column, sep, target = item.partition("=")
+        if not sep or not column or not target:
+            raise click.BadParameter(f"{item!r} is not COLUMN=TARGET", param_hint="--map")
+        columns[column] = target
+    for target, column in named.items():
+        if column:
+            columns[column] = target
+    if call_type is None:
+        call_type = "track" if event or "event" in columns.values() else "identify"
+    try:
+        return CsvMapping(call_type, columns=columns, event=event, delimiter=delimiter)
+    except MappingError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@_db_option
+@click.option("--run", help="Run name for these rows (default: the file name).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]),
+              help="Input format (default: csv for *.csv, else jsonl).")
+@click.option("--type", "call_type", type=click.Choice(["identify", "track"]),
+              help="CSV: the call each row becomes (default: track when an event column "
+                   "or --event is given, else identify).")
+@click.option("--map", "maps", multiple=True, metavar="COLUMN=TARGET",
+              help="CSV: map a column to userId, anonymousId, event, timestamp, messageId, "
+                   "key, ignore, traits.NAME or properties.NAME (repeatable).")
+@click.option("--user-id-column", metavar="COLUMN", help="CSV: the column holding userId.")
+@click.option("--anonymous-id-column", metavar="COLUMN",
+              help="CSV: the column holding anonymousId.")
+@click.option("--event-column", metavar="COLUMN", help="CSV: the column holding the event.")
+@click.option("--event", "event_name", metavar="NAME",
+              help="CSV: one event name for every row (track).")
+@click.option("--timestamp-column", metavar="COLUMN",
+              help="CSV: the column holding an ISO-8601 timestamp.")
+@click.option("--key-column", metavar="COLUMN",
+              help="CSV: a unique column whose value makes the messageId (instead of the "
+                   "line number).")
+@click.option("--delimiter", default=",", show_default=True, help="CSV: field delimiter.")
+@_json_option
+def enqueue(
+    file: str, db: str, run: str | None, fmt: str | None, call_type: str | None,
+    maps: tuple[str, ...], user_id_column: str | None, anonymous_id_column: str | None,
+    event_column: str | None, event_name: str | None, timestamp_column: str | None,
+    key_column: str | None, delimiter: str, as_json: bool,
+) -> None:
+    """Enqueue the calls of a JSONL or CSV FILE ('-' for stdin, with --run).
+
+    JSONL: each line is one Pipelines API call in its wire shape ("type", "userId" or
+    "anonymousId", "traits", "event", "properties", "name", "groupId", "previousId",
+    "context", "timestamp", optional "messageId").
+
+    CSV (identify or track): a header line, then one call per row. Columns named userId,
+    anonymousId, event, timestamp or messageId map to those fields; name others with
+    --user-id-column, --event-column, --timestamp-column, ... or --map COLUMN=TARGET.
+    Every other column becomes a trait (identify) or a property (track); empty cells are
+    left out; values stay strings.
+
+    Safe to stop and run again: a line without a messageId gets a stable one made from
+    the run name and its line number (or the --key-column value), so a rerun adds no
+    duplicates and misses nothing. Invalid lines are reported with their line numbers on
+    stderr (or in the --json output), valid lines are kept, and the exit code is 2.
+
+    \b
+    Examples:
+      cio-outbox enqueue people.jsonl
+      cio-outbox enqueue orders.csv --user-id-column customer_id \\
+          --event-column event --timestamp-column ts --key-column order_id
+    """
+    named = {"userId": user_id_column, "anonymousId": anonymous_id_column,
+             "event": event_column, "timestamp": timestamp_column, "key": key_column}
+    if file == "-" and not run:
+        raise click.UsageError("reading stdin needs --run NAME (the ids are made from it)")
+    run = run or default_run(file)
+    fmt = fmt or ("csv" if file.lower().endswith(".csv") else "jsonl")
+    csv_given = bool(call_type or maps or event_name or any(named.values())
+                     or delimiter != ",")
+    mapping: CsvMapping | None = None
+    if fmt == "csv":
+        mapping = _csv_mapping(call_type, maps, named, event_name, delimiter)
+    elif csv_given:
+        raise click.UsageError("--type, --map, --event, --delimiter and the --*-column "
+                               "options apply to CSV files only")
+    source: str | IO[bytes] = sys.stdin.buffer if file == "-" else file
+    size = os.path.getsize(file) if file != "-" else 0
+    reader = reader_for(source, run=run, format=fmt, mapping=mapping)
+    show_bar = size > 0 and sys.stderr.isatty()
+    with _opened(db) as outbox, click.progressbar(
+        length=size, label=f"enqueue {os.path.basename(file)}", file=sys.stderr,
+        hidden=not show_bar,
+    ) as bar:
+        done = 0
+
+        def advance(_: ImportResult) -> None:
+            nonlocal done
+            bar.update(reader.bytes_read - done)
+            done = reader.bytes_read
+
+        try:
+            result = enqueue_records(outbox, reader, run=run, on_chunk=advance)
+        except MappingError as exc:
+            raise click.UsageError(str(exc)) from None
+    _report_enqueue(file, result, as_json)
+    if result.rejected:
+        sys.exit(EXIT_USAGE)
+
+
+def _report_enqueue(file: str, result: ImportResult, as_json: bool) -> None:
+    if as_json:
+        _print_json({"file": file, **result.as_dict()})
+        return
+    for rejection in result.rejections:
+        where = f" ({rejection.field})" if rejection.field else ""
+        _err(f"line {rejection.line}{where}: {rejection.error}")
+    if result.rejections_not_listed:
+        _err(f"... and {result.rejections_not_listed:,} more rejected lines not listed")
+    click.echo(
+        f"{file} (run {result.run!r}): {result.lines:,} lines, {result.added:,} added, "
+        f"{result.skipped:,} already in the outbox, {result.rejected:,} rejected"
+    )
+
+
+# -- worker ----------------------------------------------------------------------------
+
+
+class ProgressPrinter:
+    """Prints worker progress on stderr: one line updated in place on a terminal,
+    otherwise a plain log line each call. Shows the last error while retries or
+    dead-letters happened recently."""
+
+    RECENT = 15.0
+
+    def __init__(self, stream: IO[str] | None = None, *, tty: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.interval = 0.5 if self.tty else 5.0
+        self._retries = 0
+        self._failed = 0
+        self._trouble_at = -1e9
+        self._open_line = False
+
+    def __call__(self, progress: Progress) -> None:
+        now = time.monotonic()
+        if progress.retries > self._retries or progress.failed > self._failed:
+            self._trouble_at = now
+        self._retries, self._failed = progress.retries, progress.failed
+        text = progress.line()
+        if progress.last_error and now - self._trouble_at < self.RECENT:
+            text += f"  last error: {progress.last_error}"
+        if self.tty:
+            width = shutil.get_terminal_size().columns - 1
+            self.stream.write("\r" + text[:width] + "\x1b[K")
+            self._open_line = True
+        else:
+            stamp = _dt.datetime.now().astimezone().strftime("%H:%M:%S")
+            self.stream.write(f"{stamp} {text}\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        """A line of its own, below the progress line."""
+        self.end_line()
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def end_line(self) -> None:
+        if self._open_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open_line = False
+
+
+@contextmanager
+def stop_on_signals(worker: Worker, printer: ProgressPrinter) -> Iterator[None]:
+    """SIGINT and SIGTERM ask the worker to stop gracefully (finish the request in flight,
+    record it, release the rest); a second signal quits at once (exit 130) and leaves the
+    rows in flight to come back when their lease expires."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            os._exit(130)
+        worker.stop()
+        printer.message(f"{signal.Signals(signum).name}: stopping after the request in "
+                        "flight (send it again to quit at once)")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@_db_option
+@click.option("--host", envvar="CIO_HOST", metavar="URL",
+              help="API base URL (env CIO_HOST), e.g. https://cdp.customer.io or a sandbox.")
+@click.option("--region", envvar="CIO_REGION", type=click.Choice(["us", "eu"],
+              case_sensitive=False), help="Customer.io region when no host is given "
+              "(env CIO_REGION; default: the key's region, else us).")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Requests in flight at once.")
+@click.option("--max-rps", type=click.FloatRange(0, min_open=True), metavar="R",
+              help="At most R requests per second.")
+@click.option("--until-empty", is_flag=True,
+              help="Stop when nothing is pending or in flight (rows leased by a dead worker "
+                   "are waited for until their lease expires).")
+@click.option("--run", help="Only send the rows of this run.")
+@click.option("--gzip", is_flag=True, help="Compress request bodies.")
+@click.option("--max-attempts", type=click.IntRange(1), default=10, show_default=True,
+              help="HTTP attempts per row before it is dead-lettered.")
+@click.option("--worker-id", metavar="ID",
+              help="Name of this worker in the audit trail (default host:pid:random). A "
+                   "restarted worker with the same id takes back the rows it held.")
+@click.option("--allow-insecure", is_flag=True,
+              help="Allow a plain http:// host that is not loopback (sends the key in clear).")
+@_json_option
+def worker(
+    db: str, host: str | None, region: str | None, concurrency: int, max_rps: float | None,
+    until_empty: bool, run: str | None, gzip: bool, max_attempts: int, worker_id: str | None,
+    allow_insecure: bool, as_json: bool,
+) -> None:
+    """Send the outbox to the Pipelines API, until stopped (or with --until-empty).
+
+    The API key comes from the environment variable CIO_API_KEY only. On a terminal a
+    progress line is updated in place (on stderr); otherwise a log line is written every
+    few seconds. SIGINT (Ctrl-C) and SIGTERM stop gracefully: the request in flight is
+    finished and recorded, the other rows are released, and the exit code is 0.
+    """
+    printer = ProgressPrinter()
+    with _opened(db) as outbox:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                the_worker = outbox.worker(
+                    host=host, region=region.lower() if region else None, gzip=gzip,
+                    allow_insecure=allow_insecure, concurrency=concurrency, max_rps=max_rps,
+                    run=run, max_attempts=max_attempts, worker_id=worker_id,
+                    on_progress=printer, progress_interval=printer.interval,
+                )
+        except ConfigError as exc:
+            raise Failure(str(exc), EXIT_USAGE) from None
+        for warning in caught:
+            _err(f"warning: {warning.message}")
+        try:
+            with stop_on_signals(the_worker, printer):
+                result = the_worker.run(until_empty=until_empty)
+        finally:
+            the_worker.client.close()
+            printer.end_line()
+    outcome = "stopped" if result.stopped else ("drained" if result.exit_code == 0 else "failed")
+    if as_json:
+        _print_json({**result.as_dict(), "outcome": outcome})
+    else:
+        click.echo(f"{outcome}: sent {result.sent:,}, failed {result.failed:,}, "
+                   f"{result.requests:,} requests, {result.retries:,} retries in "
+                   f"{result.elapsed:.1f} s")
+    if result.error:
+        _err(f"Error: {result.error}")
+    sys.exit(result.exit_code)
+
+
+# -- inspection ------------------------------------------------------------------------
+
+
+def _count(n: int) -> str:
+    return f"{n:>10,}"
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@_db_option
+@click.option("--run", help="Only this run.")
+@_json_option
+def status(db: str, run: str | None, as_json: bool) -> None:
+    """Counts by state, oldest pending message, last error and recent send rate.
+
+    With --json the overall counts are at the top level under "pending", "in_flight",
+    "sent" and "failed".
+    """
+    with _opened(db) as outbox:
+        data = outbox.status(run)
+    if as_json:
+        _print_json(data)
+        return
+    click.echo(f"outbox {db}" + (f", run {run!r}" if run else ""))
+    oldest = ""
+    if data["oldest_pending"]:
+        oldest = f"   oldest {data['oldest_pending']} ({data['oldest_pending_age_s']:,.0f} s ago)"
+    click.echo(f"  pending   {_count(data['pending'])}{oldest}")
+    click.echo(f"  in flight {_count(data['in_flight'])}")
+    click.echo(f"  sent      {_count(data['sent'])}")
+    click.echo(f"  failed    {_count(data['failed'])}")
+    click.echo(f"  rate      {data['rate_last_minute']:>10,.1f} msg/s over the last minute")
+    last = data["last_error"]
+    if last:
+        click.echo(f"  last error at {last['at']}: {last['error']}")
+    runs = data.get("runs") or []
+    if len(runs) > 1 or (runs and runs[0]["run"]):
+        click.echo(f"  {'run':<24}{'pending':>10}{'in flight':>10}{'sent':>10}{'failed':>10}")
+        for entry in runs:
+            click.echo(f"  {entry['run'] or '(none)':<24}{entry['pending']:>10,}"
+                       f"{entry['in_flight']:>10,}{entry['sent']:>10,}{entry['failed']:>10,}")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@_db_option
+@click.option("--run", help="Only this run.")
+@click.option("--limit", type=click.IntRange(1), default=100, show_default=True)
+@_json_option
+def failed(db: str, run: str | None, limit: int, as_json: bool) -> None:
+    """Dead-lettered rows: id, messageId, run, attempts, error and what the call was."""
+    with _opened(db) as outbox:
+        rows = outbox.failed(run, limit)
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        click.echo("no failed rows")
+        return
+    for row in rows:
+        click.echo(f"#{row['id']}  {row['summary']}  run {row['run']!r}  "
+                   f"attempts {row['attempts']}  messageId {row['messageId']}")
+        click.echo(f"    {row['error']}")
+    click.echo(f"{len(rows)} failed row(s); requeue with: cio-outbox retry --id ID "
+               "(or --run RUN, or --all)")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@_db_option
+@click.option("--id", "ids", type=int, multiple=True, help="Row id to requeue (repeatable).")
+@click.option("--run", help="Requeue the failed rows of this run.")
+@click.option("--all", "all_", is_flag=True, help="Requeue every failed row.")
+@_json_option
+def retry(db: str, ids: tuple[int, ...], run: str | None, all_: bool, as_json: bool) -> None:
+    """Requeue dead-lettered rows (their attempts start again from 0); prints how many."""
+    if not ids and run is None and not all_:
+        raise click.UsageError("say which failed rows to requeue: --id ID, --run NAME or --all")
+    with _opened(db) as outbox:
+        count = outbox.retry(list(ids) if ids else None, run=run, all=all_)
+    if as_json:
+        _print_json({"requeued": count})
+    else:
+        click.echo(f"requeued {count:,} failed row(s)")
+
+
+def _attempt_line(attempt: dict[str, Any]) -> str:
+    status_code = attempt.get("status_code") or "-"
+    latency = attempt.get("latency_ms")
+    latency_text = f"{latency:,.0f} ms" if latency is not None else "-"
+    text = (f"{attempt['at']}  {attempt['outcome']:<8} HTTP {status_code!s:<4} "
+            f"/v1/{attempt['endpoint']:<6} {attempt['messages']:>6,} msg {attempt['bytes']:>9,} B "
+            f"{latency_text:>8}  {attempt['worker_id']}")
+    if attempt.get("error"):
+        text += f"\n    {attempt['error']}"
+    return text
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("message_id")
+@_db_option
+@_json_option
+def history(message_id: str, db: str, as_json: bool) -> None:
+    """One message's row and every HTTP attempt that carried it (exit 1 if unknown)."""
+    with _opened(db) as outbox:
+        data = outbox.history(message_id)
+    if data is None:
+        raise Failure(f"no message with messageId {message_id!r} in {db}")
+    if as_json:
+        _print_json(data)
+        return
+    message = data["message"]
+    for name in ("id", "message_id", "run", "call_type", "person", "status", "attempts",
+                 "last_error", "created_at", "updated_at", "sent_at", "worker_id",
+                 "lease_expires_at", "next_attempt_at", "size"):
+        if message.get(name) is not None:
+            click.echo(f"{name:<17} {message[name]}")
+    click.echo(f"{'payload':<17} {message['payload']}")
+    click.echo(f"{len(data['attempts'])} attempt(s):")
+    for attempt in data["attempts"]:
+        click.echo("  " + _attempt_line(attempt))
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@_db_option
+@click.option("--run", help="Only attempts that carried rows of this run.")
+@click.option("--limit", type=click.IntRange(1), default=100, show_default=True)
+@_json_option
+def log(db: str, run: str | None, limit: int, as_json: bool) -> None:
+    """The audit trail: the most recent HTTP attempts, oldest first."""
+    with _opened(db) as outbox:
+        attempts = outbox.log(run, limit)
+    if as_json:
+        _print_json(attempts)
+        return
+    if not attempts:
+        click.echo("no attempts yet")
+    for attempt in attempts:
+        click.echo(_attempt_line(attempt))
+
+
+# -- retention and data protection -----------------------------------------------------
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@_db_option
+@click.option("--sent", "sent", is_flag=True,
+              help="Delete sent rows (required: only sent rows are ever purged).")
+@click.option("--older-than", required=True, metavar="AGE",
+              help="Only rows sent longer ago than AGE: 30d, 12h, 15m, 45s.")
+@_json_option
+def purge(db: str, sent: bool, older_than: str, as_json: bool) -> None:
+    """Retention: delete sent rows sent longer ago than --older-than; prints how many."""
+    if not sent:
+        raise click.UsageError("purge deletes sent rows only; say so with --sent")
+    with _opened(db) as outbox:
+        try:
+            deleted = outbox.purge(older_than)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--older-than") from None
+    if as_json:
+        _print_json({"deleted": deleted})
+    else:
+        click.echo(f"deleted {deleted:,} sent row(s) sent more than {older_than} ago")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("user_id")
+@_db_option
+@_json_option
+def forget(user_id: str, db: str, as_json: bool) -> None:
+    """Data protection: remove every row naming USER_ID (userId or anonymousId), redact it
+    from the audit trail's error texts, and vacuum the file so no trace remains. The audit
+    trail keeps its counts."""
+    with _opened(db) as outbox:
+        try:
+            deleted = outbox.forget(user_id)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="USER_ID") from None
+    if as_json:
+        _print_json({"deleted": deleted})
+    else:
+        click.echo(f"removed {deleted:,} row(s) naming that person; {db} was vacuumed")
+
+
+# -- demo ------------------------------------------------------------------------------
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.option("--db", metavar="PATH",
+              help="Outbox file to create (default: a fresh file in a temporary folder; "
+                   "CIO_OUTBOX is ignored so the demo never touches a real outbox).")
+@click.option("--rows", type=click.IntRange(30, 1_000_000), default=3000, show_default=True,
+              help="Calls in the sample migration (a third identify, the rest track).")
+def demo(db: str | None, rows: int) -> None:
+    """A sample migration into a local sandbox: enqueue, interrupt, resume, one poison row.
+
+    No account needed. Starts the sandbox in this process, enqueues identify and track
+    calls for generated people (one with an event the sandbox rejects), drains them with
+    an interruption and a resume, then shows the failed row and the final status.
+    """
+    from cio_outbox.demo import DemoError, run_demo
+
+    printer = ProgressPrinter(sys.stdout)
+    printer.interval = 0.5 if printer.tty else 1.0
+    try:
+        run_demo(db, rows=rows, echo=click.echo, on_progress=printer)
+    except DemoError as exc:
+        raise Failure(str(exc), exc.exit_code) from None
+    except StorageError as exc:
+        raise Failure(str(exc)) from None
 
 
 def main() -> None:
