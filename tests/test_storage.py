@@ -1,0 +1,601 @@
+"""The storage seam, behaviour by behaviour, on every backend (SQLite and PostgreSQL).
+
+Every test here that takes ``outbox`` or ``outbox_location`` runs once per backend (see
+conftest.py); a few at the end check what only one backend has.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cio_outbox import Outbox
+from cio_outbox.batch import MAX_BATCH_BYTES, Row
+from cio_outbox.sandbox import Sandbox
+from cio_outbox.storage import Attempt, NewRow, Storage, StorageError, open_storage
+
+LEASE = 60.0
+
+
+def new_row(n: int, person: str = "p", run: str = "r", call_type: str = "track",
+            extra: dict[str, Any] | None = None) -> NewRow:
+    payload = json.dumps({"type": call_type, "userId": person, "event": f"e{n}",
+                          "messageId": f"m{n}", **(extra or {})}, separators=(",", ":"))
+    return NewRow(f"m{n}", run, call_type, person, payload, len(payload.encode()))
+
+
+def claim(storage: Storage, worker: str = "w1", *, lease: float = LEASE,
+          max_messages: int = 5000, run: str | None = None) -> list[Row]:
+    return storage.claim(worker, lease_seconds=lease, max_bytes=MAX_BATCH_BYTES,
+                         max_messages=max_messages, run=run)
+
+
+def truth(storage: Storage) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """Counts computed from the rows themselves (what the counts table must agree with)."""
+    total = {"pending": 0, "in_flight": 0, "sent": 0, "failed": 0}
+    by_run: dict[str, dict[str, int]] = defaultdict(
+        lambda: {"pending": 0, "in_flight": 0, "sent": 0, "failed": 0}
+    )
+    for row in storage.rows(limit=1_000_000):
+        total[row["status"]] += 1
+        by_run[row["run"]][row["status"]] += 1
+    return total, dict(by_run)
+
+
+def assert_counts_right(storage: Storage) -> None:
+    total, by_run = truth(storage)
+    assert storage.counts() == total
+    for run, counts in by_run.items():
+        assert storage.counts(run) == counts
+    assert {r["run"]: {k: r[k] for k in total} for r in storage.runs()} == {
+        run: counts for run, counts in by_run.items() if any(counts.values())
+    }
+
+
+@pytest.fixture
+def storage(outbox: Outbox) -> Storage:
+    return outbox.storage
+
+
+# -- enqueue -------------------------------------------------------------------------------
+
+
+def test_insert_is_idempotent_on_message_id_and_counted(storage: Storage) -> None:
+    assert storage.insert([new_row(i, person=f"p{i % 3}") for i in range(10)]) == 10
+    assert storage.insert([new_row(i) for i in range(5, 15)]) == 5
+    assert storage.counts() == {"pending": 15, "in_flight": 0, "sent": 0, "failed": 0}
+    assert storage.counts("r")["pending"] == 15
+    assert storage.counts("other")["pending"] == 0
+    assert storage.insert([new_row(100, run="b"), new_row(101, run="a")]) == 2
+    assert [r["run"] for r in storage.runs()] == ["a", "b", "r"]
+    # rows keep their enqueue order, across chunks too
+    assert storage.insert((new_row(i) for i in range(200, 230)), chunk_size=7) == 30
+    ids = [r["id"] for r in storage.rows(limit=1000)]
+    assert ids == sorted(ids)
+    assert [r["message_id"] for r in storage.rows(limit=1000)][-30:] == [
+        f"m{i}" for i in range(200, 230)
+    ]
+    assert_counts_right(storage)
+
+
+def test_outbox_enqueue_skips_a_repeated_idempotency_key(outbox: Outbox) -> None:
+    first = outbox.track("u1", "Paid", idempotency_key="order-1", run="shop")
+    again = outbox.track("u1", "Paid", idempotency_key="order-1", run="shop")
+    assert (first.added, first.skipped) == (1, 0)
+    assert (again.added, again.skipped) == (0, 1)
+    result = outbox.enqueue_many(
+        [{"type": "track", "userId": "u2", "event": "E"}, {"type": "track", "event": "bad"}],
+        idempotency_keys=["k1", "k2"], run="shop",
+    )
+    assert (result.added, len(result.rejected)) == (1, 1)
+    assert outbox.status()["pending"] == 2
+    assert outbox.status(run="shop")["total"] == 2
+
+
+# -- claims and leases ---------------------------------------------------------------------
+
+
+def test_claim_leases_rows_and_no_other_worker_gets_them(storage: Storage) -> None:
+    storage.insert([new_row(i, person=f"p{i}") for i in range(6)])
+    first = claim(storage, "w1", max_messages=4)
+    assert [r.message_id for r in first] == ["m0", "m1", "m2", "m3"]
+    second = claim(storage, "w2")
+    assert [r.message_id for r in second] == ["m4", "m5"]
+    assert claim(storage, "w3") == []
+    held = {r["message_id"]: r["worker_id"] for r in storage.rows(status="in_flight")}
+    assert held == {"m0": "w1", "m1": "w1", "m2": "w1", "m3": "w1", "m4": "w2", "m5": "w2"}
+    assert storage.counts()["in_flight"] == 6
+    assert_counts_right(storage)
+
+
+def test_a_persons_later_rows_wait_while_an_earlier_one_is_in_flight(storage: Storage) -> None:
+    storage.insert([new_row(0, "a"), new_row(1, "b"), new_row(2, "a"), new_row(3, "c")])
+    first = claim(storage, "w1", max_messages=1)
+    assert [r.message_id for r in first] == ["m0"]
+    second = claim(storage, "w2")
+    assert [r.message_id for r in second] == ["m1", "m3"]  # m2 waits for m0
+    storage.mark_sent([r.id for r in first])
+    assert [r.message_id for r in claim(storage, "w3")] == ["m2"]
+
+
+def test_expired_lease_comes_back_to_another_worker(storage: Storage) -> None:
+    storage.insert([new_row(i, person=f"p{i}") for i in range(3)])
+    taken = claim(storage, "dead-worker", lease=0.2)
+    assert len(taken) == 3
+    assert claim(storage, "w2") == []  # still leased
+    time.sleep(0.4)
+    again = claim(storage, "w2")
+    assert sorted(r.id for r in again) == sorted(r.id for r in taken)
+    assert {r["worker_id"] for r in storage.rows(status="in_flight")} == {"w2"}
+    assert_counts_right(storage)
+
+
+def test_extend_lease_keeps_rows_from_expiring(storage: Storage) -> None:
+    storage.insert([new_row(0)])
+    taken = claim(storage, "w1", lease=0.3)
+    storage.extend_lease([r.id for r in taken], "w1", 30.0)
+    time.sleep(0.5)
+    assert claim(storage, "w2") == []
+    assert storage.rows(status="in_flight")[0]["worker_id"] == "w1"
+
+
+def test_release_gives_rows_back_and_a_deferred_row_blocks_its_person(
+    storage: Storage,
+) -> None:
+    storage.insert([new_row(0, "a"), new_row(1, "a"), new_row(2, "b")])
+    taken = claim(storage, "w1", max_messages=1)
+    storage.release([r.id for r in taken])
+    assert [r.message_id for r in claim(storage, "w1", max_messages=1)] == ["m0"]
+    storage.release([taken[0].id], next_attempt_at=time.time() + 0.6)
+    # m0 waits for its retry time, and so does m1 behind it; b is free
+    assert [r.message_id for r in claim(storage, "w2")] == ["m2"]
+    assert claim(storage, "w2") == []
+    time.sleep(0.8)
+    assert [r.message_id for r in claim(storage, "w2")] == ["m0", "m1"]
+    assert_counts_right(storage)
+
+
+def test_release_worker_gives_back_only_that_workers_rows(storage: Storage) -> None:
+    storage.insert([new_row(i, person=f"p{i}") for i in range(4)])
+    claim(storage, "w1", max_messages=3)
+    claim(storage, "w2")
+    assert storage.release_worker("w1") == 3
+    assert storage.release_worker("w1") == 0
+    assert storage.counts() == {"pending": 3, "in_flight": 1, "sent": 0, "failed": 0}
+    assert_counts_right(storage)
+
+
+def test_claim_filters_by_run_and_alias_goes_alone(storage: Storage) -> None:
+    storage.insert([new_row(0, "a", run="x"), new_row(1, "b", run="y"),
+                    new_row(2, "c", run="y", call_type="alias"), new_row(3, "d", run="y")])
+    assert [r.message_id for r in claim(storage, "w", run="y")] == ["m1", "m3"]
+    assert [r.message_id for r in claim(storage, "w", run="y")] == ["m2"]
+    assert claim(storage, "w", run="y") == []
+    assert [r.message_id for r in claim(storage, "w")] == ["m0"]
+
+
+def test_claim_respects_max_bytes(storage: Storage) -> None:
+    rows = [new_row(i, person=f"p{i}", extra={"properties": {"pad": "x" * 20_000}})
+            for i in range(30)]
+    storage.insert(rows)
+    taken = claim(storage, "w")
+    assert 20 <= len(taken) < 30
+    assert sum(r.size + 1 for r in taken) < MAX_BATCH_BYTES
+
+
+# -- outcomes ------------------------------------------------------------------------------
+
+
+def test_dead_letter_and_requeue(outbox: Outbox) -> None:
+    storage = outbox.storage
+    storage.insert([new_row(i, person=f"p{i}", run="a" if i < 3 else "b") for i in range(5)])
+    taken = claim(storage)
+    storage.record_attempt(
+        Attempt("w1", "batch", taken, 100, 400, 3.0, "rejected", "bad thing"), count=True
+    )
+    storage.dead_letter([(taken[0].id, "bad 0"), (taken[3].id, "bad 3"), (taken[4].id, "x")])
+    storage.mark_sent([taken[1].id])
+    storage.dead_letter([(taken[1].id, "too late")])  # sent rows stay sent
+    assert storage.counts() == {"pending": 0, "in_flight": 1, "sent": 1, "failed": 3}
+    failed = outbox.failed()
+    assert [(f["messageId"], f["error"], f["attempts"]) for f in failed] == [
+        ("m0", "bad 0", 1), ("m3", "bad 3", 1), ("m4", "x", 1)]
+    assert [f["messageId"] for f in outbox.failed(run="b")] == ["m3", "m4"]
+    assert outbox.retry([taken[3].id]) == 1
+    assert outbox.retry(run="a") == 1
+    assert outbox.retry(all=True) == 1
+    assert outbox.retry(all=True) == 0
+    assert storage.counts() == {"pending": 3, "in_flight": 1, "sent": 1, "failed": 0}
+    assert {r["attempts"] for r in storage.rows(status="pending")} == {0}
+    assert_counts_right(storage)
+
+
+def test_audit_trail_records_every_attempt(outbox: Outbox) -> None:
+    storage = outbox.storage
+    storage.insert([new_row(0, "a", run="x"), new_row(1, "b", run="y"), new_row(2, "c")])
+    taken = claim(storage)
+    started = time.time() - 5
+    storage.record_attempt(
+        Attempt("w1", "batch", taken, 300, 503, 12.5, "retry", "HTTP 503 for c"), count=True
+    )
+    storage.record_attempt(Attempt("w1", "batch", taken[:2], 200, 200, 8.0, "sent"),
+                           count=True)
+    storage.mark_sent([r.id for r in taken[:2]])
+    row0 = storage.message("m0")
+    assert row0 is not None and row0["attempts"] == 2 and row0["status"] == "sent"
+    history = outbox.history("m0")
+    assert history is not None
+    assert [a["outcome"] for a in history["attempts"]] == ["retry", "sent"]
+    assert history["attempts"][0]["runs"] == ["r", "x", "y"]
+    assert [a["outcome"] for a in outbox.history("m2")["attempts"]] == ["retry"]
+    assert outbox.history("nope") is None
+    assert [a["outcome"] for a in storage.attempts(run="y")] == ["retry", "sent"]
+    assert [a["messages"] for a in storage.attempts()] == [3, 2]
+    assert storage.attempts_for(taken[2].id)[0]["row_ranges"] == [
+        [taken[0].id, taken[2].id]]
+    last = storage.last_error("x")
+    assert last is not None and last["error"] == "HTTP 503 for c"
+    assert storage.last_error("nobody") is None
+    assert storage.sent_since(started) == 2
+    assert storage.sent_since(started, run="y") == 2  # whole requests that carried run y
+    assert storage.sent_since(started, run="r") == 0
+    assert storage.sent_since(time.time() + 3600) == 0
+    assert outbox.log(limit=1)[0]["outcome"] == "sent"
+
+
+def test_drain_sends_everything_once_with_history(outbox: Outbox, sandbox: Sandbox) -> None:
+    for i in range(40):
+        outbox.track(f"u{i % 7}", "Seen", properties={"n": i}, run="d")
+    outbox.alias("u1", "anon-1", run="d")
+    result = outbox.drain(host=sandbox.url, key=sandbox.key, progress=False, timeout=60)
+    assert result["sent"] == 41 and result["failed"] == 0
+    status = outbox.status()
+    assert (status["sent"], status["pending"], status["in_flight"]) == (41, 0, 0)
+    received = sandbox.messages()
+    assert len(received) == 41
+    for person in {f"u{i}" for i in range(7)}:
+        numbers = [m["properties"]["n"] for m in received
+                   if m.get("userId") == person and m["type"] == "track"]
+        assert numbers == sorted(numbers)
+    some = received[0]["messageId"]
+    assert outbox.history(some)["attempts"][0]["outcome"] == "sent"
+
+
+# -- retention and forgetting --------------------------------------------------------------
+
+
+def test_purge_deletes_only_sent_rows_older_than_the_cutoff(storage: Storage) -> None:
+    storage.insert([new_row(i, person=f"p{i}") for i in range(5)])
+    taken = claim(storage, max_messages=3)
+    storage.mark_sent([r.id for r in taken[:2]])
+    storage.dead_letter([(taken[2].id, "bad")])
+    assert storage.purge_sent(time.time() - 3600) == 0
+    assert storage.purge_sent(time.time() + 60) == 2
+    assert storage.counts() == {"pending": 2, "in_flight": 0, "sent": 0, "failed": 1}
+    assert storage.message("m0") is None
+    assert_counts_right(storage)
+
+
+SECRET_EMAIL = "ada.lovelace.7d1f@example.org"
+SECRET_ID = "person-5b2c9e71"
+
+
+def _enqueue_person_data(outbox: Outbox) -> None:
+    outbox.identify(SECRET_ID, traits={"email": SECRET_EMAIL, "name": "Ada"}, run="crm")
+    outbox.track(SECRET_ID, "Paid", properties={"total": 9.5}, run="crm")
+    outbox.alias("someone-else", SECRET_ID, run="crm")  # names the person as previousId
+    outbox.identify("bystander", traits={"email": "b@example.org"}, run="crm")
+    rows = claim(outbox.storage)
+    outbox.storage.record_attempt(
+        Attempt("w1", "batch", rows, 10, 400, 1.0, "rejected",
+                f"userId {SECRET_ID} rejected"), count=True)
+    outbox.storage.release([r.id for r in rows])
+
+
+def test_forget_deletes_the_person_and_scrubs_audit_errors(outbox: Outbox) -> None:
+    _enqueue_person_data(outbox)
+    storage = outbox.storage
+    assert outbox.forget(SECRET_ID) == 3
+    rows = storage.rows(limit=100)
+    assert [r["person"] for r in rows] == ["bystander"]
+    assert SECRET_ID not in json.dumps(rows)
+    assert SECRET_ID not in json.dumps(storage.attempts())
+    assert "[forgotten]" in storage.attempts()[0]["error"]
+    assert storage.counts() == {"pending": 1, "in_flight": 0, "sent": 0, "failed": 0}
+    assert outbox.forget(SECRET_ID) == 0
+    assert_counts_right(storage)
+    with pytest.raises(ValueError):
+        outbox.forget("  ")
+
+
+def test_sqlite_forget_leaves_no_trace_in_the_file_or_wal(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    with Outbox(path) as outbox:
+        _enqueue_person_data(outbox)
+
+        def file_bytes() -> bytes:
+            return b"".join(p.read_bytes() for p in tmp_path.iterdir()
+                            if p.name.startswith("outbox.db"))
+
+        assert SECRET_EMAIL.encode() in file_bytes()  # the check below can fail
+        outbox.forget(SECRET_ID)
+        data = file_bytes()
+        assert SECRET_ID.encode() not in data
+        assert SECRET_EMAIL.encode() not in data
+        assert b"bystander" in data
+
+
+def test_postgres_forget_leaves_no_trace_in_table_files(postgres_location: str) -> None:
+    import psycopg
+
+    from cio_outbox.storage.postgres import split_location
+
+    plain, schema = split_location(postgres_location)
+    with Outbox(postgres_location) as outbox:
+        _enqueue_person_data(outbox)
+        with psycopg.connect(plain, autocommit=True) as conn:
+            if not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
+                                ).fetchone()[0]:
+                pytest.skip("reading table files needs a superuser connection")
+
+            def file_bytes() -> bytes:
+                conn.execute("CHECKPOINT")
+                paths = conn.execute(
+                    "SELECT pg_relation_filepath(c.oid) FROM pg_class c"
+                    " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s"
+                    " UNION SELECT pg_relation_filepath(c.reltoastrelid) FROM pg_class c"
+                    " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE n.nspname = %s AND c.reltoastrelid != 0",
+                    (schema, schema),
+                ).fetchall()
+                read = "SELECT pg_read_binary_file(%s, 0, (pg_stat_file(%s, true)).size, true)"
+                return b"".join(
+                    conn.execute(read, (p, p)).fetchone()[0] or b"" for (p,) in paths if p
+                )
+
+            assert SECRET_EMAIL.encode() in file_bytes()  # the check below can fail
+            outbox.forget(SECRET_ID)
+            data = file_bytes()
+            assert SECRET_ID.encode() not in data
+            assert SECRET_EMAIL.encode() not in data
+            assert b"bystander" in data
+
+
+# -- counts under random operations --------------------------------------------------------
+
+
+def test_counts_stay_right_through_random_operations(storage: Storage) -> None:
+    rng = random.Random(9)
+    held: list[Row] = []
+    next_n = 0
+    for step in range(160):
+        op = rng.choice(["insert", "insert", "claim", "claim", "sent", "release", "dead",
+                         "requeue", "purge", "forget", "expire", "release_worker", "attempt"])
+        if op == "insert":
+            rows = [new_row(next_n + i, person=f"p{rng.randrange(8)}",
+                            run=rng.choice(["a", "b", ""])) for i in range(rng.randrange(1, 9))]
+            rows += [new_row(rng.randrange(max(next_n, 1)))]  # a repeat, skipped
+            next_n += len(rows)
+            storage.insert(rows, chunk_size=rng.choice([2, 100]))
+        elif op == "claim":
+            held += claim(storage, f"w{rng.randrange(3)}", max_messages=rng.randrange(1, 6),
+                          run=rng.choice([None, "a"]))
+        elif op == "expire":
+            claim(storage, "short", lease=-1.0, max_messages=3)  # expired at once
+        elif held:
+            pick = rng.sample(held, rng.randrange(1, len(held) + 1))
+            ids = [r.id for r in pick]
+            if op == "sent":
+                storage.mark_sent(ids)
+            elif op == "release":
+                storage.release(ids, next_attempt_at=rng.choice([None, time.time() + 0.01]))
+            elif op == "dead":
+                storage.dead_letter([(i, "bad") for i in ids])
+            elif op == "requeue":
+                storage.requeue(ids=ids if rng.random() < 0.5 else None,
+                                run=rng.choice([None, "b"]))
+            elif op == "purge":
+                storage.purge_sent(time.time() + 10)
+            elif op == "forget":
+                storage.forget(pick[0].person)
+            elif op == "release_worker":
+                storage.release_worker(f"w{rng.randrange(3)}")
+            elif op == "attempt":
+                storage.record_attempt(Attempt("w0", "batch", pick, 1, 500, 1.0, "retry",
+                                               "HTTP 500"), count=True)
+            if op in ("sent", "dead", "forget", "purge"):
+                held = [r for r in held if r not in pick]
+        if step % 10 == 0:
+            assert_counts_right(storage)
+    assert_counts_right(storage)
+    assert sum(storage.counts().values()) > 0
+
+
+# -- concurrent claimers -------------------------------------------------------------------
+
+
+def test_concurrent_claimers_never_share_a_row_and_keep_each_persons_order(
+    outbox_location: str,
+) -> None:
+    persons, per_person, claimers = 30, 12, 6
+    setup = open_storage(outbox_location)
+    rows = [new_row(p + persons * k, person=f"p{p}") for k in range(per_person)
+            for p in range(persons)]
+    random.Random(1).shuffle(rows)  # persons interleave; each person's rows in n order
+    rows.sort(key=lambda r: int(r.message_id[1:]) // persons)
+    setup.insert(rows)
+    lock = threading.Lock()
+    held_by: dict[str, int] = {}
+    delivered: dict[str, list[int]] = defaultdict(list)
+    violations: list[str] = []
+    errors: list[BaseException] = []
+
+    def claimer(index: int) -> None:
+        rng = random.Random(index)
+        storage = open_storage(outbox_location)
+        try:
+            idle = 0
+            while idle < 3:
+                taken = claim(storage, f"w{index}", max_messages=rng.randrange(1, 25))
+                if not taken:
+                    idle += 1
+                    time.sleep(0.01)
+                    continue
+                idle = 0
+                with lock:
+                    for row in taken:
+                        owner = held_by.get(row.person)
+                        if owner is not None and owner != index:
+                            violations.append(f"{row.person} held by w{owner} and w{index}")
+                        held_by[row.person] = index
+                time.sleep(rng.random() * 0.003)
+                ids = [r.id for r in taken]
+                if rng.random() < 0.15:
+                    with lock:
+                        for row in taken:
+                            held_by.pop(row.person, None)
+                    storage.release(ids)
+                    continue
+                with lock:
+                    for row in taken:
+                        delivered[row.person].append(int(row.message_id[1:]))
+                        held_by.pop(row.person, None)
+                storage.mark_sent(ids)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            storage.close()
+
+    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(claimers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert not violations, violations[:5]
+    for p in range(persons):
+        assert delivered[f"p{p}"] == [p + persons * k for k in range(per_person)]
+    assert setup.counts() == {"pending": 0, "in_flight": 0, "sent": persons * per_person,
+                              "failed": 0}
+    setup.close()
+
+
+def test_reopening_keeps_rows_and_schema(outbox_location: str) -> None:
+    first = open_storage(outbox_location)
+    first.insert([new_row(1)])
+    version = first.schema_version  # type: ignore[attr-defined]
+    first.close()
+    second = open_storage(outbox_location)
+    assert second.counts()["pending"] == 1
+    assert second.schema_version == version == 1  # type: ignore[attr-defined]
+    second.close()
+
+
+# -- PostgreSQL only -----------------------------------------------------------------------
+
+
+def test_postgres_without_psycopg_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg raises ImportError
+    with pytest.raises(StorageError, match=r"pip install 'cio-outbox\[postgres\]'"):
+        open_storage("postgresql://nobody@127.0.0.1:1/none")
+
+
+def test_postgres_location_hides_the_password() -> None:
+    from cio_outbox.storage.postgres import redact, split_location
+
+    assert redact("postgresql://u:s3cret@h:5/db?schema=x") == "postgresql://u:***@h:5/db?schema=x"
+    assert redact("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert split_location("postgresql://u@h/db?sslmode=require&schema=box") == (
+        "postgresql://u@h/db?sslmode=require", "box")
+    assert split_location("postgresql://u@h/db")[1] == "cio_outbox"
+    with pytest.raises(StorageError, match="schema"):
+        split_location("postgresql://u@h/db?schema=Robert'); DROP")
+
+
+def test_postgres_unreachable_server_is_a_storage_error() -> None:
+    pytest.importorskip("psycopg")
+    with pytest.raises(StorageError, match=r"cannot use outbox postgresql://u:\*\*\*@127"):
+        open_storage("postgresql://u:pw@127.0.0.1:1/db")
+
+
+def test_postgres_schemas_are_separate_outboxes(postgres_server: str) -> None:
+    import pg
+
+    one, two = pg.schema_url(postgres_server), pg.schema_url(postgres_server)
+    try:
+        a, b = open_storage(one), open_storage(two)
+        a.insert([new_row(1), new_row(2)])
+        b.insert([new_row(1)])
+        assert (a.counts()["pending"], b.counts()["pending"]) == (2, 1)
+        a.close()
+        b.close()
+    finally:
+        pg.drop_schema(one)
+        pg.drop_schema(two)
+
+
+def test_postgres_refuses_a_newer_schema_and_a_foreign_one(postgres_location: str) -> None:
+    import psycopg
+
+    from cio_outbox.storage.postgres import SCHEMA_VERSION, split_location
+
+    plain, schema = split_location(postgres_location)
+    open_storage(postgres_location).close()
+    with psycopg.connect(plain, autocommit=True) as conn:
+        versions = conn.execute(f"SELECT version FROM {schema}.schema_version").fetchall()
+        assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
+        conn.execute(f"INSERT INTO {schema}.schema_version VALUES (99, 0)")
+        with pytest.raises(StorageError, match="newer than this cio-outbox"):
+            open_storage(postgres_location)
+        foreign = schema + "_f"
+        conn.execute(f"CREATE SCHEMA {foreign}")
+        conn.execute(f"CREATE TABLE {foreign}.customers (id int)")
+        try:
+            with pytest.raises(StorageError, match="not a cio-outbox outbox"):
+                open_storage(postgres_location.replace(schema, foreign))
+        finally:
+            conn.execute(f"DROP SCHEMA {foreign} CASCADE")
+
+
+def test_postgres_claim_skips_a_row_locked_elsewhere_and_that_persons_later_rows(
+    postgres_location: str,
+) -> None:
+    import psycopg
+
+    from cio_outbox.storage.postgres import split_location
+
+    plain, schema = split_location(postgres_location)
+    storage = open_storage(postgres_location)
+    storage.insert([new_row(0, "a"), new_row(1, "b"), new_row(2, "a"), new_row(3, "c")])
+    with psycopg.connect(plain) as other:  # a transaction holding m0 (a late writer)
+        other.execute(f"SELECT id FROM {schema}.messages WHERE message_id = 'm0' FOR UPDATE")
+        taken = claim(storage, "w1")
+        assert [r.message_id for r in taken] == ["m1", "m3"]
+        other.rollback()
+    assert [r.message_id for r in claim(storage, "w2")] == ["m0", "m2"]
+    assert_counts_right(storage)
+    storage.close()
+
+
+def test_postgres_leases_follow_the_server_clock(
+    postgres_location: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = open_storage(postgres_location)
+    storage.insert([new_row(0, "a")])
+    taken = claim(storage, "w1", lease=30)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)  # this machine runs ahead
+    assert claim(storage, "w2") == []  # the lease has not expired on the server's clock
+    monkeypatch.undo()
+    row = storage.rows(status="in_flight")[0]
+    assert row["worker_id"] == "w1" and row["id"] == taken[0].id
+    assert abs(row["lease_expires_at"] - (time.time() + 30)) < 10
+    storage.close()
