@@ -30,7 +30,6 @@ import shutil
 import signal
 import sys
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -258,29 +257,17 @@ def _report_enqueue(file: str, result: ImportResult, as_json: bool) -> None:
 
 
 class ProgressPrinter:
-    """Prints worker progress on stderr: one line updated in place on a terminal,
-    otherwise a plain log line each call. Shows the last error while retries or
-    dead-letters happened recently."""
-
-    RECENT = 15.0
+    """Prints worker progress on stderr: one line updated in place on a terminal, otherwise
+    a plain log line each call. :meth:`Progress.line` names the error while retrying."""
 
     def __init__(self, stream: IO[str] | None = None, *, tty: bool | None = None) -> None:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
         self.interval = 0.5 if self.tty else 5.0
-        self._retries = 0
-        self._failed = 0
-        self._trouble_at = -1e9
         self._open_line = False
 
     def __call__(self, progress: Progress) -> None:
-        now = time.monotonic()
-        if progress.retries > self._retries or progress.failed > self._failed:
-            self._trouble_at = now
-        self._retries, self._failed = progress.retries, progress.failed
         text = progress.line()
-        if progress.last_error and now - self._trouble_at < self.RECENT:
-            text += f"  last error: {progress.last_error}"
         if self.tty:
             width = shutil.get_terminal_size().columns - 1
             self.stream.write("\r" + text[:width] + "\x1b[K")
