@@ -3,6 +3,7 @@ subprocesses, graceful stops on SIGINT/SIGTERM and an import killed with SIGKILL
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -17,10 +18,11 @@ import pytest
 from click.testing import CliRunner, Result
 
 from cio_outbox import Outbox
-from cio_outbox.cli import cli
+from cio_outbox.cli import ProgressPrinter, cli
 from cio_outbox.demo import POISON_EVENT
 from cio_outbox.messages import message_id_for
 from cio_outbox.sandbox import Sandbox, SandboxProcess
+from cio_outbox.worker import Progress
 
 SECRET = "wrong-key-Zq81vX3"
 
@@ -315,6 +317,36 @@ def test_worker_bad_host_exits_1(runner: CliRunner, queued: str, sandbox: Sandbo
         assert outbox.status()["pending"] == 30  # nothing lost, nothing stuck in flight
 
 
+def test_worker_until_empty_waits_for_rows_leased_by_a_dead_worker(
+    runner: CliRunner, queued: str, sandbox: Sandbox
+) -> None:
+    with Outbox(queued) as outbox:
+        leased = outbox.storage.claim("dead-worker", lease_seconds=1.0, max_bytes=500_000,
+                                      max_messages=5)
+    assert len(leased) == 5
+    result = _run(runner, "worker", "--db", queued, "--host", sandbox.url, "--until-empty",
+                  "--json", env={"CIO_API_KEY": sandbox.key})
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["sent"] == 30
+    assert {m["messageId"] for m in sandbox.messages()} >= {r.message_id for r in leased}
+
+
+def test_progress_printer_updates_one_line_on_a_terminal() -> None:
+    stream = io.StringIO()
+    printer = ProgressPrinter(stream, tty=True)
+    printer(Progress(sent=5, pending=10, state="sending"))
+    printer(Progress(sent=9, pending=6, state="retrying: HTTP 503"))
+    printer.message("SIGINT: stopping")
+    text = stream.getvalue()
+    # Progress rewrites one line; the message ends it and takes a line of its own.
+    assert text.startswith("\rsent 5") and "\x1b[K\rsent 9" in text
+    assert text.endswith("\x1b[K\nSIGINT: stopping\n")
+    assert "[retrying: HTTP 503]" in text
+    plain = io.StringIO()
+    ProgressPrinter(plain, tty=False)(Progress(sent=5))
+    assert plain.getvalue().endswith("\n") and "\r" not in plain.getvalue()
+
+
 def test_help_documents_exit_codes(runner: CliRunner) -> None:
     for command in ([], ["worker"], ["enqueue"]):
         text = _run(runner, *command, "--help").stdout
@@ -394,12 +426,35 @@ def _worker_process(db: str, sandbox: SandboxProcess, *extra: str) -> subprocess
     )
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_worker_stops_cleanly_on_signal_and_a_resumed_run_delivers_exactly_once(
-    db: str, signum: int
+def _interrupt(db: str, sandbox: SandboxProcess, signum: int) -> dict[str, int]:
+    """Start a worker, send it ``signum`` once it has sent more than before, check that it
+    stopped cleanly, and return the counts it left."""
+    sent_before = _counts(db)["sent"]
+    proc = _worker_process(db, sandbox)
+    try:
+        _wait_for(lambda: _counts(db)["sent"] > sent_before, 30, "a sent batch")
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out.startswith("stopped:")
+    assert f"{signal.Signals(signum).name}: stopping after the request in flight" in err
+    counts = _counts(db)
+    assert counts["in_flight"] == 0 and counts["failed"] == 0
+    assert sent_before < counts["sent"] < sum(counts.values())
+    # Every row the outbox calls sent reached the sandbox, and nothing else did.
+    assert sandbox.stats()["messages"] == counts["sent"]
+    return counts
+
+
+def test_worker_stops_cleanly_on_sigint_and_sigterm_and_a_resumed_run_delivers_exactly_once(
+    db: str,
 ) -> None:
-    total = 4000
-    padding = "x" * 1800  # about 250 messages per 500 KB request: 16 requests
+    total = 3000
+    padding = "x" * 1200  # about 370 messages per 500 KB request: 9 requests
     with Outbox(db) as outbox:
         outbox.enqueue_many(
             ({"type": "track", "userId": f"u{i % 500}", "event": "Imported",
@@ -407,24 +462,9 @@ def test_worker_stops_cleanly_on_signal_and_a_resumed_run_delivers_exactly_once(
             run="big", idempotency_keys=lambda i, _: f"big:{i}",
         )
     with SandboxProcess(latency=0.3) as sandbox:
-        proc = _worker_process(db, sandbox)
-        try:
-            _wait_for(lambda: _counts(db)["sent"] > 0, 30, "the first sent batch")
-            proc.send_signal(signum)
-            out, err = proc.communicate(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert proc.returncode == 0, err
-        assert out.startswith("stopped:")
-        assert "stopping after the request in flight" in err
-        counts = _counts(db)
-        assert counts["in_flight"] == 0 and counts["failed"] == 0
-        assert 0 < counts["sent"] < total
-        assert counts["pending"] + counts["sent"] == total
-        # Every row the outbox calls sent reached the sandbox; nothing else did.
-        assert sandbox.stats()["messages"] == counts["sent"]
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            counts = _interrupt(db, sandbox, signum)
+            assert counts["pending"] + counts["sent"] == total
 
         resumed = _worker_process(db, sandbox, "--until-empty")
         out, err = resumed.communicate(timeout=60)
