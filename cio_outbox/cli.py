@@ -146,7 +146,7 @@ def _csv_mapping(
         raise click.UsageError(str(exc)) from None
 
 
-@cli.command(epilog=EXIT_CODES_HELP)
+@cli.command(epilog=EXIT_CODES_HELP, short_help="Enqueue the calls of a JSONL or CSV file.")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
 @_db_option
 @click.option("--run", help="Run name for these rows (default: the file name).")
@@ -316,7 +316,7 @@ def stop_on_signals(worker: Worker, printer: ProgressPrinter) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-@cli.command(epilog=EXIT_CODES_HELP)
+@cli.command(epilog=EXIT_CODES_HELP, short_help="Send the outbox to the Pipelines API.")
 @_db_option
 @click.option("--host", envvar="CIO_HOST", metavar="URL",
               help="API base URL (env CIO_HOST), e.g. https://cdp.customer.io or a sandbox.")
@@ -350,7 +350,9 @@ def worker(
     The API key comes from the environment variable CIO_API_KEY only. On a terminal a
     progress line is updated in place (on stderr); otherwise a log line is written every
     few seconds. SIGINT (Ctrl-C) and SIGTERM stop gracefully: the request in flight is
-    finished and recorded, the other rows are released, and the exit code is 0.
+    finished and recorded, the other rows are released, and the exit code is 0. A second
+    signal quits at once (exit code 130); rows still in flight then come back to pending when
+    their lease expires.
     """
     printer = ProgressPrinter()
     with _opened(db) as outbox:
@@ -392,7 +394,7 @@ def _count(n: int) -> str:
     return f"{n:>10,}"
 
 
-@cli.command(epilog=EXIT_CODES_HELP)
+@cli.command(epilog=EXIT_CODES_HELP, short_help="Counts by state, oldest pending, last error.")
 @_db_option
 @click.option("--run", help="Only this run.")
 @_json_option
@@ -427,7 +429,7 @@ def status(db: str, run: str | None, as_json: bool) -> None:
                        f"{entry['in_flight']:>10,}{entry['sent']:>10,}{entry['failed']:>10,}")
 
 
-@cli.command(epilog=EXIT_CODES_HELP)
+@cli.command(epilog=EXIT_CODES_HELP, short_help="List dead-lettered rows.")
 @_db_option
 @click.option("--run", help="Only this run.")
 @click.option("--limit", type=click.IntRange(1), default=100, show_default=True)
@@ -450,7 +452,7 @@ def failed(db: str, run: str | None, limit: int, as_json: bool) -> None:
                "(or --run RUN, or --all)")
 
 
-@cli.command(epilog=EXIT_CODES_HELP)
+@cli.command(epilog=EXIT_CODES_HELP, short_help="Requeue dead-lettered rows.")
 @_db_option
 @click.option("--id", "ids", type=int, multiple=True, help="Row id to requeue (repeatable).")
 @click.option("--run", help="Requeue the failed rows of this run.")
@@ -480,7 +482,7 @@ def _attempt_line(attempt: dict[str, Any]) -> str:
     return text
 
 
-@cli.command(epilog=EXIT_CODES_HELP)
+@cli.command(epilog=EXIT_CODES_HELP, short_help="One message's row and its HTTP attempts.")
 @click.argument("message_id")
 @_db_option
 @_json_option
@@ -505,7 +507,7 @@ def history(message_id: str, db: str, as_json: bool) -> None:
         click.echo("  " + _attempt_line(attempt))
 
 
-@cli.command(epilog=EXIT_CODES_HELP)
+@cli.command(epilog=EXIT_CODES_HELP, short_help="The audit trail of HTTP attempts.")
 @_db_option
 @click.option("--run", help="Only attempts that carried rows of this run.")
 @click.option("--limit", type=click.IntRange(1), default=100, show_default=True)
@@ -526,7 +528,7 @@ def log(db: str, run: str | None, limit: int, as_json: bool) -> None:
 # -- retention and data protection -----------------------------------------------------
 
 
-@cli.command(epilog=EXIT_CODES_HELP)
+@cli.command(epilog=EXIT_CODES_HELP, short_help="Delete sent rows older than an age.")
 @_db_option
 @click.option("--sent", "sent", is_flag=True,
               help="Delete sent rows (required: only sent rows are ever purged).")
@@ -548,7 +550,7 @@ def purge(db: str, sent: bool, older_than: str, as_json: bool) -> None:
         click.echo(f"deleted {deleted:,} sent row(s) sent more than {older_than} ago")
 
 
-@cli.command(epilog=EXIT_CODES_HELP)
+@cli.command(epilog=EXIT_CODES_HELP, short_help="Remove every row naming a person.")
 @click.argument("user_id")
 @_db_option
 @_json_option
@@ -570,7 +572,7 @@ def forget(user_id: str, db: str, as_json: bool) -> None:
 # -- demo ------------------------------------------------------------------------------
 
 
-@cli.command(epilog=EXIT_CODES_HELP)
+@cli.command(epilog=EXIT_CODES_HELP, short_help="A sample migration into a local sandbox.")
 @click.option("--db", metavar="PATH",
               help="Outbox file to create (default: a fresh file in a temporary folder; "
                    "CIO_OUTBOX is ignored so the demo never touches a real outbox).")
