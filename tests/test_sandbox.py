@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gc
 import gzip
 import json
 import os
@@ -791,7 +792,22 @@ def test_parse_body_refuses_what_json_refuses(text: str) -> None:
 def test_parse_body_spans_are_item_text_lengths() -> None:
     items = ['{"a": 1}', '[1,  2]', '"x"']
     text = '{"batch": [' + " , ".join(items) + "]}"
-    assert sandbox_module._parse_body(text)[1] == [len(i) for i in items]
+    spans = sandbox_module._parse_body(text)[1]
+    assert spans is not None
+    assert [text[start:end] for start, end in spans] == items
+
+
+def test_stored_messages_are_not_tracked_by_the_gc(sb: Sandbox) -> None:
+    # Millions of stored messages must not make every garbage collection slower.
+    post(sb, "batch", {"batch": [track(mid=f"g{i}") for i in range(20)] + [track()]})
+    post(sb, "track", track())
+    gc.collect()
+    gc.collect()
+    chunks = sb._state._chunks
+    assert [len(c) for c in chunks] == [21, 1]
+    assert not any(gc.is_tracked(r) for c in chunks for r in c)
+    assert not any(gc.is_tracked(c) for c in chunks)
+    assert not gc.is_tracked(sb._state._index)
 
 
 def test_compact_size_never_exceeds_28_times_span() -> None:
@@ -821,3 +837,21 @@ def test_lone_surrogate_does_not_crash(sb: Sandbox) -> None:
     resp = post(sb, "track", None, data=b'{"userId": "u", "event": "\\ud800"}')
     assert resp.status_code in (200, 400)
     assert sb.stats()["by_status"].get("500") is None
+
+
+def test_filters_across_many_requests(sb: Sandbox) -> None:
+    with requests.Session() as session:
+        for r in range(5):
+            items = [track(user=f"u{i % 2}", mid=f"{r}-{i}") for i in range(3)]
+            post(sb, "batch", {"batch": items}, session=session)
+        post(sb, "batch", {"batch": [track(mid="0-0")]}, session=session)  # all duplicates
+    seqs = [m["_sandbox"]["seq"] for m in sb.messages()]
+    assert seqs == list(range(1, 16))
+    assert [m["messageId"] for m in sb.messages(after=4, limit=4)] == ["1-1", "1-2", "2-0", "2-1"]
+    assert [m["messageId"] for m in sb.messages(after=13)] == ["4-1", "4-2"]
+    assert sb.messages(after=15) == []
+    assert [m["messageId"] for m in sb.messages(userId="u1", after=6)] == ["2-1", "3-1", "4-1"]
+    assert [m["_sandbox"]["seq"] for m in sb.messages(messageId="3-2")] == [12]
+    assert sb.messages(messageId="3-2", after=12) == []
+    assert len(sb.messages(messageId="3-2", after=11)) == 1
+    assert [m["messageId"] for m in sb.messages(endpoint="batch", limit=1)] == ["0-0"]
