@@ -88,7 +88,9 @@ SINGLE_ENDPOINTS = ("identify", "track", "page", "screen", "group", "alias")
 BATCH_TYPES = frozenset({"identify", "track", "page", "screen", "group"})
 MESSAGE_FILTERS = frozenset({"userId", "anonymousId", "event", "type", "messageId", "endpoint"})
 _QUERY_PARAMS = MESSAGE_FILTERS | {"limit", "after"}
-_CONFIG_FIELDS = frozenset({"fail_rate", "rate_limit", "latency", "reject_events", "seed"})
+_CONFIG_FIELDS = frozenset(
+    {"fail_rate", "throttle_rate", "rate_limit", "latency", "reject_events", "seed"}
+)
 _INJECTED_STATUSES = (500, 502, 503)
 _PREFIXED_KEY = re.compile(r"^(?:pk|sk)_(?:us|eu)_")
 _COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -326,10 +328,12 @@ class _Config:
     rate_limit: float | None = None
     latency: float = 0.0
     reject_events: frozenset[str] = frozenset()
+    throttle_rate: float = 0.0
 
     def public(self) -> dict[str, Any]:
         return {
             "fail_rate": self.fail_rate,
+            "throttle_rate": self.throttle_rate,
             "rate_limit": self.rate_limit,
             "latency": self.latency,
             "reject_events": sorted(self.reject_events),
@@ -353,6 +357,9 @@ def _build_config(base: _Config, changes: Mapping[str, Any]) -> _Config:
     fields: dict[str, Any] = {}
     if "fail_rate" in changes:
         fields["fail_rate"] = _number("fail_rate", changes["fail_rate"], low=0.0, high=1.0)
+    if "throttle_rate" in changes:
+        fields["throttle_rate"] = _number("throttle_rate", changes["throttle_rate"],
+                                          low=0.0, high=1.0)
     if "rate_limit" in changes:
         rate = changes["rate_limit"]
         if rate is not None:
@@ -474,6 +481,7 @@ class _State:
                 "rejected_messages": counts["rejected_messages"],
                 "invalid_messages": counts["invalid_messages"],
                 "injected_failures": counts["injected_failures"],
+                "injected_throttles": counts["injected_throttles"],
                 "rate_limited": counts["rate_limited"],
                 "auth": dict(self._auth),
                 "bytes_received": counts["bytes_received"],
@@ -588,6 +596,13 @@ class _State:
                     f"rate limit of {cfg.rate_limit:g} requests/s exceeded; "
                     f"retry after {retry_after} s",
                 )], [("Retry-After", str(retry_after))])
+            if self._injected_throttle(cfg):
+                flags["injected_throttles"] = 1
+                raise _HttpError(429, [_error(
+                    "request", "throttled",
+                    f"sandbox injected a 429 (throttle_rate={cfg.throttle_rate:g}); "
+                    "retry after 1 s",
+                )], [("Retry-After", "1")])
             injected = self._injected_failure(cfg)
             if injected is not None:
                 flags["injected_failures"] = 1
@@ -650,6 +665,12 @@ class _State:
                 self._tokens -= 1.0
                 return None
             return max(1, math.ceil((1.0 - self._tokens) / rate))
+
+    def _injected_throttle(self, cfg: _Config) -> bool:
+        if cfg.throttle_rate <= 0.0:
+            return False  # no draw: seeded fail_rate sequences stay as without throttling
+        with self._lock:
+            return self._rng.random() < cfg.throttle_rate
 
     def _injected_failure(self, cfg: _Config) -> int | None:
         if cfg.fail_rate <= 0.0:
@@ -1084,11 +1105,15 @@ def _url(host: str, port: int) -> str:
 
 
 def _config_from(
-    fail_rate: float, rate_limit: float | None, latency: float, reject_events: Iterable[str]
+    fail_rate: float,
+    rate_limit: float | None,
+    latency: float,
+    reject_events: Iterable[str],
+    throttle_rate: float,
 ) -> _Config:
     return _build_config(_Config(), {
         "fail_rate": fail_rate, "rate_limit": rate_limit, "latency": latency,
-        "reject_events": list(reject_events),
+        "reject_events": list(reject_events), "throttle_rate": throttle_rate,
     })
 
 
@@ -1109,9 +1134,11 @@ class Sandbox:
         latency: float = 0.0,
         reject_events: Iterable[str] = (),
         seed: int | None = None,
+        throttle_rate: float = 0.0,
     ) -> None:
-        self._state = _State(key, _config_from(fail_rate, rate_limit, latency, reject_events),
-                             seed)
+        reject_events = list(reject_events)
+        self._state = _State(
+            key, _config_from(fail_rate, rate_limit, latency, reject_events, throttle_rate), seed)
         self._key = key
         self._host = host
         self._port = port
@@ -1173,7 +1200,8 @@ class Sandbox:
     def __repr__(self) -> str:
         where = _url(self._host, self._port) if self._server is not None else "stopped"
         cfg = self._state.config
-        return (f"Sandbox({where}, fail_rate={cfg.fail_rate:g}, rate_limit={cfg.rate_limit}, "
+        return (f"Sandbox({where}, fail_rate={cfg.fail_rate:g}, "
+                f"throttle_rate={cfg.throttle_rate:g}, rate_limit={cfg.rate_limit}, "
                 f"latency={cfg.latency:g}, reject_events={sorted(cfg.reject_events)})")
 
     # -- inspection --
@@ -1192,7 +1220,8 @@ class Sandbox:
         self._state.reset()
 
     def configure(self, **changes: Any) -> dict[str, Any]:
-        """Change ``fail_rate``, ``rate_limit``, ``latency``, ``reject_events`` or ``seed``;
+        """Change ``fail_rate``, ``throttle_rate``, ``rate_limit``, ``latency``,
+        ``reject_events`` or ``seed``;
         returns the new config. Raises ValueError for an unknown field or a bad value."""
         return self._state.configure(changes)
 
@@ -1214,11 +1243,13 @@ class SandboxProcess:
         latency: float = 0.0,
         reject_events: Iterable[str] = (),
         seed: int | None = None,
+        throttle_rate: float = 0.0,
         *,
         startup_timeout: float = 30.0,
         python: str = sys.executable,
     ) -> None:
-        _config_from(fail_rate, rate_limit, latency, reject_events)  # validate early
+        reject_events = list(reject_events)
+        _config_from(fail_rate, rate_limit, latency, reject_events, throttle_rate)  # validate
         self._key = key
         self._argv = [python, "-m", "cio_outbox", "sandbox", "--host", host,
                       "--port", str(port), "--fail-rate", repr(float(fail_rate)),
@@ -1229,6 +1260,8 @@ class SandboxProcess:
             self._argv += ["--reject-event", name]
         if seed is not None:
             self._argv += ["--seed", str(seed)]
+        if throttle_rate:
+            self._argv += ["--throttle-rate", repr(float(throttle_rate))]
         self._startup_timeout = startup_timeout
         self._process: subprocess.Popen[bytes] | None = None
         self._url: str | None = None
@@ -1373,6 +1406,9 @@ def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
 @click.option("--reject-event", "reject_events", multiple=True,
               help="Answer 400 to any call carrying a track with this event (repeatable).")
 @click.option("--seed", type=int, default=None, help="Seed for the failure injection RNG.")
+@click.option("--throttle-rate", type=click.FloatRange(0.0, 1.0), default=0.0,
+              show_default=True,
+              help="Probability of answering a request with an injected 429 (Retry-After: 1).")
 def sandbox_command(
     host: str,
     port: int,
@@ -1382,6 +1418,7 @@ def sandbox_command(
     latency: float,
     reject_events: tuple[str, ...],
     seed: int | None,
+    throttle_rate: float,
 ) -> None:
     """Run a local stand-in for the Customer.io Data Pipelines API until SIGINT/SIGTERM.
 
@@ -1395,7 +1432,8 @@ def sandbox_command(
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     with Sandbox(key=key, host=host, port=port, fail_rate=fail_rate, rate_limit=rate_limit,
-                 latency=latency, reject_events=reject_events, seed=seed) as sandbox:
+                 latency=latency, reject_events=reject_events, seed=seed,
+                 throttle_rate=throttle_rate) as sandbox:
         click.echo(json.dumps({"url": sandbox.url, "pid": os.getpid()}))
         sys.stdout.flush()
         while not stopping:

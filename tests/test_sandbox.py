@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -701,6 +702,10 @@ def test_sandbox_process_start_and_stop() -> None:
         assert proc.stats()["messages"] == 1
         proc.configure(fail_rate=1.0)
         assert post(proc, "track", track()).status_code in (500, 502, 503)
+        proc.configure(fail_rate=0.0, throttle_rate=1.0)
+        assert post(proc, "track", track()).status_code == 429
+        with pytest.raises(ValueError, match="throttle_rate"):
+            proc.configure(throttle_rate=3)
         proc.reset()
         assert proc.stats()["requests"] == 0
         url = proc.url
@@ -714,7 +719,7 @@ def test_cli_serves_until_sigterm_and_takes_key_from_env() -> None:
     env = dict(os.environ, CIO_SANDBOX_KEY="env-secret-key")
     child = subprocess.Popen(
         [sys.executable, "-m", "cio_outbox", "sandbox", "--port", "0", "--reject-event", "X",
-         "--rate-limit", "100"],
+         "--rate-limit", "100", "--throttle-rate", "0", "--seed", "3"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
     )
     try:
@@ -855,3 +860,55 @@ def test_filters_across_many_requests(sb: Sandbox) -> None:
     assert sb.messages(messageId="3-2", after=12) == []
     assert len(sb.messages(messageId="3-2", after=11)) == 1
     assert [m["messageId"] for m in sb.messages(endpoint="batch", limit=1)] == ["0-0"]
+
+
+def test_huge_content_length_is_413_without_reading_the_body(sb: Sandbox) -> None:
+    host, port = sb.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT) as conn:
+        auth = base64.b64encode(f"{sb.key}:".encode()).decode()
+        conn.sendall(
+            b"POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Basic " + auth.encode() + b"\r\nContent-Length: 50000000\r\n\r\n"
+        )
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert b"Connection: close" in head
+    message = json.loads(body)["meta"]["errors"][0]["message"]
+    assert "50000000" in message
+    assert str(REQUEST_LIMIT) in message
+
+
+def test_sandbox_process_kill() -> None:
+    with SandboxProcess() as proc:
+        url = proc.url
+        proc.kill()
+        assert proc.process.returncode == -signal.SIGKILL
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/sandbox/stats", timeout=5)
+
+
+def test_throttle_rate_injects_429_with_retry_after() -> None:
+    with Sandbox(throttle_rate=1.0) as sandbox:
+        resp = post(sandbox, "track", track())
+        assert resp.status_code == 429
+        assert int(resp.headers["Retry-After"]) >= 1
+        assert errors(resp)[0]["reason"] == "throttled"
+        assert sandbox.messages() == []
+        assert sandbox.stats()["injected_throttles"] == 1
+        sandbox.configure(throttle_rate=0.0)
+        assert post(sandbox, "track", track()).status_code == 200
+    with Sandbox(throttle_rate=0.3, fail_rate=0.2, seed=5) as sandbox:
+        codes = [post(sandbox, "track", track()).status_code for _ in range(60)]
+        assert {200, 429} <= set(codes)
+        assert sandbox.stats()["by_status"]["429"] == codes.count(429)
+
+
+def test_zero_throttle_rate_keeps_seeded_failure_sequence() -> None:
+    runs = []
+    for extra in ({}, {"throttle_rate": 0.0}):
+        with Sandbox(fail_rate=0.5, seed=99, **extra) as sandbox:
+            runs.append([post(sandbox, "track", track()).status_code for _ in range(20)])
+    assert runs[0] == runs[1]
