@@ -7,6 +7,13 @@ authentication, body and message size limits and every message against
 (random 5xx answers, rate limiting, latency, poison events). Tests, notebooks and benchmarks
 inspect it over ``/sandbox/*`` or through :class:`Sandbox` / :class:`SandboxProcess`.
 
+Faults, in the order a request meets them: 404 for an unknown endpoint, 401 for bad
+credentials, 429 from the ``rate_limit`` token bucket, an injected 429 with probability
+``throttle_rate``, an injected 500/502/503 with probability ``fail_rate``, 413/415 for the
+body, 400 for JSON or any invalid message (``reject_events`` included). ``latency`` delays
+every API request before all of these. Nothing from a request that is not answered 200 is
+stored.
+
 Stored messages are the messages as sent (with ``type`` filled in when the endpoint implied
 it and ``messageId`` assigned when missing) plus one ``_sandbox`` key holding
 ``{"seq", "endpoint", "sentAt", "receivedAt"}``: the global sequence number (from 1, reset
