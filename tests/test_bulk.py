@@ -326,3 +326,14 @@ def test_a_hundred_thousand_rows_enqueue_quickly(outbox: Outbox) -> None:
     assert result.added == n
     # Generous bound for a loaded CI machine; locally this is a few seconds.
     assert elapsed < 60, f"{n} rows took {elapsed:.1f}s"
+
+
+def test_numpy_datetimes_in_rows_become_iso_strings_and_nat_is_dropped(outbox: Outbox) -> None:
+    rows = [{"id": np.int64(5), "seen": np.datetime64("2024-05-01T12:00:00", "ns"),
+             "gone": np.datetime64("NaT"), "ratio": np.float32("nan"), "n": np.int16(3)}]
+    result = outbox.enqueue_rows(rows)
+    assert result.rejected == []
+    assert [without_ids(p) for p in payloads(outbox)] == [
+        {"type": "identify", "userId": "5",
+         "traits": {"seen": "2024-05-01T12:00:00.000Z", "n": 3}},
+    ]
