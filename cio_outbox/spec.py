@@ -104,10 +104,49 @@ def resolved_schema(name: str) -> dict[str, Any]:
     return json.loads(json.dumps(_resolved(name)))
 
 
+def _alternative_keys(schema: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The keys of a top-level ``anyOf: [{required: [a]}, {required: [b]}, ...]``, if any."""
+    branches = schema.get("anyOf")
+    if not branches:
+        return None
+    keys = [b["required"][0] for b in branches
+            if set(b) == {"required"} and len(b["required"]) == 1]
+    return tuple(keys) if len(keys) == len(branches) else None
+
+
+def _needs_one_of(keys: tuple[str, ...], definition: dict[str, Any]) -> Validator:
+    """A plain-Python check equivalent to ``anyOf`` of single ``required`` branches.
+
+    fastjsonschema evaluates anyOf by raising and catching an exception per failed branch,
+    which makes every anonymousId-only message pay for a failed userId branch.
+    """
+    message = f"data must contain one of {list(keys)}"
+
+    def check(data: Any) -> None:
+        if isinstance(data, dict):
+            for key in keys:
+                if key in data:
+                    return
+            raise fastjsonschema.JsonSchemaValueException(
+                message, value=data, name="data", definition=definition, rule="anyOf"
+            )
+
+    return check
+
+
 @functools.cache
-def _compiled(name: str) -> Validator:
+def _compiled(name: str) -> tuple[Validator, ...]:
+    schema = _resolved(name)
+    checks: list[Validator] = []
+    keys = _alternative_keys(schema)
+    if keys is not None:
+        # Same order as fastjsonschema's generated code: the anyOf is checked before
+        # required and properties.
+        checks.append(_needs_one_of(keys, schema))
+        schema = {k: v for k, v in schema.items() if k != "anyOf"}
     # use_default=False: validation must never write defaults into the caller's message.
-    return fastjsonschema.compile(_resolved(name), use_default=False)
+    checks.append(fastjsonschema.compile(schema, use_default=False))
+    return tuple(checks)
 
 
 @functools.cache
@@ -123,7 +162,7 @@ def _validators(name: str) -> tuple[Validator, ...]:
     schema = schemas[name]
     checked = {k for k in schema if k not in _ANNOTATIONS and not k.startswith("x-")}
     if checked != {"allOf"}:
-        return (_compiled(name),)
+        return _compiled(name)
     parts: list[Validator] = []
     for part in schema["allOf"]:
         target = part.get("$ref", "") if set(part) == {"$ref"} else ""
