@@ -51,8 +51,7 @@ def tracks(n: int, persons: int, *, pad: str = PAD, event: str = "Step") -> Iter
 
 def check_per_person_order(messages: Sequence[dict[str, Any]]) -> dict[str, int]:
     """Assert each person's ``properties.seq`` (or ``traits.seq``) arrived in increasing
-    order without gaps
-    (messages are in arrival order); return how many arrived per person."""
+    order without gaps (messages are in arrival order); return how many arrived per person."""
     last: dict[str, int] = {}
     for message in messages:
         person = message.get("userId") or message.get("anonymousId")
