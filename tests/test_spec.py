@@ -594,10 +594,10 @@ def test_check_call_is_fast() -> None:
                "timestamp": TS, "properties": {"plan": "pro", "seats": 3}}
     check_call("track", message)
     rounds = 20_000
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: other processes on a busy machine do not count
     for _ in range(rounds):
         check_call("track", message)
-    rate = rounds / (time.perf_counter() - start)
+    rate = rounds / max(time.process_time() - start, 1e-9)
     # The target is 100,000/s on one core; this only catches gross regressions on slow CI.
     assert rate > 25_000, f"{rate:,.0f} checks/s"
 
