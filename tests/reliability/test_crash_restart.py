@@ -96,9 +96,10 @@ def test_sigkill_ten_times_during_a_faulty_drain_loses_nothing(
     assert len(received) == MESSAGES
     assert set(received) == expected_ids
     assert stats["injected_failures"] > 0 and stats["by_status"].get("429", 0) > 0
-    # The audit trail records each delivered message once: resends came from requests the
-    # killed processes never got to record.
-    assert accepted == MESSAGES
+    # The audit trail holds every answered attempt: each message's 200 at least once, and
+    # a second one only where a kill fell between recording a 200 and marking the rows
+    # sent, so that the resend was one of the duplicates the sandbox saw.
+    assert MESSAGES <= accepted <= MESSAGES + stats["duplicates"]
     check_per_person_order(arrivals)
     text = log.read_text(errors="replace")
     for forbidden in FORBIDDEN_STDERR:
