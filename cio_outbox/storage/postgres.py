@@ -56,6 +56,7 @@ DEFAULT_SCHEMA = "cio_outbox"
 CONNECT_TIMEOUT_SECONDS = 10
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _RETRIES = 8
+_COPY_FROM = 64  # rows from which an insert goes by COPY
 
 # Each entry moves the schema one version up. Never edit a released entry: add one.
 # ``{s}`` is the outbox's schema name (checked against _SCHEMA_NAME).
@@ -332,30 +333,45 @@ class PostgresStorage:
     # -- enqueue -----------------------------------------------------------------------
 
     def insert(self, rows: Iterable[NewRow], *, chunk_size: int = 10_000) -> int:
+        """Add rows in chunked transactions; large chunks travel by COPY (about twice as
+        fast as one INSERT of arrays), then one INSERT ... ON CONFLICT DO NOTHING."""
         s = self._s
-        sql = (
+        insert = (
             f"WITH added AS (INSERT INTO {s}.messages (message_id, run, call_type, person,"
             f" payload, size, created_at, updated_at)"
-            f" SELECT m, r, c, p, b, z, {_NOW}, {_NOW}"
-            f" FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[],"
-            f" %s::int[]) WITH ORDINALITY AS t(m, r, c, p, b, z, o) ORDER BY o"
+            f" SELECT m, r, c, p, b, z, {_NOW}, {_NOW} FROM %s ORDER BY o"
             f" ON CONFLICT (message_id) DO NOTHING RETURNING run)"
             f" SELECT run, count(*) FROM added GROUP BY run"
         )
+        from_arrays = insert.replace("%s", (
+            "unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int[])"
+            " WITH ORDINALITY AS t(m, r, c, p, b, z, o)"
+        ), 1)
+        from_copy = insert.replace("%s", "cio_new_rows", 1)
         added = 0
         iterator = iter(rows)
         while True:
             chunk = list(islice(iterator, chunk_size))
             if not chunk:
                 return added
-            columns = (
-                [r.message_id for r in chunk], [r.run for r in chunk],
-                [r.call_type for r in chunk], [r.person for r in chunk],
-                [r.payload for r in chunk], [r.size for r in chunk],
-            )
 
-            def body(cur: Any, columns: tuple[list[Any], ...] = columns) -> int:
-                cur.execute(sql, columns)
+            def body(cur: Any, chunk: list[NewRow] = chunk) -> int:
+                if len(chunk) < _COPY_FROM:
+                    cur.execute(from_arrays, (
+                        [r.message_id for r in chunk], [r.run for r in chunk],
+                        [r.call_type for r in chunk], [r.person for r in chunk],
+                        [r.payload for r in chunk], [r.size for r in chunk],
+                    ))
+                else:
+                    cur.execute(
+                        "CREATE TEMP TABLE cio_new_rows (m text, r text, c text, p text,"
+                        " b text, z int, o int) ON COMMIT DROP"
+                    )
+                    with cur.copy("COPY cio_new_rows FROM STDIN") as copy:
+                        for order, r in enumerate(chunk):
+                            copy.write_row((r.message_id, r.run, r.call_type, r.person,
+                                            r.payload, r.size, order))
+                    cur.execute(from_copy)
                 deltas: Deltas = {(run, "pending"): n for run, n in cur.fetchall()}
                 self._shift(cur, deltas)
                 return sum(deltas.values())
