@@ -13,6 +13,7 @@ history ID         :meth:`Outbox.history`
 log                :meth:`Outbox.log`
 purge              :meth:`Outbox.purge`
 forget USER_ID     :meth:`Outbox.forget`
+check              :func:`cio_outbox.check.check`
 demo               :func:`cio_outbox.demo.run_demo`
 sandbox            :func:`cio_outbox.sandbox.sandbox_command`
 =================  ============================================================
@@ -567,6 +568,50 @@ def forget(user_id: str, db: str, as_json: bool) -> None:
         _print_json({"deleted": deleted})
     else:
         click.echo(f"removed {deleted:,} row(s) naming that person; {db} was vacuumed")
+
+
+# -- pre-flight ------------------------------------------------------------------------
+
+
+@cli.command(epilog=EXIT_CODES_HELP, short_help="Check key, region and host before a migration.")
+@click.option("--host", envvar="CIO_HOST", metavar="URL",
+              help="Scheme and host, like https://cdp.customer.io (env CIO_HOST).")
+@click.option("--region", envvar="CIO_REGION", type=click.Choice(["us", "eu"],
+              case_sensitive=False), help="us or eu (env CIO_REGION).")
+@click.option("--allow-insecure", is_flag=True,
+              help="Allow a plain http:// host that is not loopback (sends the key in clear).")
+@click.option("--send-test-event", is_flag=True,
+              help="Also send one anonymous track event named 'cio-outbox check'.")
+@_json_option
+def check(host: str | None, region: str | None, allow_insecure: bool, send_test_event: bool,
+          as_json: bool) -> None:
+    """Validate the configuration (key format, region and host agree); send nothing unless
+    --send-test-event is given, then send one clearly named test event and report the HTTP
+    result and latency. The key comes from CIO_API_KEY and is never shown."""
+    from cio_outbox.check import check as run_check
+
+    report = run_check(host=host, region=region.lower() if region else None,
+                       allow_insecure=allow_insecure, send_test_event=send_test_event)
+    if as_json:
+        _print_json(report)
+    else:
+        if "scheme" in report:
+            region_text = (report.get("key_region") or "none").upper()
+            click.echo(f"key:    {report['scheme']} auth, region in key: {region_text}")
+        if "host" in report:
+            click.echo(f"host:   {report['host']} (region {(report['region'] or '-').upper()})")
+        for warning in report["warnings"]:
+            click.echo(f"warning: {warning}")
+        if report["sent"]:
+            code = report.get("status_code", "no answer")
+            latency = f", {report['latency_ms']} ms" if "latency_ms" in report else ""
+            click.echo(f"test event: HTTP {code}{latency} (messageId {report['messageId']})")
+        for problem in report["problems"]:
+            click.echo(f"problem: {problem}")
+        click.echo("ok" if report["ok"] else "not ok")
+    if not report["ok"]:
+        auth = report.get("status_code") in (401, 403)
+        sys.exit(EXIT_AUTH if auth else (EXIT_FATAL if report["sent"] else EXIT_USAGE))
 
 
 # -- demo ------------------------------------------------------------------------------

@@ -53,3 +53,29 @@ def test_check_reports_an_unreachable_host() -> None:
         port = probe.getsockname()[1]
     report = check(key="k", host=f"http://127.0.0.1:{port}", send_test_event=True)
     assert not report["ok"] and "connection refused" in report["problems"][0]
+
+
+def test_check_command_reports_and_exits_by_outcome(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from cio_outbox.cli import cli
+
+    monkeypatch.setenv("CIO_API_KEY", sandbox.key)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["check", "--host", sandbox.url])
+    assert result.exit_code == 0 and "ok" in result.output
+    assert sandbox.stats()["requests"] == 0
+    result = runner.invoke(cli, ["check", "--host", sandbox.url, "--send-test-event", "--json"])
+    report = json.loads(result.output)
+    assert result.exit_code == 0 and report["status_code"] == 200
+    monkeypatch.setenv("CIO_API_KEY", "sk_us_wrongone")
+    result = runner.invoke(cli, ["check", "--host", sandbox.url, "--send-test-event"])
+    assert result.exit_code == 3 and "wrongone" not in result.output
+    monkeypatch.setenv("CIO_API_KEY", "sk_eu_abc")
+    monkeypatch.delenv("CIO_HOST", raising=False)
+    result = runner.invoke(cli, ["check", "--region", "us"])
+    assert result.exit_code == 2 and "problem:" in result.output
