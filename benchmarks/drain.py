@@ -1,0 +1,189 @@
+"""Section 2 (and 6): drain rate next to the official library and the wire ceiling.
+
+The sandbox runs as a SandboxProcess; every client (our worker, the official library, the
+wire loop) runs in a fresh child process (benchmarks.child), so CPU and memory figures are
+per process. The same events (same messageIds) go to every client; the sandbox is reset
+between runs and must count every event each time.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    Repeated,
+    checkpoint,
+    checkpoint_copy,
+    chunks,
+    events,
+    ratio,
+    run_child,
+)
+from cio_outbox import Outbox
+from cio_outbox.batch import MAX_BATCH_BYTES, Row, batch_body, select, sent_at_now
+from cio_outbox.sandbox import SandboxProcess
+
+RUN_TAG = "drain"
+
+
+def fill(path: Path, n: int, tag: str = RUN_TAG) -> float:
+    """Enqueue n events in bulk; returns the seconds the enqueue calls took."""
+    spent = 0.0
+    with Outbox(path) as outbox:
+        for start, stop in chunks(n):
+            evs = events(start, stop, tag)
+            started = time.perf_counter()
+            outbox.enqueue_many(evs)
+            spent += time.perf_counter() - started
+    return spent
+
+
+def build_bodies(template: Path, out: Path, max_bytes: int = MAX_BATCH_BYTES) -> int:
+    """The /v1/batch bodies our worker would send for this outbox, pre-built, pickled."""
+    with Outbox(template) as outbox:
+        rows = [Row(*r) for r in outbox.storage.conn.execute(
+            "SELECT id, message_id, run, call_type, person, payload, size, attempts"
+            " FROM messages WHERE status = 'pending' ORDER BY id")]
+    bodies = []
+    sent_at = sent_at_now()
+    while rows:
+        chosen = select(rows, set(), max_bytes=max_bytes)
+        bodies.append(batch_body([r.payload for r in chosen], sent_at))
+        rows = rows[len(chosen):]
+    with open(out, "wb") as fh:
+        pickle.dump(bodies, fh)
+    return len(bodies)
+
+
+class Bench:
+    """One sandbox process and the files of a drain benchmark of n events."""
+
+    def __init__(self, workdir: Path, n: int, sandbox: SandboxProcess) -> None:
+        self.workdir = workdir
+        self.n = n
+        self.sandbox = sandbox
+        self.template = workdir / f"drain-{n}.template.db"
+        self.db = workdir / f"drain-{n}.db"
+        self.bodies = workdir / f"drain-{n}.bodies.pickle"
+        #: seconds enqueue_many took to fill the outbox (not part of the drain rate)
+        self.fill_seconds = fill(self.template, n) if not self.template.exists() else 0.0
+        checkpoint(self.template)
+        self.requests = build_bodies(self.template, self.bodies)
+
+    def _expect(self, expected: int, what: str) -> dict[str, Any]:
+        stats = self.sandbox.stats()
+        if stats["messages"] != expected:
+            raise RuntimeError(f"{what}: sandbox stored {stats['messages']}, expected {expected}")
+        return stats
+
+    def ours(self, worker: dict[str, Any], *, gzip: bool = False, url: str | None = None,
+             expect: bool = True) -> dict[str, Any]:
+        checkpoint_copy(self.template, self.db)
+        self.sandbox.reset()
+        result = run_child({
+            "mode": "outbox_drain", "db": str(self.db), "url": url or self.sandbox.url,
+            "key": self.sandbox.key, "worker": worker, "gzip": gzip,
+            "sandbox_pid": self.sandbox.pid,
+        })
+        if expect:
+            self._expect(self.n, "our worker")
+        result["sandbox"] = self.sandbox.stats()
+        result["rate"] = self.n / result["elapsed"]
+        return result
+
+    def official(self, client: dict[str, Any] | None = None) -> dict[str, Any]:
+        self.sandbox.reset()
+        result = run_child({
+            "mode": "official", "url": self.sandbox.url, "key": self.sandbox.key,
+            "start": 0, "n": self.n, "run_tag": RUN_TAG, "client": client or {},
+            "sandbox_pid": self.sandbox.pid,
+        })
+        stats = self.sandbox.stats()
+        result["received"] = stats["messages"]
+        result["dropped"] = self.n - stats["messages"]
+        result["requests"] = stats["requests"]
+        # The rate counts what arrived: dropped events are not delivered.
+        result["rate"] = stats["messages"] / result["elapsed"]
+        return result
+
+    def wire(self, concurrency: int) -> dict[str, Any]:
+        self.sandbox.reset()
+        result = run_child({
+            "mode": "wire", "url": self.sandbox.url, "key": self.sandbox.key,
+            "bodies": str(self.bodies), "concurrency": concurrency,
+            "sandbox_pid": self.sandbox.pid,
+        })
+        self._expect(self.n, "wire loop")
+        result["rate"] = self.n / result["elapsed"]
+        return result
+
+
+def _median_run(fn: Any, reps: int) -> tuple[Repeated, dict[str, Any]]:
+    """Run fn() reps times; the rates and the run whose rate is the median."""
+    runs = [fn() for _ in range(reps)]
+    rates = Repeated([r["rate"] for r in runs])
+    chosen = sorted(runs, key=lambda r: r["rate"])[len(runs) // 2]
+    return rates, chosen
+
+
+def _shares(run: dict[str, Any]) -> dict[str, float]:
+    return {"client_cpu_share": run["client_cpu_share"],
+            "sandbox_cpu_share": run["sandbox_cpu_share"]}
+
+
+def run(workdir: Path, *, n: int, reps: int, concurrency: dict[str, int],
+        latencies: list[float], official_reps: int, log: Any = print) -> dict[str, Any]:
+    out: dict[str, Any] = {"n": n, "concurrency": concurrency, "latencies": {}}
+    with SandboxProcess() as sandbox:
+        warm = Bench(workdir, min(n, 5_000), sandbox)
+        bench = Bench(workdir, n, sandbox)
+        out["requests_per_drain"] = bench.requests
+        out["events_per_request"] = n / bench.requests
+        out["fill_seconds"] = bench.fill_seconds
+        for latency in latencies:
+            label = f"{latency * 1000:g}ms"
+            conc = concurrency[label] if label in concurrency else concurrency["default"]
+            worker = {"concurrency": conc}
+            sandbox.configure(latency=latency)
+            log(f"  drain @ {label}: warm-up")
+            warm.ours(worker)
+            warm.official()
+            warm.wire(conc)
+            log(f"  drain @ {label}: our worker (concurrency {conc}), {n:,} events x {reps}")
+            ours, ours_run = _median_run(lambda w=worker: bench.ours(w), reps)
+            log(f"  drain @ {label}: wire ceiling x {reps}")
+            wire, wire_run = _median_run(lambda c=conc: bench.wire(c), reps)
+            log(f"  drain @ {label}: official library, defaults x {official_reps}")
+            off, off_run = _median_run(bench.official, official_reps)
+            log(f"  drain @ {label}: official library, max_queue_size={n} x {official_reps}")
+            nodrop, nodrop_run = _median_run(
+                lambda: bench.official({"max_queue_size": n + 1}), official_reps)
+            out["latencies"][label] = {
+                "latency_s": latency,
+                "worker_settings": worker,
+                "ours_per_s": ours.as_dict(),
+                "ours_run": ours_run,
+                "wire_per_s": wire.as_dict(),
+                "wire_run": wire_run,
+                "official_default_per_s": off.as_dict(),
+                "official_default_run": off_run,
+                "official_default_dropped": off_run["dropped"],
+                "official_nodrop_per_s": nodrop.as_dict(),
+                "official_nodrop_run": nodrop_run,
+                "official_nodrop_dropped": nodrop_run["dropped"],
+                "ours_over_official_default": ratio(ours.median, off.median),
+                "ours_over_official_nodrop": ratio(ours.median, nodrop.median),
+                "ours_over_wire": ratio(ours.median, wire.median),
+                # End to end like the official library's figure: enqueue_many plus drain.
+                "ours_with_enqueue_per_s": n / (n / ours.median + bench.fill_seconds),
+                "cpu": {
+                    "ours": _shares(ours_run), "wire": _shares(wire_run),
+                    "official_default": _shares(off_run),
+                    "official_nodrop": _shares(nodrop_run),
+                },
+            }
+        sandbox.configure(latency=0.0)
+    return out
