@@ -109,6 +109,7 @@ _COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _SPAN_SURELY_SMALL = MESSAGE_LIMIT // 28
 _DECODER = json.JSONDecoder(parse_constant=lambda name: _refuse_constant(name))
 _WS = re.compile(r"[ \t\n\r]*")
+_WS_CHARS = " \t\n\r"
 
 
 def message_size(message: Any) -> int:
@@ -151,18 +152,26 @@ def _parse_body(text: str) -> tuple[Any, list[tuple[int, int]] | None]:
                     if text[idx] == "]":
                         idx += 1
                     else:
-                        while True:
+                        append_item = items.append
+                        append_span = spans.append
+                        while True:  # per item: the hot loop, hence the whitespace fast path
                             start = idx
                             item, idx = scan(text, idx)
-                            items.append(item)
-                            spans.append((start, idx))
-                            idx = ws(text, idx).end()
-                            if text[idx] == "]":
+                            append_item(item)
+                            append_span((start, idx))
+                            char = text[idx]
+                            if char in _WS_CHARS:
+                                idx = ws(text, idx).end()
+                                char = text[idx]
+                            if char == ",":
+                                idx += 1
+                                if text[idx] in _WS_CHARS:
+                                    idx = ws(text, idx).end()
+                                continue
+                            if char == "]":
                                 idx += 1
                                 break
-                            if text[idx] != ",":
-                                raise json.JSONDecodeError("Expecting ',' delimiter", text, idx)
-                            idx = ws(text, idx + 1).end()
+                            raise json.JSONDecodeError("Expecting ',' delimiter", text, idx)
                     doc[key] = items
                 else:
                     spans = None if key == "batch" else spans
