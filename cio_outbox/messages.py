@@ -101,9 +101,14 @@ def _json_default(value: Any) -> Any:
         return float(value)
     if isinstance(value, uuid.UUID):
         return str(value)
-    item = getattr(value, "item", None)  # numpy scalars
-    if callable(item) and type(value).__module__ == "numpy":
-        return item()
+    if type(value).__module__ == "numpy":
+        if type(value).__name__ == "datetime64":
+            # .item() of a nanosecond datetime64 is an int; go through microseconds.
+            as_datetime = value.astype("datetime64[us]").item()
+            if as_datetime is None:
+                raise ValueError("datetime64 value is NaT")
+            return _json_default(as_datetime)
+        return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
@@ -338,6 +343,8 @@ MODELS: dict[str, type[Message]] = {
 def _explain(call_type: str, exc: ValidationError) -> MessageError:
     first = exc.errors()[0]
     field = ".".join(str(part) for part in first["loc"]) or None
+    if field is None and "userId or anonymousId" in first["msg"]:
+        field = "userId"
     reason = first["msg"]
     if reason.startswith("Value error, "):
         reason = reason[len("Value error, ") :]

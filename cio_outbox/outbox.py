@@ -12,6 +12,7 @@ survives a crash of this process (and, with ``synchronous="FULL"``, a power loss
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import os
 import sys
 import time
@@ -22,7 +23,7 @@ from typing import Any
 from cio_outbox.client import DEFAULT_TIMEOUT, Client
 from cio_outbox.config import ApiKey, Target, resolve_target
 from cio_outbox.messages import Message, MessageError, build, from_wire, message_id_for
-from cio_outbox.operations import Operations
+from cio_outbox.operations import Operations, _check_semantic
 from cio_outbox.storage import NewRow, Storage, open_storage
 from cio_outbox.worker import Progress, Worker, WorkerResult
 
@@ -127,6 +128,12 @@ class Outbox(Operations):
 
     @staticmethod
     def _row(message: Message, run: str | None) -> NewRow:
+        if message.call_type == "track" and message.event in _semantic_names():  # type: ignore[attr-defined]
+            # A track call named like a semantic event must carry what that event needs,
+            # whichever call wrote it: the API would refuse it at send time otherwise.
+            _check_semantic(message.event, message.userId,  # type: ignore[attr-defined]
+                            message.anonymousId, message.properties,  # type: ignore[attr-defined]
+                            message.context)
         payload, size = message.encode()
         return NewRow(message.messageId, run or "", message.call_type, message.person,
                       payload, size)
@@ -449,6 +456,13 @@ class Outbox(Operations):
         if not person_id or not str(person_id).strip():
             raise ValueError("forget needs a non-empty user id")
         return self.storage.forget(str(person_id))
+
+
+@functools.cache
+def _semantic_names() -> frozenset[str]:
+    from cio_outbox.semantic import SEMANTIC_EVENTS
+
+    return frozenset(SEMANTIC_EVENTS)
 
 
 class _Counted:

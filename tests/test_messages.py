@@ -47,7 +47,7 @@ def test_good_calls_give_wire_json_that_our_spec_accepts(call_type: str) -> None
     [
         ("track", {"userId": "u1"}, "event", "required"),
         ("track", {"userId": "u1", "event": ""}, "event", "non-empty"),
-        ("track", {"event": "E"}, None, "userId or anonymousId is required"),
+        ("track", {"event": "E"}, "userId", "userId or anonymousId is required"),
         ("identify", {"userId": ""}, "userId", "must not be empty"),
         ("identify", {"userId": "   "}, "userId", "must not be empty"),
         ("identify", {"userId": 1.5}, "userId", "must be a string"),
@@ -188,3 +188,10 @@ def test_generated_message_ids_are_uuid7_and_grow_with_time() -> None:
     assert uuid.UUID(first).variant == uuid.RFC_4122
     assert first[:13] < second[:13]  # the millisecond timestamp leads
     assert len({new_message_id() for _ in range(10_000)}) == 10_000
+
+
+def test_numpy_datetime64_becomes_an_iso_timestamp() -> None:
+    np = pytest.importorskip("numpy")
+    m = build("track", {"userId": "u", "event": "E",
+                        "properties": {"t": np.datetime64("2024-05-01T10:00:00.123456789")}})
+    assert json.loads(m.to_json())["properties"]["t"] == "2024-05-01T10:00:00.123Z"

@@ -321,3 +321,16 @@ def test_every_public_call_has_a_docstring_with_an_example() -> None:
     for name in public:
         doc = inspect.getdoc(getattr(Outbox, name)) or ""
         assert ">>> outbox." in doc, f"{name} has no example in its docstring"
+
+
+def test_plain_track_named_like_a_semantic_event_is_checked_too(outbox) -> None:  # type: ignore[no-untyped-def]
+    from cio_outbox import MessageError
+
+    with pytest.raises(MessageError) as caught:
+        outbox.track("u1", "Device Created or Updated", properties={"x": 1})
+    assert caught.value.field == "context.device.token"
+    with pytest.raises(MessageError):
+        outbox.enqueue({"type": "track", "userId": "u1", "event": "Device Deleted"})
+    assert outbox.status()["total"] == 0
+    outbox.track("u1", "Some Custom Event", properties={"x": 1})
+    assert outbox.status()["pending"] == 1
