@@ -104,6 +104,17 @@ def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 
+def _masked(db: str) -> str:
+    """The --db value fit to print: a password in a PostgreSQL URL is masked."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(db)
+    if parts.scheme.startswith("postgres") and parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+    return db
+
+
 def _err(text: str) -> None:
     click.echo(text, err=True)
 
@@ -407,10 +418,11 @@ def status(db: str, run: str | None, as_json: bool) -> None:
     """
     with _opened(db) as outbox:
         data = outbox.status(run)
+        where = outbox.storage.location  # a PostgreSQL URL's password is masked here
     if as_json:
         _print_json(data)
         return
-    click.echo(f"outbox {db}" + (f", run {run!r}" if run else ""))
+    click.echo(f"outbox {where}" + (f", run {run!r}" if run else ""))
     oldest = ""
     if data["oldest_pending"]:
         oldest = f"   oldest {data['oldest_pending']} ({data['oldest_pending_age_s']:,.0f} s ago)"
@@ -492,7 +504,7 @@ def history(message_id: str, db: str, as_json: bool) -> None:
     with _opened(db) as outbox:
         data = outbox.history(message_id)
     if data is None:
-        raise Failure(f"no message with messageId {message_id!r} in {db}")
+        raise Failure(f"no message with messageId {message_id!r} in {_masked(db)}")
     if as_json:
         _print_json(data)
         return
@@ -567,7 +579,7 @@ def forget(user_id: str, db: str, as_json: bool) -> None:
     if as_json:
         _print_json({"deleted": deleted})
     else:
-        click.echo(f"removed {deleted:,} row(s) naming that person; {db} was vacuumed")
+        click.echo(f"removed {deleted:,} row(s) naming that person; {_masked(db)} was vacuumed")
 
 
 # -- pre-flight ------------------------------------------------------------------------

@@ -149,6 +149,30 @@ def _find_bad_value(value: Any, path: str) -> tuple[str, str] | None:
     return None
 
 
+def _find_unencodable(value: Any, path: str) -> str | None:
+    """Where a string (or key) that UTF-8 cannot encode sits, for the error message."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or None
+        return None
+    if isinstance(value, Mapping):
+        for key, inner in value.items():
+            inner_path = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and _find_unencodable(key, "x"):
+                return path or "message"
+            found = _find_unencodable(inner, inner_path)
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for index, inner in enumerate(value):
+            found = _find_unencodable(inner, f"{path}[{index}]")
+            if found:
+                return found
+    return None
+
+
 def dumps(wire: dict[str, Any]) -> str:
     """Compact JSON for one message, or a :class:`MessageError` naming the field."""
     try:
@@ -266,8 +290,17 @@ class Message(BaseModel):
 
     def encode(self) -> tuple[str, int]:
         """Compact wire JSON and its size in bytes, checked against the 32 KB limit."""
-        text = dumps(self.wire())
-        size = len(text.encode("utf-8"))
+        wire = self.wire()
+        text = dumps(wire)
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            field = _find_unencodable(wire, "")
+            raise MessageError(
+                f"{field or 'message'} holds text that is not valid Unicode (a lone surrogate, "
+                "as left by decoding broken UTF-8 with surrogateescape)",
+                field=field,
+            ) from None
         if size > MAX_MESSAGE_BYTES:
             raise MessageError(
                 f"message {self.messageId} is {size} bytes, over the limit of "

@@ -195,3 +195,12 @@ def test_numpy_datetime64_becomes_an_iso_timestamp() -> None:
     m = build("track", {"userId": "u", "event": "E",
                         "properties": {"t": np.datetime64("2024-05-01T10:00:00.123456789")}})
     assert json.loads(m.to_json())["properties"]["t"] == "2024-05-01T10:00:00.123Z"
+
+
+def test_text_with_lone_surrogates_is_refused_naming_the_field() -> None:
+    broken = b"caf\xe9".decode("utf-8", errors="surrogateescape")
+    message = build("identify", {"userId": "u", "traits": {"name": broken}})
+    with pytest.raises(MessageError) as caught:
+        message.encode()
+    assert caught.value.field == "traits.name"
+    assert "not valid Unicode" in str(caught.value)
