@@ -59,7 +59,8 @@ def test_netrc_credentials_are_never_used(tmp_path: Path, monkeypatch: pytest.Mo
 @responses.activate
 def test_gzip_compresses_the_body_and_says_so() -> None:
     responses.post(URL, json={})
-    body = batch_body(['{"type":"track","userId":"u","event":"E"}'] * 100, "2024-01-01T00:00:00.000Z")
+    message = '{"type":"track","userId":"u","event":"E"}'
+    body = batch_body([message] * 100, "2024-01-01T00:00:00.000Z")
     _client(gzip=True).send("batch", body)
     sent = responses.calls[0].request
     assert sent.headers["Content-Encoding"] == "gzip"

@@ -13,7 +13,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import pytest
 import responses
 
 from cio_outbox import AuthError, Outbox
