@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
+import random
 import time
 import uuid
 from collections.abc import Mapping
@@ -64,11 +64,13 @@ def new_message_id() -> str:
 
     Ids that grow with time keep inserts into the outbox's unique index near its
     end, which is much faster than the random positions of uuid4 at millions of rows.
+    The random part needs uniqueness, not secrecy: ``random`` (reseeded in every forked
+    child) avoids a system call per id.
     """
     value = (
         (time.time_ns() // 1_000_000) << 80
         | 0x7 << 76
-        | int.from_bytes(os.urandom(10), "big") & _RANDOM_BITS
+        | random.getrandbits(80) & _RANDOM_BITS
         | 0b10 << 62
     )
     text = f"{value:032x}"
@@ -173,17 +175,20 @@ def _find_unencodable(value: Any, path: str) -> str | None:
     return None
 
 
+# One encoder for every message: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(
+    default=_json_default,
+    allow_nan=False,
+    ensure_ascii=False,
+    separators=(",", ":"),
+    check_circular=False,
+)
+
+
 def dumps(wire: dict[str, Any]) -> str:
     """Compact JSON for one message, or a :class:`MessageError` naming the field."""
     try:
-        return json.dumps(
-            wire,
-            default=_json_default,
-            allow_nan=False,
-            ensure_ascii=False,
-            separators=(",", ":"),
-            check_circular=False,
-        )
+        return _ENCODER.encode(wire)
     except (TypeError, ValueError, RecursionError) as exc:
         found = _find_bad_value(wire, "") if not isinstance(exc, RecursionError) else None
         if found:
@@ -412,11 +417,16 @@ def from_wire(data: Mapping[str, Any]) -> Message:
     if not isinstance(call_type, str):
         raise MessageError("type is required (identify, track, page, screen, group or alias)",
                            field="type")
-    fields = {key: value for key, value in data.items() if key != "type"}
+    fields = dict(data)
+    del fields["type"]
     # Set by Customer.io or by the sender at send time; never stored.
-    for server_field in ("receivedAt", "sentAt", "version"):
-        fields.pop(server_field, None)
+    if not _SERVER_FIELDS.isdisjoint(fields):
+        for server_field in _SERVER_FIELDS:
+            fields.pop(server_field, None)
     return build(call_type, fields)
+
+
+_SERVER_FIELDS = frozenset(("receivedAt", "sentAt", "version"))
 
 
 CallType = Literal["identify", "track", "page", "screen", "group", "alias"]

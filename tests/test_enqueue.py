@@ -1,0 +1,69 @@
+"""Enqueue: idempotency, reporting, chunked pipelined writes, all-or-nothing validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from cio_outbox import MessageError, Outbox
+from cio_outbox.storage import StorageError
+
+
+def _calls(n: int) -> list[dict]:
+    return [{"type": "track", "userId": f"u{i}", "event": "E", "properties": {"i": i}}
+            for i in range(n)]
+
+
+def test_single_enqueue_reports_added_then_skipped(outbox: Outbox) -> None:
+    first = outbox.track("u1", "E", idempotency_key="k1")
+    again = outbox.track("u1", "E", idempotency_key="k1")
+    assert (first.added, first.skipped) == (1, 0)
+    assert (again.added, again.skipped) == (0, 1)
+    assert first.message_id == again.message_id
+    assert outbox.status()["pending"] == 1
+
+
+def test_bulk_rerun_with_keys_adds_nothing_and_misses_nothing(outbox: Outbox) -> None:
+    calls = _calls(2500)
+    keys = lambda i, _call: f"import:{i}"  # noqa: E731
+    partial = outbox.enqueue_many(calls[:1200], idempotency_keys=keys, chunk_size=500)
+    full = outbox.enqueue_many(calls, idempotency_keys=keys, chunk_size=500)
+    assert (partial.added, full.added, full.skipped) == (1200, 1300, 1200)
+    assert outbox.status()["pending"] == 2500
+
+
+def test_invalid_rows_are_reported_with_their_index_and_the_rest_kept(outbox: Outbox) -> None:
+    calls = _calls(10)
+    calls[3] = {"type": "track", "userId": "u3"}
+    calls[7] = {"type": "track", "event": "E"}
+    result = outbox.enqueue_many(calls, start=1)
+    assert result.added == 8
+    assert [(r.index, r.field) for r in result.rejected] == [(4, "event"), (8, "userId")]
+
+
+def test_raise_mode_writes_nothing_when_any_row_is_invalid(outbox: Outbox) -> None:
+    calls = _calls(30_000)
+    calls[-1] = {"type": "track", "userId": "u"}
+    with pytest.raises(MessageError, match="nothing written"):
+        outbox.enqueue_many(calls, on_invalid="raise", chunk_size=1000)
+    assert outbox.status()["total"] == 0
+
+
+def test_a_write_failure_stops_the_import_and_is_raised(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_insert = outbox.storage.insert
+    calls_seen: list[int] = []
+
+    def failing_insert(rows, *, chunk_size=10_000):  # type: ignore[no-untyped-def]
+        rows = list(rows)
+        calls_seen.append(len(rows))
+        if len(calls_seen) == 3:
+            raise StorageError("disk full (simulated)")
+        return real_insert(rows, chunk_size=chunk_size)
+
+    monkeypatch.setattr(outbox.storage, "insert", failing_insert)
+    with pytest.raises(StorageError, match="disk full"):
+        outbox.enqueue_many(_calls(10_000), chunk_size=1000)
+    monkeypatch.undo()
+    assert outbox.status()["pending"] == 2000  # the two chunks written before the failure
+    assert len(calls_seen) == 3  # nothing was written after the failure
