@@ -7,7 +7,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0"
 
-from cio_outbox.config import ApiKey, ConfigError
+from cio_outbox.config import ApiKey, ConfigError, Target, resolve_target
 from cio_outbox.messages import MessageError
 from cio_outbox.outbox import EnqueueResult, Outbox
 from cio_outbox.storage import StorageError
@@ -21,7 +21,9 @@ __all__ = [
     "MessageError",
     "Outbox",
     "StorageError",
+    "Target",
     "Worker",
     "WorkerError",
     "__version__",
+    "resolve_target",
 ]

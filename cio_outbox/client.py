@@ -61,13 +61,22 @@ class Reply:
         if self.errors:
             parts = []
             for error in self.errors[:5]:
-                piece = ": ".join(
-                    str(error[k]) for k in ("field", "reason", "message") if error.get(k)
-                )
-                parts.append(piece or json.dumps(error))
+                parts.append(describe_error(error))
             more = f" (+{len(self.errors) - 5} more)" if len(self.errors) > 5 else ""
             return f"HTTP {self.status_code}: " + "; ".join(parts) + more
         return f"HTTP {self.status_code}: {self.text[:300]}".rstrip(": ")
+
+
+def describe_error(error: dict[str, Any]) -> str:
+    """``field: reason: message`` from one ``meta.errors`` item, without saying a thing twice:
+    the reason is left out when the message already says it."""
+    field, reason, message = error.get("field"), error.get("reason"), error.get("message")
+    parts = [str(field)] if field else []
+    if reason and str(reason) not in str(message or ""):
+        parts.append(str(reason))
+    if message:
+        parts.append(str(message))
+    return ": ".join(parts) or json.dumps(error)
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -111,6 +120,7 @@ class Client:
         gzip: bool = False,
         timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
         session: requests.Session | None = None,
+        strict_mode: bool = True,
     ) -> None:
         self.key = key
         self.target = target
@@ -119,6 +129,11 @@ class Client:
         self.session = session or requests.Session()
         self.session.auth = _KeyAuth(key)
         self.session.headers.update({"User-Agent": USER_AGENT, "Content-Type": "application/json"})
+        if strict_mode:
+            # Without it the API may answer 200 to a message it then drops; with it, a bad
+            # message gets a 4xx, which the worker dead-letters with the reason: never lost
+            # silently.
+            self.session.headers["X-Strict-Mode"] = "1"
 
     def send(self, endpoint: str, body: bytes) -> Reply:
         headers = {}

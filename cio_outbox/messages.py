@@ -390,6 +390,8 @@ def _explain(call_type: str, exc: ValidationError) -> MessageError:
         reason = "is required"
     elif first["type"] == "extra_forbidden":
         reason = f"is not a field of a {call_type} call"
+    if field and reason.startswith(field.split(".")[-1] + " "):
+        reason = reason[len(field.split(".")[-1]) + 1 :]  # "userId must not be empty"
     text = f"{call_type}: {field} {reason}" if field else f"{call_type}: {reason}"
     if len(exc.errors()) > 1:
         text += f" (and {len(exc.errors()) - 1} more problem(s))"

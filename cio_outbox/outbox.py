@@ -414,7 +414,9 @@ class Outbox(Operations):
         return result
 
     def failed(self, run: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """Dead-lettered rows: id, messageId, run, attempts, error, and a payload summary."""
+        """Dead-lettered rows: id, messageId, run, type, person (userId, else anonymousId),
+        attempts, the server's error, and a payload summary. The full payload is in
+        :meth:`history` or :meth:`rows`."""
         return [_summary(row) for row in self.storage.failed(run, limit)]
 
     def retry(
@@ -552,6 +554,7 @@ def _summary(row: dict[str, Any]) -> dict[str, Any]:
         "messageId": row["message_id"],
         "run": row["run"],
         "type": row["call_type"],
+        "person": row["person"],
         "attempts": row["attempts"],
         "error": row["last_error"],
         "summary": f"{row['call_type']} {what} for {who}".replace("  ", " ").strip(),

@@ -41,7 +41,7 @@ from tenacity import (
 )
 
 from cio_outbox.batch import MAX_BATCH_BYTES, Row, batch_body, sent_at_now, single_body
-from cio_outbox.client import Client, Reply, TransportError
+from cio_outbox.client import Client, Reply, TransportError, describe_error
 from cio_outbox.storage.base import Attempt, Storage
 
 log = logging.getLogger("cio_outbox.worker")
@@ -397,7 +397,7 @@ class Worker:
         if reply.status_code in (400, 413, 422):
             self._counters.add(rejected_requests=1)
             error = reply.describe()
-            self._counters.error(error)
+            self._counters.last_error = error  # not a retry: the progress line stays calm
             self.storage.record_attempt(
                 self._attempt(rows, endpoint, body_size, reply, "rejected", error), count=True
             )
@@ -423,10 +423,7 @@ class Worker:
         for error in reply.errors:
             match = _ITEM_INDEX.match(str(error.get("field", "")))
             if match and int(match.group(1)) < len(rows):
-                text = ": ".join(
-                    str(error[k]) for k in ("field", "reason", "message") if error.get(k)
-                )
-                named.setdefault(int(match.group(1)), []).append(text)
+                named.setdefault(int(match.group(1)), []).append(describe_error(error))
         if named:
             bad = [
                 (rows[i], f"HTTP {reply.status_code}: " + "; ".join(texts))
@@ -445,7 +442,9 @@ class Worker:
     def _dead_letter(self, bad: Sequence[tuple[Row, str]]) -> None:
         self.storage.dead_letter([(row.id, error) for row, error in bad])
         self._counters.add(failed=len(bad))
-        log.warning("dead-lettered %d message(s): %s", len(bad), bad[0][1])
+        # info, not warning: an unconfigured logger would print every one to stderr;
+        # dead letters are counted in the progress line and listed by `failed`.
+        log.info("dead-lettered %d message(s): %s", len(bad), bad[0][1])
 
     def _give_up(self, rows: Sequence[Row], error: str) -> None:
         """Attempts ran out: dead-letter the rows that used them all, release the others."""

@@ -34,6 +34,14 @@ def test_legacy_key_sends_basic_auth_and_user_agent() -> None:
     assert sent.headers["User-Agent"] == USER_AGENT
     assert USER_AGENT.startswith("cio-outbox/")
     assert sent.headers["Content-Type"] == "application/json"
+    assert sent.headers["X-Strict-Mode"] == "1"  # bad messages get a 4xx, not a silent 200
+
+
+@responses.activate
+def test_strict_mode_can_be_turned_off() -> None:
+    responses.post(URL, json={})
+    _client(strict_mode=False).send("batch", b"{}")
+    assert "X-Strict-Mode" not in responses.calls[0].request.headers
 
 
 @responses.activate
@@ -75,7 +83,11 @@ def test_error_replies_carry_the_servers_reasons_and_retry_after() -> None:
     reply = _client().send("batch", b"{}")
     assert reply.status_code == 400 and not reply.ok
     assert reply.errors[0]["field"] == "batch[2].event"
-    assert "batch[2].event: required: event is missing" in reply.describe()
+    assert reply.describe() == "HTTP 400: batch[2].event: required: event is missing"
+    from cio_outbox.client import describe_error
+
+    assert describe_error({"field": "f", "reason": "must be a date", "message": "f must be a date"}
+                          ) == "f: f must be a date"
 
     responses.post(URL, status=429, headers={"Retry-After": "7"}, body="slow down")
     reply = _client().send("batch", b"{}")

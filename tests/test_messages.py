@@ -69,6 +69,8 @@ def test_bad_calls_name_the_field(call_type: str, fields: dict, field: str | Non
         build(call_type, fields)
     assert caught.value.field == field
     assert words.lower() in str(caught.value).lower()
+    if field:
+        assert f"{field} {field}" not in str(caught.value)
 
 
 def test_unknown_type_is_refused() -> None:
