@@ -9,6 +9,7 @@ worker             :meth:`Outbox.worker` then :meth:`Worker.run`
 status             :meth:`Outbox.status`
 failed             :meth:`Outbox.failed`
 retry              :meth:`Outbox.retry`
+replace ID CALL    :meth:`Outbox.replace`
 history ID         :meth:`Outbox.history`
 log                :meth:`Outbox.log`
 purge              :meth:`Outbox.purge`
@@ -493,6 +494,45 @@ def _attempt_line(attempt: dict[str, Any]) -> str:
     if attempt.get("error"):
         text += f"\n    {attempt['error']}"
     return text
+
+
+@cli.command(epilog=EXIT_CODES_HELP, short_help="Fix a dead-lettered message and requeue it.")
+@click.argument("message_id")
+@click.argument("call")
+@_db_option
+@_json_option
+def replace(message_id: str, call: str, db: str, as_json: bool) -> None:
+    """Replace a dead-lettered message with a corrected CALL (a JSON object in its wire shape,
+    or @FILE holding one) under the same messageId and run, and make it pending again.
+
+    \b
+    cio-outbox replace 0190f7a2-... '{"type": "track", "userId": "u9", "event": "Paid"}'
+    """
+    from cio_outbox.messages import MessageError
+
+    text = call
+    if call.startswith("@"):
+        with open(call[1:], encoding="utf-8") as handle:
+            text = handle.read()
+    try:
+        parsed = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="CALL") from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="CALL")
+    with _opened(db) as outbox:
+        try:
+            row = outbox.replace(message_id, parsed)
+        except MessageError as exc:
+            raise click.BadParameter(str(exc), param_hint="CALL") from None
+        except KeyError as exc:
+            raise Failure(str(exc.args[0])) from None
+        except ValueError as exc:
+            raise Failure(str(exc), EXIT_USAGE) from None
+    if as_json:
+        _print_json(row)
+    else:
+        click.echo(f"replaced #{row['id']} ({message_id}); it is pending again")
 
 
 @cli.command(epilog=EXIT_CODES_HELP, short_help="One message's row and its HTTP attempts.")

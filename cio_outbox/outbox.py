@@ -427,6 +427,36 @@ class Outbox(Operations):
             raise ValueError("say which failed rows to requeue: ids, run, or all=True")
         return self.storage.requeue(ids=list(ids) if ids is not None else None, run=run)
 
+    def replace(self, message_id: str, call: Mapping[str, Any]) -> dict[str, Any]:
+        """Fix a dead-lettered message: validate the corrected call, store it in place of the
+        old payload under the same messageId and run, and make it pending again.
+
+        >>> outbox.replace(row["messageId"], {"type": "identify", "userId": "u9",
+        ...                                   "traits": {"createdAt": "2022-07-05T00:00:00Z"}})
+
+        Use it when the server refused what was stored (``retry`` would only resend the
+        same payload). The old error stays in ``last_error`` behind ``replaced; was:``.
+        """
+        row = self.storage.message(message_id)
+        if row is None:
+            raise KeyError(f"no message with messageId {message_id!r}")
+        if row["status"] != "failed":
+            raise ValueError(
+                f"message {message_id} is {row['status']}, not failed: only dead-lettered "
+                "messages can be replaced"
+            )
+        given = call.get("messageId")
+        if given is not None and given != message_id:
+            raise MessageError("the corrected call must keep the same messageId",
+                               field="messageId")
+        fixed = self._row(from_wire({**call, "messageId": message_id}), row["run"])
+        if not self.storage.replace_failed(
+            row["id"], payload=fixed.payload, size=fixed.size, call_type=fixed.call_type,
+            person=fixed.person,
+        ):
+            raise ValueError(f"message {message_id} changed state meanwhile; look again")
+        return _row_view(self.storage.message(message_id) or {})
+
     def history(self, message_id: str) -> dict[str, Any] | None:
         """One message's row and every HTTP attempt that carried it."""
         row = self.storage.message(message_id)

@@ -67,3 +67,47 @@ def test_a_write_failure_stops_the_import_and_is_raised(
     monkeypatch.undo()
     assert outbox.status()["pending"] == 2000  # the two chunks written before the failure
     assert len(calls_seen) == 3  # nothing was written after the failure
+
+
+def test_a_dead_lettered_message_can_be_replaced_with_a_corrected_call(outbox: Outbox) -> None:
+    from cio_outbox.sandbox import Sandbox
+
+    outbox.track("u1", "Legacy", properties={"n": 1}, run="fix", message_id="m-bad")
+    outbox.track("u1", "Later", run="fix", message_id="m-later")
+    with Sandbox(reject_events=["Legacy"]) as sandbox:
+        outbox.drain(host=sandbox.url, key=sandbox.key, progress=False)
+        assert outbox.status(run="fix")["failed"] == 1
+        with pytest.raises(MessageError):
+            outbox.replace("m-bad", {"type": "track", "userId": "u1"})  # still invalid
+        with pytest.raises(ValueError, match="not failed"):
+            outbox.replace("m-later", {"type": "track", "userId": "u1", "event": "X"})
+        row = outbox.replace("m-bad", {"type": "track", "userId": "u1", "event": "Migrated",
+                                       "properties": {"n": 1}})
+        assert row["status"] == "pending" and row["attempts"] == 0 and row["run"] == "fix"
+        assert row["last_error"].startswith("replaced; was: HTTP 400")
+        outbox.drain(host=sandbox.url, key=sandbox.key, progress=False)
+        [received] = sandbox.messages(messageId="m-bad")
+    assert received["event"] == "Migrated"
+    assert outbox.status(run="fix")["failed"] == 0 and outbox.status(run="fix")["sent"] == 2
+
+
+def test_replace_command_fixes_a_failed_row(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from click.testing import CliRunner
+
+    from cio_outbox.cli import cli
+    from cio_outbox.sandbox import Sandbox
+
+    db = str(tmp_path / "o.db")
+    with Outbox(db) as box, Sandbox(reject_events=["Legacy"]) as sandbox:
+        box.track("u1", "Legacy", message_id="m-1")
+        box.drain(host=sandbox.url, key=sandbox.key, progress=False)
+    runner = CliRunner()
+    bad = runner.invoke(cli, ["replace", "m-1", '{"type": "track"}', "--db", db])
+    assert bad.exit_code == 2 and "event is required" in bad.output
+    good = runner.invoke(cli, ["replace", "m-1", json.dumps(
+        {"type": "track", "userId": "u1", "event": "Fixed"}), "--db", db, "--json"])
+    assert good.exit_code == 0 and json.loads(good.output)["status"] == "pending"
+    missing = runner.invoke(cli, ["replace", "nope", '{"type": "track"}', "--db", db])
+    assert missing.exit_code == 1

@@ -116,6 +116,14 @@ class Storage(Protocol):
     ) -> int:
         """Dead-lettered rows back to pending (all of them when neither ids nor run)."""
 
+    def replace_failed(
+        self, row_id: int, *, payload: str, size: int, call_type: str, person: str
+    ) -> bool:
+        """Put a corrected payload in a dead-lettered row and make it pending again.
+
+        The row keeps its id, messageId and run; ``last_error`` keeps the old error
+        behind ``replaced; was:``. False when the row is not dead-lettered."""
+
     def message(self, message_id: str) -> dict[str, Any] | None: ...
 
     def attempts_for(self, row_id: int) -> list[dict[str, Any]]: ...

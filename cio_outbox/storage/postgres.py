@@ -656,6 +656,17 @@ class PostgresStorage:
             f"attempts = 0, next_attempt_at = NULL, updated_at = {_NOW}", (),
         )
 
+    def replace_failed(
+        self, row_id: int, *, payload: str, size: int, call_type: str, person: str
+    ) -> bool:
+        return self._change(
+            "id = %s AND status = 'failed'", [row_id], "pending",
+            "payload = %s, size = %s, call_type = %s, person = %s, attempts = 0,"
+            f" next_attempt_at = NULL, updated_at = {_NOW},"
+            " last_error = 'replaced; was: ' || coalesce(last_error, '')",
+            (payload, size, call_type, person),
+        ) == 1
+
     def message(self, message_id: str) -> dict[str, Any] | None:
         rows = self._read(
             f"SELECT * FROM {self._s}.messages WHERE message_id = %s", (message_id,)

@@ -508,6 +508,18 @@ class SQLiteStorage:
                 "attempts = 0, next_attempt_at = NULL, updated_at = ?", (time.time(),),
             )
 
+    def replace_failed(
+        self, row_id: int, *, payload: str, size: int, call_type: str, person: str
+    ) -> bool:
+        with self._write() as conn:
+            return _transition(
+                conn, "id = ? AND status = 'failed'", (row_id,), "pending",
+                "payload = ?, size = ?, call_type = ?, person = ?, attempts = 0,"
+                " next_attempt_at = NULL, updated_at = ?,"
+                " last_error = 'replaced; was: ' || coalesce(last_error, '')",
+                (payload, size, call_type, person, time.time()),
+            ) == 1
+
     def message(self, message_id: str) -> dict[str, Any] | None:
         rows = self._read("SELECT * FROM messages WHERE message_id = ?", (message_id,))
         return dict(rows[0]) if rows else None
