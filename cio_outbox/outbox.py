@@ -342,6 +342,7 @@ class Outbox(Operations):
         gzip: bool = False,
         allow_insecure: bool = False,
         timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+        strict_mode: bool = True,
         **options: Any,
     ) -> Worker:
         """A :class:`Worker` for this outbox. The key defaults to ``CIO_API_KEY``, the host
@@ -355,7 +356,7 @@ class Outbox(Operations):
             region=region or os.environ.get("CIO_REGION") or None,
             allow_insecure=allow_insecure,
         )
-        client = Client(api_key, target, gzip=gzip, timeout=timeout)
+        client = Client(api_key, target, gzip=gzip, timeout=timeout, strict_mode=strict_mode)
         return Worker(self.storage, client, **options)
 
     def drain(
