@@ -41,7 +41,7 @@ def test_one_poison_message_in_10000_is_the_only_one_dead_lettered(
     assert len(failed) == 1
     assert failed[0]["summary"] == f"track {reason} for {bad_person}"
     error = failed[0]["error"]
-    assert error.startswith("HTTP 400") and reason in error and "rejected_event" in error
+    assert error.startswith("HTTP 400") and reason in error and "batch[" in error
     assert len(arrivals) == N - 1 and stats["duplicates"] == 0
     # The bad message cost a few extra requests, not one request per message.
     assert stats["requests"] < 200
