@@ -74,13 +74,17 @@ class Repeated:
         return {"median": self.median, "runs": self.values}
 
 
-def repeat(fn: Callable[[], float], reps: int, warmup: bool = True) -> Repeated:
-    """Call ``fn`` (which returns a rate) once to warm up, then ``reps`` times."""
+def interleaved(fns: dict[str, Callable[[], float]], reps: int,
+                warmup: bool = True) -> dict[str, Repeated]:
+    """Warm each up once, then run them round-robin ``reps`` times, so that every side of
+    a ratio sees the same load on a shared machine (a drift hits all sides alike)."""
     if warmup:
-        fn()
-    out = Repeated()
+        for fn in fns.values():
+            fn()
+    out = {name: Repeated() for name in fns}
     for _ in range(reps):
-        out.values.append(fn())
+        for name, fn in fns.items():
+            out[name].values.append(fn())
     return out
 
 

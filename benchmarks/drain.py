@@ -121,9 +121,8 @@ class Bench:
         return result
 
 
-def _median_run(fn: Any, reps: int) -> tuple[Repeated, dict[str, Any]]:
-    """Run fn() reps times; the rates and the run whose rate is the median."""
-    runs = [fn() for _ in range(reps)]
+def _median_of(runs: list[dict[str, Any]]) -> tuple[Repeated, dict[str, Any]]:
+    """The rates of some runs and the run whose rate is the median."""
     rates = Repeated([r["rate"] for r in runs])
     chosen = sorted(runs, key=lambda r: r["rate"])[len(runs) // 2]
     return rates, chosen
@@ -152,15 +151,24 @@ def run(workdir: Path, *, n: int, reps: int, concurrency: dict[str, int],
             warm.ours(worker)
             warm.official()
             warm.wire(conc)
-            log(f"  drain @ {label}: our worker (concurrency {conc}), {n:,} events x {reps}")
-            ours, ours_run = _median_run(lambda w=worker: bench.ours(w), reps)
-            log(f"  drain @ {label}: wire ceiling x {reps}")
-            wire, wire_run = _median_run(lambda c=conc: bench.wire(c), reps)
-            log(f"  drain @ {label}: official library, defaults x {official_reps}")
-            off, off_run = _median_run(bench.official, official_reps)
-            log(f"  drain @ {label}: official library, max_queue_size={n} x {official_reps}")
-            nodrop, nodrop_run = _median_run(
-                lambda: bench.official({"max_queue_size": n + 1}), official_reps)
+            log(f"  drain @ {label}: {n:,} events, ours (concurrency {conc}), wire ceiling, "
+                f"official defaults and official max_queue_size={n + 1}, interleaved x {reps}")
+            runs: dict[str, list[dict[str, Any]]] = {
+                "ours": [], "wire": [], "official": [], "nodrop": []}
+            for rep in range(reps):
+                runs["ours"].append(bench.ours(worker))
+                runs["wire"].append(bench.wire(conc))
+                if rep < official_reps:
+                    runs["official"].append(bench.official())
+                    runs["nodrop"].append(bench.official({"max_queue_size": n + 1}))
+                log(f"    rep {rep + 1}: ours {runs['ours'][-1]['rate']:,.0f}/s, "
+                    f"wire {runs['wire'][-1]['rate']:,.0f}/s, official "
+                    f"{runs['official'][-1]['rate']:,.0f}/s, no drop "
+                    f"{runs['nodrop'][-1]['rate']:,.0f}/s")
+            ours, ours_run = _median_of(runs["ours"])
+            wire, wire_run = _median_of(runs["wire"])
+            off, off_run = _median_of(runs["official"])
+            nodrop, nodrop_run = _median_of(runs["nodrop"])
             out["latencies"][label] = {
                 "latency_s": latency,
                 "worker_settings": worker,

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Repeated, events, ratio, remove_db, repeat
+from benchmarks.common import Repeated, events, interleaved, ratio, remove_db
 from cio_outbox import Outbox
 
 #: The columns of the outbox's messages table, with its primary key and unique messageId,
@@ -137,14 +137,20 @@ def run(workdir: Path, *, n_single: int, n_bulk: int, n_full: int, reps: int,
     bulk_params = raw_params(bulk_events)
     full_params = single_params[:n_full]
 
-    log(f"  enqueue: single-call, {n_single:,} messages x {reps}")
-    single = repeat(lambda: outbox_single(db, single_events), reps)
-    raw_one = repeat(lambda: raw_single(db, single_params), reps)
-    track = repeat(lambda: outbox_track(db, single_events), reps)
-    log(f"  enqueue: bulk, {n_bulk:,} messages x {reps}")
-    bulk = repeat(lambda: outbox_bulk(db, bulk_events), reps)
-    raw_many = repeat(lambda: raw_bulk(db, bulk_params), reps)
-    raw_many_schema = repeat(lambda: raw_bulk(db, bulk_params, outbox_schema=True), reps)
+    log(f"  enqueue: single-call, {n_single:,} messages x {reps}, interleaved with raw")
+    one = interleaved({
+        "enqueue": lambda: outbox_single(db, single_events),
+        "raw": lambda: raw_single(db, single_params),
+        "track": lambda: outbox_track(db, single_events),
+    }, reps)
+    single, raw_one, track = one["enqueue"], one["raw"], one["track"]
+    log(f"  enqueue: bulk, {n_bulk:,} messages x {reps}, interleaved with raw")
+    many = interleaved({
+        "enqueue_many": lambda: outbox_bulk(db, bulk_events),
+        "raw": lambda: raw_bulk(db, bulk_params),
+        "raw_schema": lambda: raw_bulk(db, bulk_params, outbox_schema=True),
+    }, reps)
+    bulk, raw_many, raw_many_schema = many["enqueue_many"], many["raw"], many["raw_schema"]
     log(f"  enqueue: synchronous NORMAL vs FULL, {n_full:,} messages x {reps}")
     # Interleave NORMAL and FULL so that both see the same disk and load.
     normal, full, raw_full = Repeated(), Repeated(), Repeated()
