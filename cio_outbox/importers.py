@@ -188,6 +188,9 @@ class JsonlReader(_Reader):
             except RecursionError:
                 yield Record(number, error="invalid JSON: nested too deeply")
                 continue
+            except ValueError as exc:  # e.g. an integer longer than Python will convert
+                yield Record(number, error=f"invalid JSON: {exc}")
+                continue
             if not isinstance(call, dict):
                 yield Record(number, error="a call must be a JSON object", field="type")
                 continue

@@ -89,7 +89,11 @@ def message_id_for(idempotency_key: str) -> str:
 def format_timestamp(value: _dt.datetime) -> str:
     """ISO-8601 UTC with milliseconds; naive datetimes are taken as UTC."""
     value = value.replace(tzinfo=_dt.UTC) if value.tzinfo is None else value.astimezone(_dt.UTC)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    # Formatted by hand: strftime("%Y") does not pad years before 1000 to four digits.
+    return (
+        f"{value.year:04d}-{value.month:02d}-{value.day:02d}T{value.hour:02d}:"
+        f"{value.minute:02d}:{value.second:02d}.{value.microsecond // 1000:03d}Z"
+    )
 
 
 def _json_default(value: Any) -> Any:
@@ -146,7 +150,7 @@ def _find_bad_value(value: Any, path: str) -> tuple[str, str] | None:
         return None
     try:
         _json_default(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         return path, f"cannot be sent as JSON ({exc})"
     return None
 
@@ -189,7 +193,7 @@ def dumps(wire: dict[str, Any]) -> str:
     """Compact JSON for one message, or a :class:`MessageError` naming the field."""
     try:
         return _ENCODER.encode(wire)
-    except (TypeError, ValueError, RecursionError) as exc:
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         found = _find_bad_value(wire, "") if not isinstance(exc, RecursionError) else None
         if found:
             field, reason = found
@@ -209,6 +213,13 @@ def _check_id(value: Any, name: str) -> str | None:
 
 
 def _parse_timestamp(value: Any) -> str | None:
+    try:
+        return _timestamp_text(value)
+    except OverflowError:
+        raise ValueError(f"timestamp {value!r} is out of range in UTC") from None
+
+
+def _timestamp_text(value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, _dt.datetime):

@@ -376,9 +376,8 @@ class Worker:
             return
         if reply.ok:
             self.storage.record_attempt(
-                self._attempt(rows, endpoint, body_size, reply, "sent"), count=True
+                self._attempt(rows, endpoint, body_size, reply, "sent"), count=True, sent=True
             )
-            self.storage.mark_sent([row.id for row in rows])
             self._counters.add(sent=len(rows))
             return
         if reply.status_code in (401, 403):

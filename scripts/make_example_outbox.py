@@ -5,10 +5,10 @@
 What it holds (runs, rows and message ids are deterministic; times, latencies and the
 sandbox's port are not):
 
-- run ``crm-import``: 6 identify calls sent to a local sandbox, and one track of the
-  semantic event "Device Created or Updated" without ``context.device.token``, which the
-  API answers with HTTP 400; that row is dead-lettered (``failed``) with the server's
-  error text, and the audit trail holds the sent and the rejected request;
+- run ``crm-import``: 6 identify calls sent to a local sandbox, and one identify whose
+  ``traits.createdAt`` is a US-style date (``03/02/2024``) where the API wants ISO-8601,
+  which the API answers with HTTP 400; that row is dead-lettered (``failed``) with the
+  server's error text, and the audit trail holds the sent and the rejected request;
 - run ``orders-backfill``: 5 track calls, 2 of them ``in_flight`` under the lease of a
   worker that died (``example-host:4242:dead01``; the lease has long expired, so the next
   worker takes them back), 3 ``pending``;
@@ -48,10 +48,11 @@ def make_example(path: str | Path) -> Path:
                 timestamp=_at(day),
                 traits={"email": f"{name}@example.com", "plan": "pro" if day % 2 else "free"},
             )
-        outbox.track(
-            "user-grace", "Device Created or Updated", run="crm-import",
-            idempotency_key="crm-import:grace-device", timestamp=_at(2, 10),
-            properties={"device_type": "ios", "app_version": "4.2.0"},
+        # Legacy CRM data: a US-style date where the API wants ISO-8601. Our client sends
+        # traits as given; the API refuses it, so the row is dead-lettered with the reason.
+        outbox.identify(
+            "user-grace", run="crm-import", idempotency_key="crm-import:grace-created",
+            timestamp=_at(2, 10), traits={"createdAt": "03/02/2024", "source": "legacy-crm"},
         )
         worker = outbox.worker(key=sandbox.key, host=sandbox.url, run="crm-import",
                                concurrency=1, worker_id=WORKER_ID)

@@ -84,8 +84,9 @@ class Storage(Protocol):
 
     def extend_lease(self, ids: Sequence[int], worker_id: str, lease_seconds: float) -> None: ...
 
-    def record_attempt(self, attempt: Attempt, *, count: bool) -> None:
-        """Audit one HTTP attempt; with count, add one to each row's attempts and last error."""
+    def record_attempt(self, attempt: Attempt, *, count: bool, sent: bool = False) -> None:
+        """Audit one HTTP attempt; with count, add one to each row's attempts and last error;
+        with sent, also mark the rows sent, in the same transaction."""
 
     def mark_sent(self, ids: Sequence[int]) -> None: ...
 

@@ -469,7 +469,7 @@ class PostgresStorage:
 
         self._tx(body)
 
-    def record_attempt(self, attempt: Attempt, *, count: bool) -> None:
+    def record_attempt(self, attempt: Attempt, *, count: bool, sent: bool = False) -> None:
         s = self._s
         ids = [row.id for row in attempt.rows]
         runs = sorted({row.run for row in attempt.rows})
@@ -498,16 +498,21 @@ class PostgresStorage:
                     f" updated_at = {_NOW} WHERE id = ANY(%s::bigint[])",
                     (attempt.error, ids),
                 )
+            if sent:  # same transaction: the audit never says sent for a row still in flight
+                deltas: Deltas = defaultdict(int)
+                self._transition(cur, deltas, self._SENT_WHERE, (ids,), "sent", self._SENT_SET, ())
+                self._shift(cur, deltas)
 
         self._tx(body)
 
+    _SENT_WHERE = "id = ANY(%s::bigint[])"
+    _SENT_SET = (
+        f"sent_at = {_NOW}, updated_at = {_NOW}, worker_id = NULL,"
+        " lease_expires_at = NULL, next_attempt_at = NULL, last_error = NULL"
+    )
+
     def mark_sent(self, ids: Sequence[int]) -> None:
-        self._change(
-            "id = ANY(%s::bigint[])", (list(ids),), "sent",
-            f"sent_at = {_NOW}, updated_at = {_NOW}, worker_id = NULL,"
-            " lease_expires_at = NULL, next_attempt_at = NULL, last_error = NULL",
-            (),
-        )
+        self._change(self._SENT_WHERE, (list(ids),), "sent", self._SENT_SET, ())
 
     def dead_letter(self, errors: Sequence[tuple[int, str]]) -> None:
         if not errors:

@@ -138,6 +138,7 @@ class SQLiteStorage:
                 f"cannot create outbox {self.path}: permission denied; "
                 "choose a writable path with --db or CIO_OUTBOX"
             ) from None
+        self._check_is_outbox()
         self._migrate()
 
     # -- connections -------------------------------------------------------------------
@@ -183,7 +184,7 @@ class SQLiteStorage:
         if "locked" in text or "busy" in text:
             return StorageError(
                 f"{self.path} stayed locked by another process for more than "
-                f"{self.busy_timeout:.0f} s ({text}); find the process holding it, or retry"
+                f"{self.busy_timeout:g} s ({text}); find the process holding it, or retry"
             )
         if "unable to open" in text:
             return StorageError(f"cannot open outbox {self.path} ({text})")
@@ -199,6 +200,9 @@ class SQLiteStorage:
             raise self._explain(exc) from None
         try:
             yield conn
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK")
+            raise self._explain(exc) from None
         except BaseException:
             conn.execute("ROLLBACK")
             raise
@@ -215,6 +219,29 @@ class SQLiteStorage:
             raise self._explain(exc) from None
         cursor.row_factory = sqlite3.Row
         return cursor.fetchall()
+
+    def _check_is_outbox(self) -> None:
+        """Refuse another application's database before changing anything in it (WAL mode
+        would otherwise be switched on, and -wal/-shm files left beside it)."""
+        try:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
+                                   timeout=self.busy_timeout, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise self._explain(exc) from None
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            foreign = conn.execute(
+                "SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
+            ).fetchone()[0]
+        except sqlite3.Error as exc:
+            raise self._explain(exc) from None
+        finally:
+            conn.close()
+        if version == 0 and foreign:
+            raise StorageError(
+                f"{self.path} is an SQLite database but not a cio-outbox outbox; "
+                "point --db at another file"
+            )
 
     def _migrate(self) -> None:
         try:
@@ -348,7 +375,7 @@ class SQLiteStorage:
                 (now + lease_seconds, now, json.dumps(list(ids))),
             )
 
-    def record_attempt(self, attempt: Attempt, *, count: bool) -> None:
+    def record_attempt(self, attempt: Attempt, *, count: bool, sent: bool = False) -> None:
         ids = [row.id for row in attempt.rows]
         runs = sorted({row.run for row in attempt.rows})
         with self._write() as conn:
@@ -373,16 +400,12 @@ class SQLiteStorage:
                     " WHERE id IN (SELECT value FROM json_each(?))",
                     (attempt.error, now, json.dumps(ids)),
                 )
+            if sent:  # same transaction: the audit never says sent for a row still in flight
+                _mark_sent(conn, ids, now)
 
     def mark_sent(self, ids: Sequence[int]) -> None:
         with self._write() as conn:
-            now = time.time()
-            _transition(
-                conn, _IDS, (json.dumps(list(ids)),), "sent",
-                "sent_at = ?, updated_at = ?, worker_id = NULL, lease_expires_at = NULL,"
-                " next_attempt_at = NULL, last_error = NULL",
-                (now, now),
-            )
+            _mark_sent(conn, ids, time.time())
 
     def dead_letter(self, errors: Sequence[tuple[int, str]]) -> None:
         with self._write() as conn:
@@ -633,6 +656,15 @@ def _transition(
         deltas[(run, new_status)] += n
     _shift(conn, deltas)
     return sum(n for _, _, n in moved)
+
+
+def _mark_sent(conn: sqlite3.Connection, ids: Sequence[int], now: float) -> None:
+    _transition(
+        conn, _IDS, (json.dumps(list(ids)),), "sent",
+        "sent_at = ?, updated_at = ?, worker_id = NULL, lease_expires_at = NULL,"
+        " next_attempt_at = NULL, last_error = NULL",
+        (now, now),
+    )
 
 
 def _delete(conn: sqlite3.Connection, where: str, params: Sequence[Any]) -> int:

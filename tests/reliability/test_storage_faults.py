@@ -251,11 +251,6 @@ def test_another_applications_database_is_refused_clearly(tmp_path: Path) -> Non
     conn.close()
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="bug: opening another application's SQLite file switches it to WAL "
-                          "mode and leaves -wal/-shm files before refusing it "
-                          "(cio_outbox/storage/sqlite.py SQLiteStorage._connect sets "
-                          "journal_mode=WAL before _migrate checks the file is an outbox)")
 def test_another_applications_database_is_left_byte_for_byte(tmp_path: Path) -> None:
     path = tmp_path / "notes.db"
     _other_application(path)
