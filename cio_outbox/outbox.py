@@ -104,15 +104,23 @@ class Outbox(Operations):
 
     ``location`` defaults to ``CIO_OUTBOX`` or ``./outbox.db``. ``synchronous="FULL"``
     makes every enqueue survive a power loss too, at the cost of an fsync per commit.
+    ``busy_timeout`` (SQLite, seconds, default 60) is how long a write waits for another
+    process holding the file before it fails with a :class:`StorageError`.
     """
 
     def __init__(
-        self, location: str | os.PathLike[str] | None = None, *, synchronous: str = "NORMAL"
+        self,
+        location: str | os.PathLike[str] | None = None,
+        *,
+        synchronous: str = "NORMAL",
+        busy_timeout: float | None = None,
     ) -> None:
         self.location = os.fspath(location) if location is not None else default_location()
         options: dict[str, Any] = {}
         if not self.location.startswith(("postgresql://", "postgres://")):
             options["synchronous"] = synchronous
+            if busy_timeout is not None:
+                options["busy_timeout"] = busy_timeout
         self.storage: Storage = open_storage(self.location, **options)
 
     def __repr__(self) -> str:
