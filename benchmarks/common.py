@@ -181,9 +181,20 @@ def now() -> float:
     return time.perf_counter()
 
 
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent.parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 def machine() -> dict[str, Any]:
     load = os.getloadavg()
     return {
+        "git_head": _git("rev-parse", "--short", "HEAD"),
+        "cio_outbox_uncommitted": _git("status", "--porcelain", "--", "cio_outbox"),
         "cpus": os.cpu_count(),
         "load_average_at_start": [round(x, 2) for x in load],
         "python": sys.version.split()[0],
