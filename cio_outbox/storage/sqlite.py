@@ -94,7 +94,9 @@ MIGRATIONS: list[str] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_ROW_COLUMNS = "id, message_id, run, call_type, person, payload, size, attempts"
+_CANDIDATE_COLUMNS = "id, run, call_type, person, size, attempts"
+_CANDIDATE_PAGE_SIZE = 1000
+_CANDIDATE_PAGES = 20
 
 
 def _create_private_file(path: Path) -> None:
@@ -311,7 +313,6 @@ class SQLiteStorage:
         max_messages: int,
         run: str | None = None,
     ) -> list[Row]:
-        page = max(2 * max_messages, 500)
         with self._write() as conn:
             now = time.time()
             # Rows leased by a worker that died come back once their lease has expired.
@@ -328,43 +329,66 @@ class SQLiteStorage:
                     (now,),
                 )
             }
-            if run is None:
-                sql = (
-                    f"SELECT {_ROW_COLUMNS} FROM messages WHERE status = 'pending' AND id > ?"
-                    " ORDER BY id LIMIT ?"
-                )
-                args: tuple[Any, ...] = ()
-            else:
-                sql = (
-                    f"SELECT {_ROW_COLUMNS} FROM messages INDEXED BY messages_pending_run"
-                    " WHERE status = 'pending' AND run = ? AND id > ? ORDER BY run, id LIMIT ?"
-                )
-                args = (run,)
-            chosen: list[Row] = []
-            after = 0
-            for _ in range(5):  # bounded: never scan far inside the write lock
-                batch = [Row(*r) for r in conn.execute(sql, (*args, after, page))]
-                if not batch:
-                    break
-                chosen = select(batch, blocked, max_bytes=max_bytes, max_messages=max_messages)
-                if chosen:
-                    break
-                after = batch[-1].id
-                blocked.update(row.person for row in batch)
+            chosen = select(self._candidates(conn, run), blocked, max_bytes=max_bytes,
+                            max_messages=max_messages)
             if not chosen:
                 return []
+            ids = json.dumps([r.id for r in chosen])
             conn.execute(
                 "UPDATE messages SET status = 'in_flight', worker_id = ?, lease_expires_at = ?,"
                 " next_attempt_at = NULL, updated_at = ?"
                 " WHERE id IN (SELECT value FROM json_each(?))",
-                (worker_id, now + lease_seconds, now, json.dumps([r.id for r in chosen])),
+                (worker_id, now + lease_seconds, now, ids),
             )
             deltas: dict[tuple[str, str], int] = defaultdict(int)
             for row in chosen:
                 deltas[(row.run, "pending")] -= 1
                 deltas[(row.run, "in_flight")] += 1
             _shift(conn, deltas)
+        # The rows are leased to us now: read their payloads outside the write lock.
+        bodies = {
+            row_id: (message_id, payload)
+            for row_id, message_id, payload in self._read_tuples(
+                "SELECT id, message_id, payload FROM messages"
+                " WHERE id IN (SELECT value FROM json_each(?))",
+                (ids,),
+            )
+        }
+        for row in chosen:
+            row.message_id, row.payload = bodies[row.id]
         return chosen
+
+    def _candidates(self, conn: sqlite3.Connection, run: str | None) -> Iterator[Row]:
+        """Pending rows in enqueue order, without their payloads, a page at a time.
+
+        Lazy, so that :func:`select` reads only as far as it needs; bounded, so that a
+        claim never scans far inside the write lock when most people are blocked."""
+        if run is None:
+            sql = (
+                f"SELECT {_CANDIDATE_COLUMNS} FROM messages WHERE status = 'pending' AND id > ?"
+                " ORDER BY id LIMIT ?"
+            )
+            args: tuple[Any, ...] = ()
+        else:
+            sql = (
+                f"SELECT {_CANDIDATE_COLUMNS} FROM messages INDEXED BY messages_pending_run"
+                " WHERE status = 'pending' AND run = ? AND id > ? ORDER BY run, id LIMIT ?"
+            )
+            args = (run,)
+        after = 0
+        for _ in range(_CANDIDATE_PAGES):
+            page = conn.execute(sql, (*args, after, _CANDIDATE_PAGE_SIZE)).fetchall()
+            for row_id, row_run, call_type, person, size, attempts in page:
+                yield Row(row_id, "", row_run, call_type, person, "", size, attempts)
+            if len(page) < _CANDIDATE_PAGE_SIZE:
+                return
+            after = page[-1][0]
+
+    def _read_tuples(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise self._explain(exc) from None
 
     def extend_lease(self, ids: Sequence[int], worker_id: str, lease_seconds: float) -> None:
         with self._write() as conn:
