@@ -344,7 +344,8 @@ def stop_on_signals(worker: Worker, printer: ProgressPrinter) -> Iterator[None]:
               help="Stop when nothing is pending or in flight (rows leased by a dead worker "
                    "are waited for until their lease expires).")
 @click.option("--run", help="Only send the rows of this run.")
-@click.option("--gzip", is_flag=True, help="Compress request bodies.")
+@click.option("--gzip/--no-gzip", default=True, show_default=True,
+              help="Compress request bodies (gzip level 1: about a sixth of the bytes).")
 @click.option("--max-attempts", type=click.IntRange(1), default=10, show_default=True,
               help="HTTP attempts per row before it is dead-lettered.")
 @click.option("--worker-id", metavar="ID",

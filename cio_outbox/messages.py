@@ -23,6 +23,7 @@ import datetime as _dt
 import json
 import math
 import random
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -219,9 +220,16 @@ def _parse_timestamp(value: Any) -> str | None:
         raise ValueError(f"timestamp {value!r} is out of range in UTC") from None
 
 
+_CANONICAL_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
 def _timestamp_text(value: Any) -> str | None:
     if value is None:
         return None
+    if isinstance(value, str) and _CANONICAL_TIMESTAMP.fullmatch(value):
+        # Already in the form we write (exports often are): check the calendar, keep it.
+        _dt.datetime.fromisoformat(value[:-1])
+        return value
     if isinstance(value, _dt.datetime):
         return format_timestamp(value)
     if isinstance(value, _dt.date):

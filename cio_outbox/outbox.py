@@ -347,7 +347,7 @@ class Outbox(Operations):
         key: str | ApiKey | None = None,
         host: str | None = None,
         region: str | None = None,
-        gzip: bool = False,
+        gzip: bool = True,
         allow_insecure: bool = False,
         timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
         strict_mode: bool = True,

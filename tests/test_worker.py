@@ -58,6 +58,8 @@ def test_drain_delivers_every_message_exactly_as_stored(outbox: Outbox, sandbox:
     stats = sandbox.stats()
     assert stats["by_endpoint"]["alias"] == 1
     assert stats["duplicates"] == 0
+    assert stats["gzip_requests"] == stats["requests"]  # gzip is on by default
+    assert stats["bytes_received"] < stats["bytes_decompressed"] / 3
 
 
 def test_request_bodies_stay_within_the_batch_limit(outbox: Outbox, sandbox: Sandbox) -> None:

@@ -95,6 +95,14 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _CANDIDATE_COLUMNS = "id, run, call_type, person, size, attempts"
+_INSERT = (
+    "INSERT OR IGNORE INTO messages (message_id, run, call_type, person, payload, size,"
+    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_COUNT_ONE = (
+    "INSERT INTO counts (run, status, n) VALUES (?, 'pending', 1)"
+    " ON CONFLICT (run, status) DO UPDATE SET n = n + 1"
+)
 _CANDIDATE_PAGE_SIZE = 1000
 _CANDIDATE_PAGES = 20
 
@@ -275,12 +283,11 @@ class SQLiteStorage:
     # -- enqueue -----------------------------------------------------------------------
 
     def insert(self, rows: Iterable[NewRow], *, chunk_size: int = 10_000) -> int:
+        if isinstance(rows, (list, tuple)) and len(rows) == 1:
+            return self._insert_one(rows[0])
         added = 0
         iterator = iter(rows)
-        sql = (
-            "INSERT OR IGNORE INTO messages (message_id, run, call_type, person, payload, size,"
-            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-        )
+        sql = _INSERT
         while True:
             chunk = list(islice(iterator, chunk_size))
             if not chunk:
@@ -301,6 +308,16 @@ class SQLiteStorage:
                     deltas[(run, "pending")] += count
                     added += count
                 _shift(conn, deltas)
+
+    def _insert_one(self, row: NewRow) -> int:
+        """One message, one transaction: the path of every single enqueue call."""
+        now = time.time()
+        with self._write() as conn:
+            added = conn.execute(_INSERT, (row.message_id, row.run, row.call_type, row.person,
+                                           row.payload, row.size, now, now)).rowcount
+            if added:
+                conn.execute(_COUNT_ONE, (row.run,))
+        return added
 
     # -- worker ------------------------------------------------------------------------
 
