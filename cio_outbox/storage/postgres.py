@@ -131,6 +131,7 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _ROW_COLUMNS = "id, message_id, run, call_type, person, payload, size, attempts"
+_CANDIDATE_COLUMNS = "id, run, call_type, person, size, attempts"
 # The server's clock, in Unix seconds, at the start of the current transaction.
 _NOW = "extract(epoch from now())::float8"
 
@@ -393,13 +394,13 @@ class PostgresStorage:
         page = max(2 * max_messages, 500)
         if run is None:
             sql = (
-                f"SELECT {_ROW_COLUMNS} FROM {s}.messages WHERE status = 'pending' AND id > %s"
-                " ORDER BY id LIMIT %s"
+                f"SELECT {_CANDIDATE_COLUMNS} FROM {s}.messages WHERE status = 'pending'"
+                " AND id > %s ORDER BY id LIMIT %s"
             )
             args: tuple[Any, ...] = ()
         else:
             sql = (
-                f"SELECT {_ROW_COLUMNS} FROM {s}.messages"
+                f"SELECT {_CANDIDATE_COLUMNS} FROM {s}.messages"
                 " WHERE status = 'pending' AND run = %s AND id > %s ORDER BY run, id LIMIT %s"
             )
             args = (run,)
@@ -427,7 +428,8 @@ class PostgresStorage:
             after = 0
             for _ in range(5):  # bounded: never scan far inside the claim lock
                 cur.execute(sql, (*args, after, page))
-                batch = [Row(*r) for r in cur.fetchall()]
+                # Narrow rows: payloads are read only for the rows chosen.
+                batch = [Row(i, "", r, c, p, "", n, a) for i, r, c, p, n, a in cur.fetchall()]
                 if not batch:
                     break
                 chosen = select(batch, blocked, max_bytes=max_bytes, max_messages=max_messages)
@@ -454,6 +456,14 @@ class PostgresStorage:
                 for row in chosen:
                     deltas[(row.run, "pending")] -= 1
                     deltas[(row.run, "in_flight")] += 1
+                cur.execute(
+                    f"SELECT id, message_id, payload FROM {s}.messages"
+                    " WHERE id = ANY(%s::bigint[])",
+                    ([r.id for r in chosen],),
+                )
+                bodies = {row_id: (mid, payload) for row_id, mid, payload in cur.fetchall()}
+                for row in chosen:
+                    row.message_id, row.payload = bodies[row.id]
             self._shift(cur, deltas)
             return chosen
 
