@@ -130,7 +130,6 @@ MIGRATIONS: list[str] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_ROW_COLUMNS = "id, message_id, run, call_type, person, payload, size, attempts"
 _CANDIDATE_COLUMNS = "id, run, call_type, person, size, attempts"
 # The server's clock, in Unix seconds, at the start of the current transaction.
 _NOW = "extract(epoch from now())::float8"
