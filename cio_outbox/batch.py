@@ -38,6 +38,10 @@ class Row:
         return "alias" if self.call_type == "alias" else "batch"
 
 
+_ROOM_WORTH_FILLING = 2048
+_MAX_MISSES = 16
+
+
 def sent_at_now() -> str:
     now = _dt.datetime.now(_dt.UTC)
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
@@ -84,6 +88,7 @@ def select(
     blocked = set(blocked)
     chosen: list[Row] = []
     total = BATCH_OVERHEAD - 1  # minus one: the first message needs no comma
+    misses = 0
     for row in candidates:
         if row.person in blocked:
             continue
@@ -94,7 +99,11 @@ def select(
             continue
         if total + row.size + 1 > max_bytes:
             blocked.add(row.person)
-            if total > max_bytes - 64:  # nothing useful fits any more
+            misses += 1
+            # Look a little further for smaller messages, but not through the whole
+            # backlog: once the body is nearly full, or a few rows in a row did not fit,
+            # this request is as full as it usefully gets.
+            if max_bytes - total < _ROOM_WORTH_FILLING or misses >= _MAX_MISSES:
                 break
             continue
         chosen.append(row)

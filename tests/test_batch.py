@@ -80,3 +80,16 @@ def test_single_body_adds_sent_at() -> None:
     body = single_body('{"type":"alias","userId":"u","previousId":"p"}', "2024-01-01T00:00:00.000Z")
     assert json.loads(body) == {"type": "alias", "userId": "u", "previousId": "p",
                                 "sentAt": "2024-01-01T00:00:00.000Z"}
+
+
+def test_a_full_body_stops_the_scan_instead_of_reading_the_whole_backlog() -> None:
+    seen: list[int] = []
+
+    def backlog():  # type: ignore[no-untyped-def]
+        for i in range(100_000):
+            seen.append(i)
+            yield _row(i, f"p{i}", size=250)
+
+    chosen = select(backlog(), set())
+    assert 1900 < len(chosen) < 2000
+    assert len(seen) < len(chosen) + 50
