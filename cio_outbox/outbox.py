@@ -14,13 +14,10 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import os
-import queue
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any
 
 from cio_outbox.client import DEFAULT_TIMEOUT, Client
@@ -233,7 +230,7 @@ class Outbox(Operations):
         else:
             source = rows()
         counted = _Counted(source)
-        result.added = _insert_pipelined(self.storage, counted, chunk_size)
+        result.added = self.storage.insert(counted, chunk_size=chunk_size)
         result.skipped = counted.count - result.added
         return result
 
@@ -507,46 +504,6 @@ def _semantic_names() -> frozenset[str]:
     from cio_outbox.semantic import SEMANTIC_EVENTS
 
     return frozenset(SEMANTIC_EVENTS)
-
-
-def _insert_pipelined(storage: Storage, rows: Iterable[NewRow], chunk_size: int) -> int:
-    """Insert chunk after chunk, validating the next chunk while the last one is written.
-
-    SQLite and psycopg release the GIL while they write, so building messages in this
-    thread and writing them in another uses both cores. Each chunk is still its own
-    transaction, written in order; the first error stops the import and is raised here.
-    """
-    iterator = iter(rows)
-    first = list(islice(iterator, chunk_size))
-    if len(first) < chunk_size:  # small input: no thread needed
-        return storage.insert(first, chunk_size=chunk_size) if first else 0
-    chunks: queue.Queue[list[NewRow] | None] = queue.Queue(maxsize=2)
-    added = 0
-    failure: list[BaseException] = []
-
-    def write() -> None:
-        nonlocal added
-        while (chunk := chunks.get()) is not None:
-            if failure:
-                continue  # drain what is queued, write nothing more
-            try:
-                added += storage.insert(chunk, chunk_size=len(chunk))
-            except BaseException as exc:
-                failure.append(exc)
-
-    writer = threading.Thread(target=write, name="cio-outbox-writer", daemon=True)
-    writer.start()
-    try:
-        chunk = first
-        while chunk and not failure:
-            chunks.put(chunk)
-            chunk = list(islice(iterator, chunk_size))
-    finally:
-        chunks.put(None)
-        writer.join()
-    if failure:
-        raise failure[0]
-    return added
 
 
 class _Counted:

@@ -49,24 +49,26 @@ def test_raise_mode_writes_nothing_when_any_row_is_invalid(outbox: Outbox) -> No
 
 
 def test_a_write_failure_stops_the_import_and_is_raised(
-    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+    tmp_path, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
 ) -> None:
-    real_insert = outbox.storage.insert
-    calls_seen: list[int] = []
+    from cio_outbox.storage.sqlite import SQLiteStorage
 
-    def failing_insert(rows, *, chunk_size=10_000):  # type: ignore[no-untyped-def]
-        rows = list(rows)
-        calls_seen.append(len(rows))
-        if len(calls_seen) == 3:
+    outbox = Outbox(tmp_path / "o.db")
+    real_write = SQLiteStorage._write
+    transactions: list[int] = []
+
+    def failing_write(self):  # type: ignore[no-untyped-def]
+        transactions.append(1)
+        if len(transactions) == 3:
             raise StorageError("disk full (simulated)")
-        return real_insert(rows, chunk_size=chunk_size)
+        return real_write(self)
 
-    monkeypatch.setattr(outbox.storage, "insert", failing_insert)
+    monkeypatch.setattr(SQLiteStorage, "_write", failing_write)
     with pytest.raises(StorageError, match="disk full"):
         outbox.enqueue_many(_calls(10_000), chunk_size=1000)
     monkeypatch.undo()
-    assert outbox.status()["pending"] == 2000  # the two chunks written before the failure
-    assert len(calls_seen) == 3  # nothing was written after the failure
+    assert outbox.status()["pending"] == 2000  # the two chunks committed before the failure
+    assert len(transactions) == 3  # nothing was tried after the failure
 
 
 def test_a_dead_lettered_message_can_be_replaced_with_a_corrected_call(outbox: Outbox) -> None:
