@@ -137,7 +137,7 @@ def test_oversized_rows_are_skipped_with_their_row_number(outbox: Outbox) -> Non
     rows = [{"id": "u1"}, {"id": None}, {"id": "u2", "bio": "x" * 40_000}, {"id": "u3"}]
     result = outbox.enqueue_rows(rows, chunk_size=2)
     assert result.added == 2
-    assert [(r.index, r.field) for r in result.rejected] == [(1, None), (2, "message")]
+    assert [(r.index, r.field) for r in result.rejected] == [(1, "userId"), (2, "message")]
     assert "userId or anonymousId" in result.rejected[0].error
 
 
