@@ -377,8 +377,7 @@ class Operations:
                       properties=properties, context=context, timestamp=timestamp,
                       integrations=integrations)
         message = self._message_for("track", fields, message_id, idempotency_key)
-        _check_semantic(name, message.userId, message.anonymousId, message.properties,
-                        message.context)
+        # enqueue checks the event's required fields, as it does for every track call.
         return self.enqueue(message, run=run)
 
     def semantic_events(self, category: str | None = None) -> SemanticEventTable:
