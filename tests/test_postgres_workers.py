@@ -95,19 +95,21 @@ def test_three_workers_and_two_enqueuers_with_a_killed_worker(
         procs = enqueuers + workers
         try:
             storage = _wait_for_storage(postgres_location)
-            # Let the drain get going, then kill w0 while it holds a lease.
-            held: list[dict[str, object]] = []
+            # Let the drain get going, then kill w0 while it holds a lease. w0 is stopped
+            # first and the check repeated, because it may finish its batch between the
+            # query and the signal; a stopped process cannot.
+            held_at_kill: set[object] = set()
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
-                held = [r for r in storage.rows(status="in_flight", limit=10_000)
-                        if r["worker_id"] == "w0"]
-                if held and sandbox.stats()["messages"] > 200:
-                    break
+                if _held_by(storage, "w0") and sandbox.stats()["messages"] > 200:
+                    workers[0].send_signal(signal.SIGSTOP)
+                    held_at_kill = _held_by(storage, "w0")
+                    if held_at_kill:
+                        break
+                    workers[0].send_signal(signal.SIGCONT)
                 time.sleep(0.005)
             workers[0].send_signal(signal.SIGKILL)
             workers[0].wait(timeout=10)
-            held_at_kill = {r["id"] for r in storage.rows(status="in_flight", limit=10_000)
-                            if r["worker_id"] == "w0"}
             assert held_at_kill, "w0 held no rows when killed; the test proved nothing"
             added = sum(int(_finish(p, 120)["added"]) for p in enqueuers)  # type: ignore[call-overload]
             assert added == ENQUEUERS * PER_ENQUEUER
@@ -147,6 +149,11 @@ def test_three_workers_and_two_enqueuers_with_a_killed_worker(
     for key, seqs in streams.items():
         assert seqs == sorted(seqs), key
     storage.close()
+
+
+def _held_by(storage, worker_id: str) -> set[object]:  # type: ignore[no-untyped-def]
+    return {r["id"] for r in storage.rows(status="in_flight", limit=10_000)
+            if r["worker_id"] == worker_id}
 
 
 def _wait_for_storage(location: str):  # type: ignore[no-untyped-def]
