@@ -113,3 +113,48 @@ def test_replace_command_fixes_a_failed_row(tmp_path, monkeypatch) -> None:  # t
     assert good.exit_code == 0 and json.loads(good.output)["status"] == "pending"
     missing = runner.invoke(cli, ["replace", "nope", '{"type": "track"}', "--db", db])
     assert missing.exit_code == 1
+
+
+def test_bulk_enqueue_pauses_the_collector_per_chunk_and_restores_it(
+    outbox: Outbox,
+) -> None:
+    import gc
+
+    seen: list[bool] = []
+
+    def calls():  # type: ignore[no-untyped-def]
+        for i in range(25):
+            seen.append(gc.isenabled())
+            yield {"type": "track", "userId": f"u{i}", "event": "E"}
+
+    assert gc.isenabled()
+    result = outbox.enqueue_many(calls(), chunk_size=10)
+    assert result.added == 25
+    # Paused while each chunk is built, and running again afterwards.
+    assert seen == [False] * 25
+    assert gc.isenabled()
+
+
+def test_bulk_enqueue_restores_the_collector_when_the_source_raises(outbox: Outbox) -> None:
+    import gc
+
+    def calls():  # type: ignore[no-untyped-def]
+        for i in range(15):
+            yield {"type": "track", "userId": f"u{i}", "event": "E"}
+        raise RuntimeError("export broke")
+
+    with pytest.raises(RuntimeError, match="export broke"):
+        outbox.enqueue_many(calls(), chunk_size=10)
+    assert gc.isenabled()
+    assert outbox.status()["pending"] == 10  # the first chunk was written
+
+
+def test_bulk_enqueue_leaves_a_disabled_collector_disabled(outbox: Outbox) -> None:
+    import gc
+
+    gc.disable()
+    try:
+        outbox.enqueue_many([{"type": "track", "userId": "u", "event": "E"}])
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
