@@ -40,11 +40,12 @@ from typing import IO, Any
 
 from cio_outbox.messages import message_id_for
 from cio_outbox.outbox import Outbox
+from cio_outbox.storage.base import CHUNK_ROWS
 
 FORMATS = ("jsonl", "csv")
 MAX_LISTED_REJECTIONS = 1000
 """Rejected lines listed in an :class:`ImportResult` at most; the rest are only counted."""
-CHUNK_SIZE = 2000
+CHUNK_SIZE = CHUNK_ROWS
 """Calls written per transaction by :func:`enqueue_records`."""
 
 _WIRE_COLUMNS = ("userId", "anonymousId", "event", "timestamp", "messageId")

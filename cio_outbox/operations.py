@@ -60,6 +60,7 @@ from cio_outbox.messages import (
     dumps,
     message_id_for,
 )
+from cio_outbox.storage.base import CHUNK_ROWS
 
 if TYPE_CHECKING:
     from cio_outbox.outbox import EnqueueResult, Rejection
@@ -69,7 +70,7 @@ __all__ = ["DEVICE_TYPES", "InvalidRowsError", "Operations", "SemanticEventTable
 
 DEVICE_TYPES = ("ios", "android")
 ROW_CALL_TYPES = ("identify", "track")
-DEFAULT_ROWS_CHUNK = 10_000
+DEFAULT_ROWS_CHUNK = CHUNK_ROWS
 
 
 class InvalidRowsError(MessageError):
@@ -343,7 +344,7 @@ class Operations:
 
         def enqueue_many(self, calls: Iterable[Mapping[str, Any] | Message], *,
                          run: str | None = None, idempotency_keys: Any = None,
-                         on_invalid: str = "skip", chunk_size: int = 10_000,
+                         on_invalid: str = "skip", chunk_size: int = CHUNK_ROWS,
                          start: int = 0) -> EnqueueResult: ...
 
         def _call(self, call_type: str, run: str | None, idempotency_key: str | None,

@@ -27,6 +27,7 @@ from cio_outbox.config import ApiKey, Target, resolve_target
 from cio_outbox.messages import Message, MessageError, build, from_wire, message_id_for
 from cio_outbox.operations import Operations, _check_semantic
 from cio_outbox.storage import NewRow, Storage, open_storage
+from cio_outbox.storage.base import CHUNK_ROWS
 from cio_outbox.worker import Progress, Worker, WorkerResult
 
 DEFAULT_PATH = "outbox.db"
@@ -190,7 +191,7 @@ class Outbox(Operations):
         run: str | None = None,
         idempotency_keys: Iterable[str] | Callable[[int, Any], str] | None = None,
         on_invalid: str = "skip",
-        chunk_size: int = 10_000,
+        chunk_size: int = CHUNK_ROWS,
         start: int = 0,
     ) -> EnqueueResult:
         """Write many calls in chunked transactions (each chunk is durable once written).

@@ -20,6 +20,7 @@ from click.testing import CliRunner, Result
 from cio_outbox import Outbox
 from cio_outbox.cli import ProgressPrinter, cli
 from cio_outbox.demo import POISON_EVENT
+from cio_outbox.importers import CHUNK_SIZE
 from cio_outbox.messages import message_id_for
 from cio_outbox.sandbox import Sandbox, SandboxProcess
 from cio_outbox.worker import Progress
@@ -481,7 +482,7 @@ def test_worker_stops_cleanly_on_sigint_and_sigterm_and_a_resumed_run_delivers_e
 def test_enqueue_killed_partway_then_rerun_gives_exactly_one_row_per_line(
     db: str, tmp_path: Path
 ) -> None:
-    lines = 20_000
+    lines = 3 * CHUNK_SIZE  # killed after the first chunk commits, before the last
     path = tmp_path / "big.jsonl"
     with path.open("w") as handle:
         for i in range(lines):

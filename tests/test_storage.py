@@ -603,3 +603,20 @@ def test_postgres_leases_follow_the_server_clock(
     assert row["worker_id"] == "w1" and row["id"] == taken[0].id
     assert abs(row["lease_expires_at"] - (time.time() + 30)) < 10
     storage.close()
+
+
+def test_sqlite_connections_get_a_cache_large_enough_for_random_message_ids(
+    tmp_path: Path,
+) -> None:
+    from cio_outbox.storage.sqlite import CACHE_KIB
+
+    with Outbox(tmp_path / "outbox.db") as outbox:
+        outbox.enqueue({"type": "track", "userId": "u", "event": "E"})
+        conns = [outbox.storage.conn]  # type: ignore[attr-defined]
+        other = threading.Thread(target=lambda: conns.append(outbox.storage.conn))  # type: ignore[attr-defined]
+        other.start()
+        other.join()
+        assert conns[0] is not conns[1]
+        for conn in conns:
+            assert conn.execute("PRAGMA cache_size").fetchone()[0] == -CACHE_KIB
+    assert CACHE_KIB >= 65_536

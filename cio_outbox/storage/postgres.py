@@ -45,7 +45,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from cio_outbox.batch import Row, select
-from cio_outbox.storage.base import Attempt, NewRow, StorageError, in_ranges, row_ranges
+from cio_outbox.storage.base import (
+    CHUNK_ROWS,
+    Attempt,
+    NewRow,
+    StorageError,
+    in_ranges,
+    row_ranges,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -332,7 +339,7 @@ class PostgresStorage:
 
     # -- enqueue -----------------------------------------------------------------------
 
-    def insert(self, rows: Iterable[NewRow], *, chunk_size: int = 10_000) -> int:
+    def insert(self, rows: Iterable[NewRow], *, chunk_size: int = CHUNK_ROWS) -> int:
         """Add rows in chunked transactions; large chunks travel by COPY (about twice as
         fast as one INSERT of arrays), then one INSERT ... ON CONFLICT DO NOTHING."""
         s = self._s

@@ -13,9 +13,10 @@ import pytest
 from _rel_support import FORBIDDEN_STDERR, cli_argv, cli_env, record, row_count, seeded_random
 
 from cio_outbox import Outbox
+from cio_outbox.importers import CHUNK_SIZE
 from cio_outbox.messages import message_id_for
 
-LINES = 20_000
+LINES = 4 * CHUNK_SIZE  # two kills land after chunk commits, before the last chunk
 
 
 def _write_big(path: Path) -> None:
