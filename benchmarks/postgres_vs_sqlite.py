@@ -2,7 +2,7 @@
 
 Measures, for each backend:
 
-- enqueue_many: chunked transactions of 10,000 rows (an import);
+- enqueue_many: chunked transactions of 20,000 rows (an import);
 - enqueue: one committed transaction per message (an application writing as it goes);
 - claim: claim + mark_sent with no HTTP, from 1, 2 and 4 threads (what the storage can hand
   out; on PostgreSQL claims are serialized by an advisory lock, so this shows its cost);
