@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 
 from cio_outbox import Outbox
-from cio_outbox.batch import MAX_BATCH_BYTES, Row
+from cio_outbox.batch import MAX_BATCH_BYTES
 from cio_outbox.sandbox import Sandbox
 from cio_outbox.storage import Attempt, NewRow, Storage, StorageError, open_storage
+from cio_outbox.storage.base import Row
 
 LEASE = 60.0
 
@@ -126,7 +127,7 @@ def test_a_persons_later_rows_wait_while_an_earlier_one_is_in_flight(storage: St
     assert [r.message_id for r in first] == ["m0"]
     second = claim(storage, "w2")
     assert [r.message_id for r in second] == ["m1", "m3"]  # m2 waits for m0
-    storage.mark_sent([r.id for r in first])
+    storage.mark_sent(first)
     assert [r.message_id for r in claim(storage, "w3")] == ["m2"]
 
 
@@ -145,7 +146,7 @@ def test_expired_lease_comes_back_to_another_worker(storage: Storage) -> None:
 def test_extend_lease_keeps_rows_from_expiring(storage: Storage) -> None:
     storage.insert([new_row(0)])
     taken = claim(storage, "w1", lease=0.3)
-    storage.extend_lease([r.id for r in taken], "w1", 30.0)
+    assert storage.extend_lease(taken, 30.0) == [taken[0].id]
     time.sleep(0.5)
     assert claim(storage, "w2") == []
     assert storage.rows(status="in_flight")[0]["worker_id"] == "w1"
@@ -156,9 +157,10 @@ def test_release_gives_rows_back_and_a_deferred_row_blocks_its_person(
 ) -> None:
     storage.insert([new_row(0, "a"), new_row(1, "a"), new_row(2, "b")])
     taken = claim(storage, "w1", max_messages=1)
-    storage.release([r.id for r in taken])
-    assert [r.message_id for r in claim(storage, "w1", max_messages=1)] == ["m0"]
-    storage.release([taken[0].id], next_attempt_at=time.time() + 0.6)
+    assert storage.release(taken) == [taken[0].id]
+    taken = claim(storage, "w1", max_messages=1)
+    assert [r.message_id for r in taken] == ["m0"]
+    storage.release(taken, next_attempt_at=time.time() + 0.6)
     # m0 waits for its retry time, and so does m1 behind it; b is free
     assert [r.message_id for r in claim(storage, "w2")] == ["m2"]
     assert claim(storage, "w2") == []
@@ -205,9 +207,10 @@ def test_dead_letter_and_requeue(outbox: Outbox) -> None:
     storage.record_attempt(
         Attempt("w1", "batch", taken, 100, 400, 3.0, "rejected", "bad thing"), count=True
     )
-    storage.dead_letter([(taken[0].id, "bad 0"), (taken[3].id, "bad 3"), (taken[4].id, "x")])
-    storage.mark_sent([taken[1].id])
-    storage.dead_letter([(taken[1].id, "too late")])  # sent rows stay sent
+    assert storage.dead_letter([(taken[0], "bad 0"), (taken[3], "bad 3"), (taken[4], "x")]
+                               ) == [taken[0].id, taken[3].id, taken[4].id]
+    assert storage.mark_sent([taken[1]]) == [taken[1].id]
+    assert storage.dead_letter([(taken[1], "too late")]) == []  # sent rows stay sent
     assert storage.counts() == {"pending": 0, "in_flight": 1, "sent": 1, "failed": 3}
     failed = outbox.failed()
     assert [(f["messageId"], f["error"], f["attempts"]) for f in failed] == [
@@ -232,7 +235,7 @@ def test_audit_trail_records_every_attempt(outbox: Outbox) -> None:
     )
     storage.record_attempt(Attempt("w1", "batch", taken[:2], 200, 200, 8.0, "sent"),
                            count=True)
-    storage.mark_sent([r.id for r in taken[:2]])
+    storage.mark_sent(taken[:2])
     row0 = storage.message("m0")
     assert row0 is not None and row0["attempts"] == 2 and row0["status"] == "sent"
     history = outbox.history("m0")
@@ -273,14 +276,123 @@ def test_drain_sends_everything_once_with_history(outbox: Outbox, sandbox: Sandb
     assert outbox.history(some)["attempts"][0]["outcome"] == "sent"
 
 
+# -- fencing: a change applies only while the claim that asks for it still holds the row ---
+
+
+def test_each_claim_gets_a_fresh_token_stored_on_its_rows(storage: Storage) -> None:
+    storage.insert([new_row(i, person=f"p{i}") for i in range(3)])
+    first = claim(storage, "w1", max_messages=2)
+    second = claim(storage, "w2")
+    assert {r.claim for r in first} == {first[0].claim} and first[0].claim
+    assert second[0].claim and second[0].claim != first[0].claim
+    stored = {r["id"]: r["claim_token"] for r in storage.rows(status="in_flight")}
+    assert stored == {r.id: r.claim for r in first + second}
+
+
+def test_a_stale_token_changes_nothing(storage: Storage) -> None:
+    storage.insert([new_row(i, person=f"p{i}") for i in range(2)])
+    taken = claim(storage, "w1")
+    stale = [Row(r.id, r.message_id, r.run, r.call_type, r.person, r.payload, r.size,
+                 r.attempts, claim="not-the-token") for r in taken]
+    before = storage.rows()
+    assert storage.extend_lease(stale, 300.0) == []
+    assert storage.mark_sent(stale) == []
+    assert storage.release(stale) == []
+    assert storage.dead_letter([(r, "bad") for r in stale]) == []
+    assert storage.record_attempt(
+        Attempt("w1", "batch", stale, 10, 500, 1.0, "retry", "HTTP 500"), count=True) == []
+    after = storage.rows()
+    assert [{k: v for k, v in r.items() if k != "updated_at"} for r in after] == [
+        {k: v for k, v in r.items() if k != "updated_at"} for r in before]
+    assert storage.counts()["in_flight"] == 2
+    # the real token still works, and a second use of it after the row moved does not
+    assert storage.mark_sent(taken) == [r.id for r in taken]
+    assert storage.release(taken) == []
+    assert storage.counts() == {"pending": 0, "in_flight": 0, "sent": 2, "failed": 0}
+    assert_counts_right(storage)
+
+
+def test_an_expired_and_reclaimed_row_cannot_be_changed_by_the_first_claimer(
+    outbox: Outbox,
+) -> None:
+    storage = outbox.storage
+    storage.insert([new_row(0, "a"), new_row(1, "b")])
+    first = claim(storage, "w1", lease=0.2)
+    time.sleep(0.4)
+    second = claim(storage, "w2")
+    assert [r.id for r in second] == [r.id for r in first]
+    assert storage.extend_lease(first, 60.0) == []  # the first claimer learns it lost them
+    # its late 200 is audited as late and marks nothing sent
+    held = storage.record_attempt(
+        Attempt("w1", "batch", first, 100, 200, 5.0, "sent"), count=True, sent=True)
+    assert held == []
+    assert storage.mark_sent(first) == []
+    assert storage.dead_letter([(first[0], "refused")]) == []
+    assert storage.release(first, next_attempt_at=time.time() + 600) == []
+    assert storage.counts() == {"pending": 0, "in_flight": 2, "sent": 0, "failed": 0}
+    rows = {r["id"]: r for r in storage.rows()}
+    assert {r["worker_id"] for r in rows.values()} == {"w2"}
+    assert {r["attempts"] for r in rows.values()} == {0}
+    assert {r["claim_token"] for r in rows.values()} == {second[0].claim}
+    history = outbox.history("m0")
+    assert history is not None
+    assert [(a["outcome"], a["status_code"]) for a in history["attempts"]] == [("late", 200)]
+    assert storage.sent_since(time.time() - 60) == 0  # a late success is not a send
+    # the second claimer's outcome applies
+    assert storage.extend_lease(second, 60.0) == [r.id for r in second]
+    assert storage.record_attempt(
+        Attempt("w2", "batch", second, 100, 200, 5.0, "sent"), count=True, sent=True
+    ) == [r.id for r in second]
+    assert storage.counts() == {"pending": 0, "in_flight": 0, "sent": 2, "failed": 0}
+    assert [a["outcome"] for a in outbox.history("m1")["attempts"]] == ["late", "sent"]
+    assert_counts_right(storage)
+
+
+def test_an_attempt_over_held_and_lost_rows_splits_into_its_outcome_and_late(
+    outbox: Outbox,
+) -> None:
+    """The zombie of issue 14: W1 pauses, W2 dead-letters, the row is replaced, W1's 200
+    for the old call must not mark the corrected row sent."""
+    storage = outbox.storage
+    storage.insert([new_row(0, "a"), new_row(1, "b")])
+    w1 = claim(storage, "w1", max_messages=1, lease=0.2)
+    w1_b = claim(storage, "w1", max_messages=1, lease=60)
+    time.sleep(0.4)
+    w2 = claim(storage, "w2")
+    assert [r.id for r in w2] == [w1[0].id]
+    assert storage.dead_letter([(w2[0], "HTTP 400: bad")]) == [w2[0].id]
+    assert storage.replace_failed(w2[0].id, payload=w2[0].payload, size=w2[0].size,
+                                  call_type="track", person="a")
+    held = storage.record_attempt(
+        Attempt("w1", "batch", [*w1, *w1_b], 100, 200, 5.0, "sent"), count=True, sent=True)
+    assert held == [w1_b[0].id]
+    assert storage.message("m0")["status"] == "pending"
+    assert storage.message("m0")["attempts"] == 0
+    assert storage.message("m1")["status"] == "sent"
+    outcomes = {(a["outcome"], a["status_code"], a["messages"]) for a in storage.attempts()}
+    assert outcomes == {("late", 200, 1), ("sent", 200, 1)}
+    assert storage.sent_since(time.time() - 60) == 1
+    assert_counts_right(storage)
+
+
+def test_release_worker_and_expiry_end_a_claim(storage: Storage) -> None:
+    storage.insert([new_row(0, "a")])
+    taken = claim(storage, "w1")
+    assert storage.release_worker("w1") == 1
+    assert storage.mark_sent(taken) == []
+    again = claim(storage, "w1")
+    assert again[0].claim != taken[0].claim
+    assert storage.mark_sent(again) == [again[0].id]
+
+
 # -- retention and forgetting --------------------------------------------------------------
 
 
 def test_purge_deletes_only_sent_rows_older_than_the_cutoff(storage: Storage) -> None:
     storage.insert([new_row(i, person=f"p{i}") for i in range(5)])
     taken = claim(storage, max_messages=3)
-    storage.mark_sent([r.id for r in taken[:2]])
-    storage.dead_letter([(taken[2].id, "bad")])
+    storage.mark_sent(taken[:2])
+    storage.dead_letter([(taken[2], "bad")])
     assert storage.purge_sent(time.time() - 3600) == 0
     assert storage.purge_sent(time.time() + 60) == 2
     assert storage.counts() == {"pending": 2, "in_flight": 0, "sent": 0, "failed": 1}
@@ -301,7 +413,7 @@ def _enqueue_person_data(outbox: Outbox) -> None:
     outbox.storage.record_attempt(
         Attempt("w1", "batch", rows, 10, 400, 1.0, "rejected",
                 f"userId {SECRET_ID} rejected"), count=True)
-    outbox.storage.release([r.id for r in rows])
+    outbox.storage.release(rows)
 
 
 def test_forget_deletes_the_person_and_scrubs_audit_errors(outbox: Outbox) -> None:
@@ -398,11 +510,11 @@ def test_counts_stay_right_through_random_operations(storage: Storage) -> None:
             pick = rng.sample(held, rng.randrange(1, len(held) + 1))
             ids = [r.id for r in pick]
             if op == "sent":
-                storage.mark_sent(ids)
+                storage.mark_sent(pick)
             elif op == "release":
-                storage.release(ids, next_attempt_at=rng.choice([None, time.time() + 0.01]))
+                storage.release(pick, next_attempt_at=rng.choice([None, time.time() + 0.01]))
             elif op == "dead":
-                storage.dead_letter([(i, "bad") for i in ids])
+                storage.dead_letter([(r, "bad") for r in pick])
             elif op == "requeue":
                 storage.requeue(ids=ids if rng.random() < 0.5 else None,
                                 run=rng.choice([None, "b"]))
@@ -461,18 +573,17 @@ def test_concurrent_claimers_never_share_a_row_and_keep_each_persons_order(
                             violations.append(f"{row.person} held by w{owner} and w{index}")
                         held_by[row.person] = index
                 time.sleep(rng.random() * 0.003)
-                ids = [r.id for r in taken]
                 if rng.random() < 0.15:
                     with lock:
                         for row in taken:
                             held_by.pop(row.person, None)
-                    storage.release(ids)
+                    storage.release(taken)
                     continue
                 with lock:
                     for row in taken:
                         delivered[row.person].append(int(row.message_id[1:]))
                         held_by.pop(row.person, None)
-                storage.mark_sent(ids)
+                assert storage.mark_sent(taken) == [r.id for r in taken]
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
         finally:
@@ -499,7 +610,7 @@ def test_reopening_keeps_rows_and_schema(outbox_location: str) -> None:
     first.close()
     second = open_storage(outbox_location)
     assert second.counts()["pending"] == 1
-    assert second.schema_version == version == 1  # type: ignore[attr-defined]
+    assert second.schema_version == version >= 2  # type: ignore[attr-defined]
     second.close()
 
 

@@ -35,6 +35,7 @@ import json
 import os
 import random
 import re
+import secrets
 import threading
 import time
 from collections import defaultdict
@@ -44,11 +45,12 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from cio_outbox.batch import Row, select
+from cio_outbox.batch import select
 from cio_outbox.storage.base import (
     CHUNK_ROWS,
     Attempt,
     NewRow,
+    Row,
     StorageError,
     in_ranges,
     row_ranges,
@@ -133,6 +135,11 @@ MIGRATIONS: list[str] = [
         at DOUBLE PRECISION NOT NULL,
         rows_deleted INTEGER NOT NULL
     );
+    """,
+    # 2: fencing. Each claim stores a fresh token on the rows it leases; every later
+    # change to a claimed row names that token (see storage/base.py).
+    """
+    ALTER TABLE {s}.messages ADD COLUMN claim_token TEXT;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -453,11 +460,12 @@ class PostgresStorage:
                 if len(locked) < len(chosen):
                     chosen = _in_order(chosen, locked)
             if chosen:
+                token = secrets.token_hex(8)
                 cur.execute(
                     f"UPDATE {s}.messages SET status = 'in_flight', worker_id = %s,"
-                    " lease_expires_at = %s, next_attempt_at = NULL, updated_at = %s"
-                    " WHERE id = ANY(%s::bigint[])",
-                    (worker_id, now + lease_seconds, now, [r.id for r in chosen]),
+                    " lease_expires_at = %s, next_attempt_at = NULL, updated_at = %s,"
+                    " claim_token = %s WHERE id = ANY(%s::bigint[])",
+                    (worker_id, now + lease_seconds, now, token, [r.id for r in chosen]),
                 )
                 for row in chosen:
                     deltas[(row.run, "pending")] -= 1
@@ -470,99 +478,113 @@ class PostgresStorage:
                 bodies = {row_id: (mid, payload) for row_id, mid, payload in cur.fetchall()}
                 for row in chosen:
                     row.message_id, row.payload = bodies[row.id]
+                    row.claim = token
             self._shift(cur, deltas)
             return chosen
 
         return self._tx(body)
 
-    def extend_lease(self, ids: Sequence[int], worker_id: str, lease_seconds: float) -> None:
-        def body(cur: Any) -> None:
-            cur.execute(
-                f"UPDATE {self._s}.messages SET lease_expires_at = {_NOW} + %s,"
-                f" updated_at = {_NOW} WHERE id = ANY(%s::bigint[]) AND status = 'in_flight'",
-                (lease_seconds, list(ids)),
-            )
+    def extend_lease(self, rows: Sequence[Row], lease_seconds: float) -> list[int]:
+        return self._tx(lambda cur: self._fenced(
+            cur, rows, None, f"lease_expires_at = {_NOW} + %s, updated_at = {_NOW}",
+            (lease_seconds,),
+        ))
 
-        self._tx(body)
-
-    def record_attempt(self, attempt: Attempt, *, count: bool, sent: bool = False) -> None:
-        s = self._s
-        ids = [row.id for row in attempt.rows]
-        runs = sorted({row.run for row in attempt.rows})
-
-        def body(cur: Any) -> None:
-            cur.execute(
-                f"INSERT INTO {s}.attempts (at, worker_id, endpoint, runs, messages, bytes,"
-                " status_code, latency_ms, outcome, error, row_ranges, min_row_id, max_row_id)"
-                f" VALUES ({_NOW}, %s, %s, %s::jsonb, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s)"
-                " RETURNING id",
-                (
-                    attempt.worker_id, attempt.endpoint, json.dumps(runs), len(ids),
-                    attempt.bytes, attempt.status_code, attempt.latency_ms, attempt.outcome,
-                    attempt.error, json.dumps(row_ranges(ids)), min(ids), max(ids),
-                ),
-            )
-            attempt_id = cur.fetchone()[0]
-            cur.execute(
-                f"INSERT INTO {s}.attempt_runs (run, attempt_id)"
-                " SELECT unnest(%s::text[]), %s ON CONFLICT DO NOTHING",
-                (runs, attempt_id),
-            )
+    def record_attempt(self, attempt: Attempt, *, count: bool, sent: bool = False) -> list[int]:
+        def body(cur: Any) -> list[int]:
+            assignments, params = f"updated_at = {_NOW}", []
             if count:
-                cur.execute(
-                    f"UPDATE {s}.messages SET attempts = attempts + 1, last_error = %s,"
-                    f" updated_at = {_NOW} WHERE id = ANY(%s::bigint[])",
-                    (attempt.error, ids),
-                )
-            if sent:  # same transaction: the audit never says sent for a row still in flight
-                deltas: Deltas = defaultdict(int)
-                self._transition(cur, deltas, self._SENT_WHERE, (ids,), "sent", self._SENT_SET, ())
-                self._shift(cur, deltas)
+                assignments += ", attempts = attempts + 1"
+            if sent:
+                assignments += ", " + self._SENT_SET
+            elif count:
+                assignments += ", last_error = %s"
+                params.append(attempt.error)
+            # One statement: the audit never says sent for a row still in flight, and a
+            # row another claim holds now is neither counted nor marked.
+            held = self._fenced(cur, attempt.rows, "sent" if sent else None, assignments,
+                                params)
+            kept = set(held)
+            self._audit(cur, attempt, attempt.outcome, [r for r in attempt.rows if r.id in kept])
+            self._audit(cur, attempt, "late", [r for r in attempt.rows if r.id not in kept])
+            return held
 
-        self._tx(body)
+        return self._tx(body)
 
-    _SENT_WHERE = "id = ANY(%s::bigint[])"
+    def _audit(self, cur: Any, attempt: Attempt, outcome: str, rows: Sequence[Row]) -> None:
+        """One audit entry for these rows of an attempt (none when rows is empty)."""
+        if not rows:
+            return
+        s = self._s
+        ids = [row.id for row in rows]
+        runs = sorted({row.run for row in rows})
+        cur.execute(
+            f"INSERT INTO {s}.attempts (at, worker_id, endpoint, runs, messages, bytes,"
+            " status_code, latency_ms, outcome, error, row_ranges, min_row_id, max_row_id)"
+            f" VALUES ({_NOW}, %s, %s, %s::jsonb, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s)"
+            " RETURNING id",
+            (
+                attempt.worker_id, attempt.endpoint, json.dumps(runs), len(ids),
+                attempt.bytes, attempt.status_code, attempt.latency_ms, outcome,
+                attempt.error, json.dumps(row_ranges(ids)), min(ids), max(ids),
+            ),
+        )
+        attempt_id = cur.fetchone()[0]
+        cur.execute(
+            f"INSERT INTO {s}.attempt_runs (run, attempt_id)"
+            " SELECT unnest(%s::text[]), %s ON CONFLICT DO NOTHING",
+            (runs, attempt_id),
+        )
+
     _SENT_SET = (
-        f"sent_at = {_NOW}, updated_at = {_NOW}, worker_id = NULL,"
+        f"sent_at = {_NOW}, worker_id = NULL,"
         " lease_expires_at = NULL, next_attempt_at = NULL, last_error = NULL"
     )
 
-    def mark_sent(self, ids: Sequence[int]) -> None:
-        self._change(self._SENT_WHERE, (list(ids),), "sent", self._SENT_SET, ())
+    def mark_sent(self, rows: Sequence[Row]) -> list[int]:
+        return self._tx(lambda cur: self._fenced(
+            cur, rows, "sent", f"updated_at = {_NOW}, " + self._SENT_SET, ()
+        ))
 
-    def dead_letter(self, errors: Sequence[tuple[int, str]]) -> None:
-        if not errors:
-            return
-
-        def body(cur: Any) -> None:
+    def dead_letter(self, errors: Sequence[tuple[Row, str]]) -> list[int]:
+        def body(cur: Any) -> list[int]:
+            by_claim: dict[str, list[tuple[Row, str]]] = defaultdict(list)
+            for row, error in errors:
+                by_claim[row.claim].append((row, error))
             deltas: Deltas = defaultdict(int)
-            # One statement: each row gets its own error, from the unnested pair of arrays.
-            cur.execute(
-                f"WITH e AS (SELECT * FROM unnest(%s::bigint[], %s::text[]) AS e(id, error)),"
-                f" old AS (SELECT m.id, m.run, m.status, e.error FROM {self._s}.messages m"
-                f" JOIN e ON e.id = m.id WHERE m.status NOT IN ('sent', 'failed')"
-                f" ORDER BY m.id FOR UPDATE OF m),"
-                f" moved AS (UPDATE {self._s}.messages m SET status = 'failed',"
-                f" last_error = old.error, updated_at = {_NOW}, worker_id = NULL,"
-                f" lease_expires_at = NULL, next_attempt_at = NULL FROM old"
-                f" WHERE m.id = old.id RETURNING old.run, old.status)"
-                f" SELECT run, status, count(*) FROM moved GROUP BY run, status",
-                ([row_id for row_id, _ in errors], [error for _, error in errors]),
-            )
-            for run, old_status, n in cur.fetchall():
-                deltas[(run, old_status)] -= n
-                deltas[(run, "failed")] += n
+            changed: list[int] = []
+            for token, pairs in by_claim.items():
+                # One statement: each row gets its own error, from the unnested arrays.
+                cur.execute(
+                    f"WITH e AS (SELECT * FROM unnest(%s::bigint[], %s::text[]) AS e(id, error)),"
+                    f" old AS (SELECT m.id, m.run, e.error FROM {self._s}.messages m"
+                    f" JOIN e ON e.id = m.id WHERE m.status = 'in_flight'"
+                    f" AND m.claim_token = %s ORDER BY m.id FOR UPDATE OF m),"
+                    f" moved AS (UPDATE {self._s}.messages m SET status = 'failed',"
+                    f" last_error = old.error, updated_at = {_NOW}, worker_id = NULL,"
+                    f" lease_expires_at = NULL, next_attempt_at = NULL FROM old"
+                    f" WHERE m.id = old.id RETURNING m.id, old.run)"
+                    f" SELECT id, run FROM moved",
+                    ([r.id for r, _ in pairs], [error for _, error in pairs], token),
+                )
+                for row_id, run in cur.fetchall():
+                    changed.append(row_id)
+                    deltas[(run, "in_flight")] -= 1
+                    deltas[(run, "failed")] += 1
             self._shift(cur, deltas)
+            return sorted(changed)
 
-        self._tx(body)
+        return self._tx(body)
 
-    def release(self, ids: Sequence[int], *, next_attempt_at: float | None = None) -> None:
-        self._change(
-            "id = ANY(%s::bigint[]) AND status = 'in_flight'", (list(ids),), "pending",
+    def release(
+        self, rows: Sequence[Row], *, next_attempt_at: float | None = None
+    ) -> list[int]:
+        return self._tx(lambda cur: self._fenced(
+            cur, rows, "pending",
             f"worker_id = NULL, lease_expires_at = NULL, next_attempt_at = %s,"
             f" updated_at = {_NOW}",
             (next_attempt_at,),
-        )
+        ))
 
     def release_worker(self, worker_id: str) -> int:
         return self._change(
@@ -824,6 +846,43 @@ class PostgresStorage:
             deltas[(run, new_status)] += n
             total += n
         return total
+
+    def _fenced(
+        self,
+        cur: Any,
+        rows: Sequence[Row],
+        new_status: str | None,
+        assignments: str,
+        params: Sequence[Any],
+    ) -> list[int]:
+        """Change the rows still in flight under their claim token; the ids changed.
+
+        The token is checked in the statement that changes the row (and rechecked by
+        PostgreSQL after any lock wait), so a claim that has lost a row changes nothing."""
+        by_claim: dict[str, list[int]] = defaultdict(list)
+        for row in rows:
+            by_claim[row.claim].append(row.id)
+        status = "status = %s, " if new_status else ""
+        first = (new_status,) if new_status else ()
+        changed: list[int] = []
+        deltas: Deltas = defaultdict(int)
+        for token, ids in by_claim.items():
+            cur.execute(
+                f"WITH old AS (SELECT id, run FROM {self._s}.messages"
+                " WHERE id = ANY(%s::bigint[]) AND status = 'in_flight' AND claim_token = %s"
+                " ORDER BY id FOR UPDATE),"
+                f" moved AS (UPDATE {self._s}.messages m SET {status}{assignments} FROM old"
+                " WHERE m.id = old.id RETURNING m.id, old.run)"
+                " SELECT id, run FROM moved",
+                (ids, token, *first, *params),
+            )
+            for row_id, run in cur.fetchall():
+                changed.append(row_id)
+                if new_status:
+                    deltas[(run, "in_flight")] -= 1
+                    deltas[(run, new_status)] += 1
+        self._shift(cur, deltas)
+        return sorted(changed)
 
     def _change(
         self, where: str, params: Sequence[Any], new_status: str, assignments: str,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -20,11 +21,12 @@ from itertools import groupby, islice
 from pathlib import Path
 from typing import Any
 
-from cio_outbox.batch import Row, select
+from cio_outbox.batch import select
 from cio_outbox.storage.base import (
     CHUNK_ROWS,
     Attempt,
     NewRow,
+    Row,
     StorageError,
     in_ranges,
     row_ranges,
@@ -97,6 +99,11 @@ MIGRATIONS: list[str] = [
         at REAL NOT NULL,
         rows_deleted INTEGER NOT NULL
     );
+    """,
+    # 2: fencing. Each claim stores a fresh token on the rows it leases; every later
+    # change to a claimed row names that token (see storage/base.py).
+    """
+    ALTER TABLE messages ADD COLUMN claim_token TEXT;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -366,11 +373,12 @@ class SQLiteStorage:
             if not chosen:
                 return []
             ids = json.dumps([r.id for r in chosen])
+            token = secrets.token_hex(8)
             conn.execute(
                 "UPDATE messages SET status = 'in_flight', worker_id = ?, lease_expires_at = ?,"
-                " next_attempt_at = NULL, updated_at = ?"
+                " next_attempt_at = NULL, updated_at = ?, claim_token = ?"
                 " WHERE id IN (SELECT value FROM json_each(?))",
-                (worker_id, now + lease_seconds, now, ids),
+                (worker_id, now + lease_seconds, now, token, ids),
             )
             deltas: dict[tuple[str, str], int] = defaultdict(int)
             for row in chosen:
@@ -388,6 +396,7 @@ class SQLiteStorage:
         }
         for row in chosen:
             row.message_id, row.payload = bodies[row.id]
+            row.claim = token
         return chosen
 
     def _candidates(self, conn: sqlite3.Connection, run: str | None) -> Iterator[Row]:
@@ -422,62 +431,56 @@ class SQLiteStorage:
         except sqlite3.Error as exc:
             raise self._explain(exc) from None
 
-    def extend_lease(self, ids: Sequence[int], worker_id: str, lease_seconds: float) -> None:
+    def extend_lease(self, rows: Sequence[Row], lease_seconds: float) -> list[int]:
         with self._write() as conn:
             now = time.time()
-            conn.execute(
-                "UPDATE messages SET lease_expires_at = ?, updated_at = ?"
-                " WHERE id IN (SELECT value FROM json_each(?)) AND status = 'in_flight'",
-                (now + lease_seconds, now, json.dumps(list(ids))),
-            )
+            return _fenced(conn, rows, None, "lease_expires_at = ?, updated_at = ?",
+                           (now + lease_seconds, now))
 
-    def record_attempt(self, attempt: Attempt, *, count: bool, sent: bool = False) -> None:
-        ids = [row.id for row in attempt.rows]
-        runs = sorted({row.run for row in attempt.rows})
+    def record_attempt(self, attempt: Attempt, *, count: bool, sent: bool = False) -> list[int]:
         with self._write() as conn:
             now = time.time()
-            cursor = conn.execute(
-                "INSERT INTO attempts (at, worker_id, endpoint, runs, messages, bytes,"
-                " status_code, latency_ms, outcome, error, row_ranges, min_row_id, max_row_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    now, attempt.worker_id, attempt.endpoint, json.dumps(runs), len(ids),
-                    attempt.bytes, attempt.status_code, attempt.latency_ms, attempt.outcome,
-                    attempt.error, json.dumps(row_ranges(ids)), min(ids), max(ids),
-                ),
-            )
-            conn.executemany(
-                "INSERT OR IGNORE INTO attempt_runs (run, attempt_id) VALUES (?, ?)",
-                [(run, cursor.lastrowid) for run in runs],
-            )
+            assignments, params = "updated_at = ?", [now]
             if count:
-                conn.execute(
-                    "UPDATE messages SET attempts = attempts + 1, last_error = ?, updated_at = ?"
-                    " WHERE id IN (SELECT value FROM json_each(?))",
-                    (attempt.error, now, json.dumps(ids)),
-                )
-            if sent:  # same transaction: the audit never says sent for a row still in flight
-                _mark_sent(conn, ids, now)
+                assignments += ", attempts = attempts + 1"
+            if sent:
+                assignments += ", " + _SENT_SET
+                params.append(now)
+            elif count:
+                assignments += ", last_error = ?"
+                params.append(attempt.error)
+            # One statement: the audit never says sent for a row still in flight, and a
+            # row another claim holds now is neither counted nor marked.
+            held = _fenced(conn, attempt.rows, "sent" if sent else None, assignments, params)
+            kept = set(held)
+            _audit(conn, attempt, attempt.outcome, [r for r in attempt.rows if r.id in kept], now)
+            _audit(conn, attempt, "late", [r for r in attempt.rows if r.id not in kept], now)
+            return held
 
-    def mark_sent(self, ids: Sequence[int]) -> None:
+    def mark_sent(self, rows: Sequence[Row]) -> list[int]:
         with self._write() as conn:
-            _mark_sent(conn, ids, time.time())
+            return _fenced(conn, rows, "sent", "updated_at = ?, " + _SENT_SET,
+                           (time.time(), time.time()))
 
-    def dead_letter(self, errors: Sequence[tuple[int, str]]) -> None:
+    def dead_letter(self, errors: Sequence[tuple[Row, str]]) -> list[int]:
         with self._write() as conn:
             now = time.time()
-            for row_id, error in errors:
-                _transition(
-                    conn, "id = ? AND status != 'sent'", (row_id,), "failed",
+            changed: list[int] = []
+            for row, error in errors:
+                changed += _fenced(
+                    conn, [row], "failed",
                     "last_error = ?, updated_at = ?, worker_id = NULL, lease_expires_at = NULL,"
                     " next_attempt_at = NULL",
                     (error, now),
                 )
+            return sorted(changed)
 
-    def release(self, ids: Sequence[int], *, next_attempt_at: float | None = None) -> None:
+    def release(
+        self, rows: Sequence[Row], *, next_attempt_at: float | None = None
+    ) -> list[int]:
         with self._write() as conn:
-            _transition(
-                conn, _IDS + " AND status = 'in_flight'", (json.dumps(list(ids)),), "pending",
+            return _fenced(
+                conn, rows, "pending",
                 "worker_id = NULL, lease_expires_at = NULL, next_attempt_at = ?, updated_at = ?",
                 (next_attempt_at, time.time()),
             )
@@ -714,12 +717,66 @@ def _transition(
     return sum(n for _, _, n in moved)
 
 
-def _mark_sent(conn: sqlite3.Connection, ids: Sequence[int], now: float) -> None:
-    _transition(
-        conn, _IDS, (json.dumps(list(ids)),), "sent",
-        "sent_at = ?, updated_at = ?, worker_id = NULL, lease_expires_at = NULL,"
-        " next_attempt_at = NULL, last_error = NULL",
-        (now, now),
+_SENT_SET = (
+    "sent_at = ?, worker_id = NULL, lease_expires_at = NULL, next_attempt_at = NULL,"
+    " last_error = NULL"
+)
+
+
+def _fenced(
+    conn: sqlite3.Connection,
+    rows: Sequence[Row],
+    new_status: str | None,
+    assignments: str,
+    params: Sequence[Any],
+) -> list[int]:
+    """Change the rows still in flight under their claim token; the ids changed.
+
+    The token is checked in the UPDATE itself, so a claim that has lost a row (lease
+    expired, row taken by another worker, dead-lettered, replaced) changes nothing."""
+    by_claim: dict[str, list[int]] = defaultdict(list)
+    for row in rows:
+        by_claim[row.claim].append(row.id)
+    status = "status = ?, " if new_status else ""
+    first = (new_status,) if new_status else ()
+    changed: list[int] = []
+    deltas: dict[tuple[str, str], int] = defaultdict(int)
+    for token, ids in by_claim.items():
+        cursor = conn.execute(
+            f"UPDATE messages SET {status}{assignments}"
+            f" WHERE status = 'in_flight' AND claim_token = ? AND {_IDS} RETURNING id, run",
+            (*first, *params, token, json.dumps(ids)),
+        )
+        for row_id, run in cursor.fetchall():
+            changed.append(row_id)
+            if new_status:
+                deltas[(run, "in_flight")] -= 1
+                deltas[(run, new_status)] += 1
+    _shift(conn, deltas)
+    return sorted(changed)
+
+
+def _audit(
+    conn: sqlite3.Connection, attempt: Attempt, outcome: str, rows: Sequence[Row], now: float
+) -> None:
+    """One audit entry for these rows of an attempt (none when rows is empty)."""
+    if not rows:
+        return
+    ids = [row.id for row in rows]
+    runs = sorted({row.run for row in rows})
+    cursor = conn.execute(
+        "INSERT INTO attempts (at, worker_id, endpoint, runs, messages, bytes,"
+        " status_code, latency_ms, outcome, error, row_ranges, min_row_id, max_row_id)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            now, attempt.worker_id, attempt.endpoint, json.dumps(runs), len(ids),
+            attempt.bytes, attempt.status_code, attempt.latency_ms, outcome,
+            attempt.error, json.dumps(row_ranges(ids)), min(ids), max(ids),
+        ),
+    )
+    conn.executemany(
+        "INSERT OR IGNORE INTO attempt_runs (run, attempt_id) VALUES (?, ?)",
+        [(run, cursor.lastrowid) for run in runs],
     )
 
 
