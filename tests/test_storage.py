@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 import threading
 import time
@@ -612,6 +613,165 @@ def test_reopening_keeps_rows_and_schema(outbox_location: str) -> None:
     assert second.counts()["pending"] == 1
     assert second.schema_version == version >= 2  # type: ignore[attr-defined]
     second.close()
+
+
+# -- one schema, two dialects -----------------------------------------------------------
+
+
+def _sqlite_schema(path: str) -> tuple[dict[str, tuple[str, ...]], bool]:
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    try:
+        indexes = {
+            name: tuple(col for _, _, col in conn.execute(f"PRAGMA index_info({name})"))
+            for (name,) in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")
+        }
+        table_sql = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
+    finally:
+        conn.close()
+    return indexes, "CHECK (status IN ('pending', 'in_flight', 'sent', 'failed'))" in table_sql
+
+
+def _postgres_schema(location: str) -> tuple[dict[str, tuple[str, ...]], bool]:
+    import psycopg
+
+    from cio_outbox.storage.postgres import split_location
+
+    plain, schema = split_location(location)
+    with psycopg.connect(plain, autocommit=True) as conn:
+        indexes = {
+            name: tuple(cols) for name, cols in conn.execute(
+                "SELECT i.relname, array_agg(a.attname ORDER BY k.n) FROM pg_index x"
+                " JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_class t ON t.oid = x.indrelid"
+                " JOIN pg_namespace s ON s.oid = t.relnamespace"
+                " CROSS JOIN LATERAL unnest(x.indkey) WITH ORDINALITY AS k(attnum, n)"
+                " JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = k.attnum"
+                " WHERE s.nspname = %s AND NOT x.indisprimary AND NOT x.indisunique"
+                " GROUP BY i.relname", (schema,))
+        }
+        checks = [d for (d,) in conn.execute(
+            "SELECT pg_get_constraintdef(c.oid) FROM pg_constraint c"
+            " JOIN pg_namespace s ON s.oid = c.connamespace"
+            " WHERE s.nspname = %s AND c.contype = 'c'", (schema,))]
+    return indexes, any("status" in d and "in_flight" in d for d in checks)
+
+
+def test_both_schemas_have_the_same_indexes_and_status_check(
+    tmp_path: Path, postgres_location: str
+) -> None:
+    path = str(tmp_path / "outbox.db")
+    open_storage(path).close()
+    open_storage(postgres_location).close()
+    lite, lite_check = _sqlite_schema(path)
+    post, post_check = _postgres_schema(postgres_location)
+    assert lite == post
+    assert {"messages_sent", "attempts_at", "messages_pending"} <= set(lite)
+    assert lite_check and post_check
+
+
+def test_a_bad_status_is_refused_by_the_schema(outbox_location: str) -> None:
+    storage = open_storage(outbox_location)
+    storage.insert([new_row(0)])
+    with pytest.raises(StorageError, match=r"(?i)check"):
+        storage._change("id > 0", (), "lost", "updated_at = {now}", ())  # type: ignore[attr-defined]
+    assert storage.counts()["pending"] == 1
+    storage.close()
+
+
+def _v1_rows() -> list[tuple[Any, ...]]:
+    payload = json.dumps({"type": "track", "userId": "old", "event": "E", "messageId": "m1"})
+    return [("m1", "r", "track", "old", payload, len(payload), "pending", 0, 1.0, 1.0),
+            ("m2", "r", "track", "old", payload, len(payload), "sent", 1, 1.0, 1.0)]
+
+
+def test_an_sqlite_outbox_of_schema_version_1_opens_and_migrates(tmp_path: Path) -> None:
+    import sqlite3
+
+    from cio_outbox.storage import schema
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(schema.render(0, schema.SQLITE, ""))  # the DDL of release 1
+    conn.executemany("INSERT INTO messages (message_id, run, call_type, person, payload, size,"
+                     " status, attempts, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                     _v1_rows())
+    conn.execute("INSERT INTO counts VALUES ('r', 'pending', 1), ('r', 'sent', 1)")
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    storage = open_storage(path)
+    assert storage.schema_version == schema.SCHEMA_VERSION  # type: ignore[attr-defined]
+    assert storage.counts() == {"pending": 1, "in_flight": 0, "sent": 1, "failed": 0}
+    taken = claim(storage)
+    assert [r.message_id for r in taken] == ["m1"] and taken[0].claim
+    assert storage.mark_sent(taken) == [taken[0].id]
+    storage.close()
+    indexes, has_check = _sqlite_schema(str(path))
+    fresh = tmp_path / "fresh.db"
+    open_storage(fresh).close()
+    assert (indexes, has_check) == _sqlite_schema(str(fresh))
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute("UPDATE messages SET status = 'lost'")
+    conn.close()
+
+
+def test_a_postgres_outbox_of_schema_version_1_opens_and_migrates(
+    postgres_location: str,
+) -> None:
+    import psycopg
+
+    from cio_outbox.storage import schema
+    from cio_outbox.storage.postgres import split_location
+
+    plain, name = split_location(postgres_location)
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {name}")
+        conn.execute(f"CREATE TABLE {name}.schema_version (version INTEGER PRIMARY KEY,"
+                     " applied_at DOUBLE PRECISION NOT NULL)")
+        conn.execute(schema.render(0, schema.POSTGRES, f"{name}."))
+        conn.execute(f"INSERT INTO {name}.schema_version VALUES (1, 0)")
+        with conn.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO {name}.messages (message_id, run, call_type, person, payload,"
+                " size, status, attempts, created_at, updated_at)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)", _v1_rows())
+        conn.execute(f"INSERT INTO {name}.counts VALUES ('r', 'pending', 1), ('r', 'sent', 1)")
+    storage = open_storage(postgres_location)
+    assert storage.schema_version == schema.SCHEMA_VERSION  # type: ignore[attr-defined]
+    taken = claim(storage)
+    assert [r.message_id for r in taken] == ["m1"]
+    assert storage.mark_sent(taken) == [taken[0].id]
+    assert storage.counts()["sent"] == 2
+    storage.close()
+
+
+def test_inspection_views_read_with_sqlite_utils(tmp_path: Path) -> None:
+    import sqlite_utils
+
+    path = tmp_path / "outbox.db"
+    storage = open_storage(path)
+    storage.insert([new_row(0, "a", run="crm"), new_row(1, "b", run="crm")])
+    taken = claim(storage)
+    storage.record_attempt(Attempt("w1", "batch", taken, 10, 400, 2.0, "rejected",
+                                   "HTTP 400: bad"), count=True)
+    storage.dead_letter([(taken[0], "HTTP 400: bad")])
+    storage.close()
+    db = sqlite_utils.Database(path)
+    failed = list(db["failed_messages"].rows)
+    assert [(r["message_id"], r["run"], r["last_error"], r["attempts"]) for r in failed] == [
+        ("m0", "crm", "HTTP 400: bad", 1)]
+    iso = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"
+    assert re.match(iso, failed[0]["failed_at"]) and re.match(iso, failed[0]["created_at"])
+    by_run = list(db["attempts_by_run"].rows_where("run = ?", ["crm"]))
+    assert [(r["outcome"], r["status_code"], r["messages"]) for r in by_run] == [
+        ("rejected", 400, 2)]
+    assert re.match(iso, by_run[0]["at"])
+    assert set(db.view_names()) >= {"failed_messages", "attempts_by_run"}
+    db.close()
 
 
 # -- PostgreSQL only -----------------------------------------------------------------------
