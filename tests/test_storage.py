@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -433,6 +434,49 @@ def test_forget_deletes_the_person_and_scrubs_audit_errors(outbox: Outbox) -> No
         outbox.forget("  ")
 
 
+def _row(n: int, call_type: str, person: str, **fields: Any) -> NewRow:
+    payload = json.dumps({"type": call_type, "userId": person, "messageId": f"m{n}",
+                          **fields}, separators=(",", ":"))
+    return NewRow(f"m{n}", "r", call_type, person, payload, len(payload.encode()))
+
+
+def test_forget_selects_by_person_and_alias_previous_id_exactly(storage: Storage) -> None:
+    storage.insert([
+        _row(0, "identify", "1", traits={"name": "One"}),
+        _row(1, "track", "u-2", event="Signed Up", properties={"referred_by": "1"}),
+        _row(2, "identify", "u-4", traits={"tier": "1"}),
+        _row(3, "group", "u-5", groupId="acme", traits={"objectTypeId": "1"}),
+        _row(4, "alias", "u-9", previousId="1"),
+        _row(5, "alias", "u-8", previousId="11"),
+        _row(6, "track", "11", event="E"),
+        _row(7, "track", "1", event="Later"),
+    ])
+    held = claim(storage, max_messages=1)  # m0, the person's first row, is in flight
+    assert [r.message_id for r in held] == ["m0"]
+    report = storage.forget("1")
+    assert report["deleted"] == 3
+    assert report["by_status"] == {"pending": 2, "in_flight": 1, "sent": 0, "failed": 0}
+    left = [r["message_id"] for r in storage.rows()]
+    assert left == ["m1", "m2", "m3", "m5", "m6"]
+    # the in-flight row is gone: its worker's late success finds nothing to resurrect
+    assert storage.mark_sent(held) == []
+    assert storage.message("m0") is None
+    assert_counts_right(storage)
+
+
+def test_forget_redacts_audit_text_by_exact_token(storage: Storage) -> None:
+    storage.insert([_row(0, "track", "4", event="E"), _row(1, "track", "u-7", event="E")])
+    taken = claim(storage)
+    storage.record_attempt(Attempt("w1", "batch", taken, 10, 400, 1.0, "rejected",
+                                   "HTTP 400: userId 4 refused; 14 items, 4xx"), count=True)
+    storage.release(taken)
+    report = storage.forget("4")
+    assert report["deleted"] == 1 and report["redacted"] >= 1
+    errors = [a["error"] for a in storage.attempts()]
+    assert errors == ["HTTP 400: userId [forgotten] refused; 14 items, 4xx"]
+    assert storage.message("m1")["last_error"] == errors[0]
+
+
 def test_sqlite_forget_leaves_no_trace_in_the_file_or_wal(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     with Outbox(path) as outbox:
@@ -774,6 +818,107 @@ def test_inspection_views_read_with_sqlite_utils(tmp_path: Path) -> None:
     db.close()
 
 
+# -- storage faults: the real cause, the file named, nothing half-written ------------------
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB file system (tmpfs), mounted for the test: needs root."""
+    import os
+    import subprocess
+
+    where = tmp_path / "disk"
+    where.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tiny tmpfs needs root; the max_page_count test still runs")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _fill_until_full(storage: Storage) -> StorageError:
+    for n in range(0, 100_000, 200):
+        rows = [new_row(i, person=f"p{i}", extra={"pad": "x" * 2000}) for i in range(n, n + 200)]
+        try:
+            storage.insert(rows)
+        except StorageError as exc:
+            return exc
+    raise AssertionError("the disk never filled")
+
+
+def test_a_full_disk_is_a_storage_error_naming_the_file(tiny_disk: Path) -> None:
+    path = tiny_disk / "outbox.db"
+    storage = open_storage(path)
+    error = _fill_until_full(storage)
+    text = str(error)
+    assert str(path) in text and "disk is full" in text
+    assert "cannot rollback" not in text
+    # nothing half-written: the counts match the rows, and the outbox still reads
+    assert_counts_right(storage)
+    storage.close()
+
+
+def test_a_full_database_by_page_limit_rolls_back_cleanly(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    storage = open_storage(path)
+    storage.insert([new_row(0)])
+    conn = storage.conn  # type: ignore[attr-defined]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages + 20}")
+    error = _fill_until_full(storage)
+    assert str(path) in str(error) and "disk is full" in str(error)
+    assert "cannot rollback" not in str(error)
+    assert not conn.in_transaction
+    assert_counts_right(storage)
+    conn.execute("PRAGMA max_page_count = 1073741823")
+    assert storage.insert([new_row(999_999)]) == 1
+    storage.close()
+
+
+def test_a_read_only_file_system_is_a_storage_error_naming_the_file(tiny_disk: Path) -> None:
+    import subprocess
+
+    path = tiny_disk / "outbox.db"
+    storage = open_storage(path)
+    storage.insert([new_row(0)])
+    storage.close()
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
+    with pytest.raises(StorageError) as caught:
+        open_storage(path).insert([new_row(1)])
+    assert str(path) in str(caught.value)
+    assert "read-only" in str(caught.value) or "readonly" in str(caught.value)
+
+
+def test_a_lock_held_past_the_busy_timeout_is_a_storage_error(tmp_path: Path) -> None:
+    import sqlite3
+
+    from cio_outbox.storage.sqlite import SQLiteStorage
+
+    path = tmp_path / "outbox.db"
+    storage = SQLiteStorage(path, busy_timeout=0.3)
+    storage.insert([new_row(0)])
+    taken = claim(storage)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(StorageError) as caught:
+            storage.mark_sent(taken)
+        assert time.monotonic() - started >= 0.25
+        assert str(path) in str(caught.value) and "locked" in str(caught.value)
+        assert "cannot rollback" not in str(caught.value)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert storage.mark_sent(taken) == [taken[0].id]  # the same storage goes on afterwards
+    storage.close()
+
+
 # -- PostgreSQL only -----------------------------------------------------------------------
 
 
@@ -857,6 +1002,18 @@ def test_postgres_claim_skips_a_row_locked_elsewhere_and_that_persons_later_rows
         other.rollback()
     assert [r.message_id for r in claim(storage, "w2")] == ["m0", "m2"]
     assert_counts_right(storage)
+    storage.close()
+
+
+def test_postgres_ends_a_transaction_left_open_by_a_paused_process(
+    postgres_location: str,
+) -> None:
+    from cio_outbox.storage.postgres import IDLE_IN_TRANSACTION_MS
+
+    storage = open_storage(postgres_location)
+    conn = storage.conn  # type: ignore[attr-defined]
+    shown = conn.execute("SHOW idle_in_transaction_session_timeout").fetchone()[0]
+    assert shown == f"{IDLE_IN_TRANSACTION_MS // 60_000}min" and IDLE_IN_TRANSACTION_MS <= 60_000
     storage.close()
 
 

@@ -57,6 +57,7 @@ DEFAULT_SCHEMA = "cio_outbox"
 CONNECT_TIMEOUT_SECONDS = 10
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _RETRIES = 8
+IDLE_IN_TRANSACTION_MS = 60_000
 _COPY_FROM = 64  # rows from which an insert goes by COPY
 # The server's clock, in Unix seconds, at the start of the current transaction.
 _NOW = "extract(epoch from now())::float8"
@@ -150,6 +151,10 @@ class PostgresStorage(SQLStorage):
             conn = psycopg.connect(
                 self._url, autocommit=True, connect_timeout=max(1, int(self.connect_timeout)),
                 application_name="cio-outbox",
+                # Our transactions last milliseconds. One left open longer belongs to a
+                # process that is paused (SIGSTOP, a suspended laptop) or hung; the server
+                # ends it, so that its claim lock and row locks do not stop every worker.
+                options=f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}",
             )
         except psycopg.Error as exc:
             raise self._explain(exc) from None

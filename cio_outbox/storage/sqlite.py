@@ -129,10 +129,12 @@ class SQLiteStorage(SQLStorage):
                 f"{self.path} is not a cio-outbox database or is damaged ({text}); "
                 "point --db at another file, or restore it from a backup"
             )
-        if "readonly" in text or "read-only" in text:
+        read_only = self._why_read_only()
+        if "readonly" in text or "read-only" in text or (
+                read_only and "unable to open" in text):
             return StorageError(
-                f"{self.path} is read-only ({text}); the outbox needs write access to the "
-                "file and its folder (for the -wal and -shm files)"
+                f"{self.path} is read-only ({read_only or text}); the outbox needs write "
+                "access to the file and its folder (for the -wal and -shm files)"
             )
         if "locked" in text or "busy" in text:
             return StorageError(
@@ -147,6 +149,20 @@ class SQLiteStorage(SQLStorage):
         if "unable to open" in text:
             return StorageError(f"cannot open outbox {self.path} ({text})")
         return StorageError(f"outbox {self.path}: {text}")
+
+    def _why_read_only(self) -> str | None:
+        """Why the file cannot be written, when the file system or permissions say so."""
+        folder = self.path.parent
+        try:
+            if os.statvfs(folder).f_flag & os.ST_RDONLY:
+                return f"the file system holding {folder} is mounted read-only"
+        except OSError:
+            return None
+        if not os.access(folder, os.W_OK):
+            return f"folder {folder} is not writable"
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            return "the file is not writable"
+        return None
 
     def _tx(self, body: Callable[[Any], T]) -> T:
         """One write transaction, taken up front so that it never dead-locks on upgrade."""
