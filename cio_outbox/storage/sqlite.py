@@ -179,9 +179,12 @@ class SQLiteStorage(SQLStorage):
             _rollback(conn)
             raise
 
-    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    def _read(self, sql: str, params: Sequence[Any] = (), *, tuples: bool = False
+              ) -> list[Any]:
         try:
             cursor = self.conn.execute(sql, params)
+            if tuples:
+                return cursor.fetchall()
             cursor.row_factory = sqlite3.Row
             return [dict(row) for row in cursor.fetchall()]
         except sqlite3.Error as exc:
