@@ -721,6 +721,15 @@ class PostgresStorage:
     def purge_sent(self, before: float) -> int:
         return self._remove("status = 'sent' AND sent_at < %s", (before,))
 
+    def purgeable(self, before: float) -> list[dict[str, Any]]:
+        """What :meth:`purge_sent` would delete, by run: rows and their sent_at range."""
+        return self._read(
+            "SELECT run, count(*) AS rows, min(sent_at) AS oldest, max(sent_at) AS newest"
+            f" FROM {self._s}.messages WHERE status = 'sent' AND sent_at < %s"
+            " GROUP BY run ORDER BY run",
+            (before,),
+        )
+
     def forget(self, person: str) -> int:
         """Delete every row naming this person, scrub audit errors, then VACUUM FULL.
 

@@ -630,6 +630,15 @@ class SQLiteStorage:
         with self._write() as conn:
             return _delete(conn, "status = 'sent' AND sent_at < ?", (before,))
 
+    def purgeable(self, before: float) -> list[dict[str, Any]]:
+        """What :meth:`purge_sent` would delete, by run: rows and their sent_at range."""
+        rows = self._read(
+            "SELECT run, count(*) AS rows, min(sent_at) AS oldest, max(sent_at) AS newest"
+            " FROM messages WHERE status = 'sent' AND sent_at < ? GROUP BY run ORDER BY run",
+            (before,),
+        )
+        return [dict(row) for row in rows]
+
     def forget(self, person: str) -> int:
         """Delete every row naming this person and scrub them from audit errors, then VACUUM."""
         needle = json.dumps(person, ensure_ascii=False)
