@@ -769,8 +769,9 @@ def forget(user_id: str, db: str, as_json: bool) -> None:
 @_json_option
 def check(host: str | None, region: str | None, allow_insecure: bool, send_test_event: bool,
           as_json: bool) -> None:
-    """Validate the configuration (key format, region and host agree); send nothing unless
-    --send-test-event is given, then send one clearly named test event and report the HTTP
+    """Validate the configuration (key format, region and host agree), then reach the host
+    with an empty batch (no message) and say whether it answered like the Pipelines API.
+    With --send-test-event, also send one clearly named test event and report the HTTP
     result and latency. The key comes from CIO_API_KEY and is never shown."""
     from cio_outbox.check import check as run_check
 
@@ -784,6 +785,9 @@ def check(host: str | None, region: str | None, allow_insecure: bool, send_test_
             click.echo(f"key:    {report['scheme']} auth, region in key: {region_text}")
         if "host" in report:
             click.echo(f"host:   {report['host']} (region {(report['region'] or '-').upper()})")
+        if report.get("answered") and report["ok"]:
+            click.echo(f"answer: answered like the Pipelines API (HTTP "
+                       f"{report['probe_status_code']}, {report['probe_latency_ms']} ms)")
         for warning in report["warnings"]:
             click.echo(f"warning: {warning}")
         if report["sent"]:
@@ -794,8 +798,10 @@ def check(host: str | None, region: str | None, allow_insecure: bool, send_test_
             click.echo(f"problem: {problem}")
         click.echo("ok" if report["ok"] else "not ok")
     if not report["ok"]:
-        auth = report.get("status_code") in (401, 403)
-        sys.exit(EXIT_AUTH if auth else (EXIT_FATAL if report["sent"] else EXIT_USAGE))
+        codes = (report.get("status_code"), report.get("probe_status_code"))
+        reached = report["sent"] or "answered" in report
+        sys.exit(EXIT_AUTH if {401, 403} & set(codes) else (EXIT_FATAL if reached
+                                                              else EXIT_USAGE))
 
 
 # -- demo ------------------------------------------------------------------------------
