@@ -32,6 +32,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -351,6 +352,10 @@ def stop_on_signals(worker: Worker, printer: ProgressPrinter) -> Iterator[None]:
 @click.option("--until-empty", is_flag=True,
               help="Stop when nothing is pending or in flight (rows leased by a dead worker "
                    "are waited for until their lease expires).")
+@click.option("--unreachable-timeout", type=click.FloatRange(0), default=30.0,
+              show_default=True, metavar="SECONDS",
+              help="With --until-empty: give up (exit 1) when the host has not answered "
+                   "once in this long (DNS typo, TLS against plain http).")
 @click.option("--run", help="Only send the rows of this run.")
 @click.option("--gzip/--no-gzip", default=True, show_default=True,
               help="Compress request bodies (gzip level 1: about a sixth of the bytes).")
@@ -364,8 +369,8 @@ def stop_on_signals(worker: Worker, printer: ProgressPrinter) -> Iterator[None]:
 @_json_option
 def worker(
     db: str, host: str | None, region: str | None, concurrency: int, max_rps: float | None,
-    until_empty: bool, run: str | None, gzip: bool, max_attempts: int, worker_id: str | None,
-    allow_insecure: bool, as_json: bool,
+    until_empty: bool, unreachable_timeout: float, run: str | None, gzip: bool,
+    max_attempts: int, worker_id: str | None, allow_insecure: bool, as_json: bool,
 ) -> None:
     """Send the outbox to the Pipelines API, until stopped (or with --until-empty).
 
@@ -386,6 +391,7 @@ def worker(
                     allow_insecure=allow_insecure, concurrency=concurrency, max_rps=max_rps,
                     run=run, max_attempts=max_attempts, worker_id=worker_id,
                     on_progress=printer, progress_interval=printer.interval,
+                    unreachable_timeout=unreachable_timeout,
                 )
         except ConfigError as exc:
             raise Failure(str(exc), EXIT_USAGE) from None
@@ -401,9 +407,17 @@ def worker(
     if as_json:
         _print_json({**result.as_dict(), "outcome": outcome})
     else:
+        if result.exit_code == EXIT_AUTH:
+            found = re.search(r"HTTP (\d+)", result.error or "")
+            code = found.group(1) if found else "401"
+            click.echo(f"not sent: the API refused the key (HTTP {code}); check CIO_API_KEY "
+                       "and the region or host. Nothing was counted as attempted.")
         click.echo(f"{outcome}: sent {result.sent:,}, failed {result.failed:,}, "
                    f"{result.requests:,} requests, {result.retries:,} retries in "
                    f"{result.elapsed:.1f} s")
+        if result.failed:
+            click.echo(f"{result.failed:,} row(s) failed: see cio-outbox failed --db "
+                       f"{_masked(db)} (then replace, fix or retry them)")
     if result.error:
         _err(f"Error: {result.error}")
     sys.exit(result.exit_code)
