@@ -86,3 +86,29 @@ def test_the_demo_hints_are_commands_that_work_after_the_quick_start(tmp_path: P
         ran = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True,
                              timeout=60)
         assert ran.returncode == 0, (hint, ran.stderr)
+
+
+@pytest.mark.parametrize(("key", "expected"), [(None, "CIO_API_KEY=sandbox-key"),
+                                               ("custom-Zq81", "CIO_SANDBOX_KEY")])
+def test_the_sandbox_start_line_says_which_key_it_expects(key: str | None,
+                                                         expected: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "CIO_SANDBOX_KEY"}
+    if key:
+        env["CIO_SANDBOX_KEY"] = key
+    proc = subprocess.Popen([sys.executable, "-m", "cio_outbox", "sandbox"], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    start = json.loads(line)
+    assert start["url"].startswith("http://127.0.0.1:")
+    assert expected in start["key"]
+    if key:
+        assert key not in line
