@@ -3,8 +3,9 @@ the total it is a page of, and a run's timeline ready for a DataFrame."""
 
 from __future__ import annotations
 
+import bisect
 import datetime as _dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -61,10 +62,38 @@ def _iso(ts: float | None) -> str | None:
     return _dt.datetime.fromtimestamp(ts, _dt.UTC).isoformat(timespec="milliseconds")
 
 
-@dataclass
-class _Bucket:
-    sent: int = 0
-    failed: int = 0
-    retried: int = 0
-    requests: int = 0
-    latencies: list[float] = field(default_factory=list)
+def timeline(outbox: Outbox, run: str) -> list[dict[str, Any]]:
+    """A run's progress after each HTTP attempt that carried its rows, oldest first: one dict
+    per attempt with ``at`` (ISO), ``seconds`` since the first attempt, the attempt's
+    ``outcome``, ``messages`` and ``status_code``, and the run's ``sent``, ``dead_lettered``
+    and ``pending`` counts once that attempt was handled. Ready for ``pandas.DataFrame``.
+
+    Counts come from the audit trail (messages of sent attempts) and from the times the
+    run's failed rows were dead-lettered; rows enqueued after the run started count as
+    pending from the start.
+    """
+    storage = outbox.storage
+    check_run(storage, run)
+    counts = storage.counts(run)
+    total = sum(counts.values())
+    attempts = storage.attempts(run, 10_000_000)
+    if not attempts:
+        return []
+    dead_at = sorted(row["updated_at"] for row in storage.failed(run, max(counts["failed"], 1)))
+    start = attempts[0]["at"]
+    points: list[dict[str, Any]] = []
+    sent = 0
+    for index, attempt in enumerate(attempts):
+        if attempt["outcome"] == "sent":
+            sent = min(total, sent + attempt["messages"])
+        # Rows are dead-lettered just after the attempt that was refused: count those
+        # handled before the next attempt began.
+        until = attempts[index + 1]["at"] if index + 1 < len(attempts) else float("inf")
+        dead = bisect.bisect_left(dead_at, until)
+        points.append({
+            "at": _iso(attempt["at"]), "seconds": round(attempt["at"] - start, 3),
+            "outcome": attempt["outcome"], "messages": attempt["messages"],
+            "status_code": attempt["status_code"], "sent": sent, "dead_lettered": dead,
+            "pending": max(0, total - sent - dead),
+        })
+    return points

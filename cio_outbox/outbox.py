@@ -515,6 +515,13 @@ class Outbox(Operations):
 
         inspection.check_run(self.storage, run)
 
+    def timeline(self, run: str) -> list[dict[str, Any]]:
+        """A run's sent, dead-lettered and pending counts after each HTTP attempt, rows ready
+        for ``pandas.DataFrame``; see :func:`cio_outbox.inspection.timeline`."""
+        from cio_outbox import inspection
+
+        return inspection.timeline(self, run)
+
 
 @functools.cache
 def _semantic_names() -> frozenset[str]:

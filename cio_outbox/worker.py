@@ -288,6 +288,11 @@ class Worker:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    @property
+    def base_url(self) -> str:
+        """The host this worker sends to (scheme and host; requests go to /v1/<endpoint>)."""
+        return self.client.target.base_url
+
     def run(self, *, until_empty: bool = False, timeout: float | None = None) -> WorkerResult:
         """Send until stopped, or with ``until_empty`` until nothing is pending or in flight.
 

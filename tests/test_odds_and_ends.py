@@ -3,6 +3,7 @@ hints, the sandbox's start line, public API for what notebooks show."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -112,3 +113,38 @@ def test_the_sandbox_start_line_says_which_key_it_expects(key: str | None,
     assert expected in start["key"]
     if key:
         assert key not in line
+
+
+def test_timeline_gives_a_runs_progress_per_request_ready_for_a_dataframe(
+    outbox: Outbox,
+) -> None:
+    outbox.enqueue_many([{"type": "track", "userId": f"u{i}",
+                          "event": "Bad" if i in (3, 7) else "Good"} for i in range(50)],
+                        run="m")
+    outbox.identify("other", run="elsewhere")
+    with Sandbox(reject_events=["Bad"]) as sandbox:
+        outbox.drain(key=sandbox.key, host=sandbox.url, run="m", max_messages=10,
+                     progress=False)
+    timeline = outbox.timeline("m")
+    assert [set(point) for point in timeline] == [{
+        "at", "seconds", "outcome", "messages", "status_code", "sent", "dead_lettered",
+        "pending"}] * len(timeline)
+    assert timeline[0]["seconds"] == 0.0 and _is_iso(timeline[0]["at"])
+    assert [p["seconds"] for p in timeline] == sorted(p["seconds"] for p in timeline)
+    last = timeline[-1]
+    assert (last["sent"], last["dead_lettered"], last["pending"]) == (48, 2, 0)
+    assert {p["outcome"] for p in timeline} == {"sent", "rejected"}
+    assert all(a["sent"] <= b["sent"] for a, b in itertools.pairwise(timeline))
+    pd = pytest.importorskip("pandas")
+    assert list(pd.DataFrame(timeline)["pending"])[-1] == 0
+    assert outbox.timeline("elsewhere") == []  # enqueued, never sent
+    with pytest.raises(LookupError, match="no run 'nosuch'"):
+        outbox.timeline("nosuch")
+
+
+def test_a_worker_names_its_host_publicly(outbox: Outbox) -> None:
+    worker = outbox.worker(key="sk_eu_EXAMPLE0000")
+    try:
+        assert worker.base_url == "https://cdp-eu.customer.io"
+    finally:
+        worker.client.close()
