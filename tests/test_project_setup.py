@@ -51,3 +51,17 @@ def test_the_upstream_skip_reason_names_the_project_not_a_machine_path(
         reason = line.split(": ", 1)[1] if ": " in line else line
         assert str(tmp_path) not in reason and "/work/" not in reason, line
         assert "cio_pipelines_api.json" in reason
+
+
+def test_without_the_driver_the_postgresql_tests_skip_with_a_reason(tmp_path: Path) -> None:
+    import os
+
+    code = ("import sys; sys.modules['psycopg'] = None; import pytest; "
+            f"sys.exit(pytest.main(['-q', '-rs', '-p', 'no:cacheprovider', "
+            f"{str(REPO / 'tests' / 'test_postgres_workers.py')!r}]))")
+    env = {k: v for k, v in os.environ.items() if k not in ("CIO_TEST_POSTGRES_URL", "CI")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert "the PostgreSQL driver is not installed" in result.stdout
+    assert " failed" not in result.stdout and " error" not in result.stdout
