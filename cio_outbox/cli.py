@@ -10,17 +10,21 @@ status             :meth:`Outbox.status`
 failed             :meth:`Outbox.failed`
 retry              :meth:`Outbox.retry`
 replace ID CALL    :meth:`Outbox.replace`
+fix                :meth:`Outbox.fix_failed` (corrections from
+                   :func:`cio_outbox.repair.field_fix`)
 history ID         :meth:`Outbox.history`
 log                :meth:`Outbox.log`
-purge              :meth:`Outbox.purge`
+purge              :meth:`Outbox.purge_plan` then :meth:`Outbox.purge`
 forget USER_ID     :meth:`Outbox.forget`
 check              :func:`cio_outbox.check.check`
 demo               :func:`cio_outbox.demo.run_demo`
 sandbox            :func:`cio_outbox.sandbox.sandbox_command`
 =================  ============================================================
 
-Commands that report data take ``--json`` and then print JSON only on stdout; messages
-for people (progress, warnings, rejected lines) go to stderr.
+Commands that report data take ``--json`` and then print JSON only on stdout, in the
+vocabulary of :mod:`cio_outbox.views`; messages for people (progress, warnings, rejected
+lines) go to stderr. Inspection and maintenance commands open only an existing outbox
+(:func:`cio_outbox.locations.open_existing`); enqueue and worker create one.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -40,6 +45,7 @@ from typing import IO, Any
 
 import click
 
+from cio_outbox import views
 from cio_outbox.config import ConfigError
 from cio_outbox.importers import (
     CsvMapping,
@@ -49,6 +55,8 @@ from cio_outbox.importers import (
     enqueue_records,
     reader_for,
 )
+from cio_outbox.inspection import UnknownRunError
+from cio_outbox.locations import open_existing
 from cio_outbox.outbox import DEFAULT_PATH, Outbox
 from cio_outbox.sandbox import sandbox_command
 from cio_outbox.storage import StorageError
@@ -87,15 +95,16 @@ def _json_option(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @contextmanager
-def _opened(db: str) -> Iterator[Outbox]:
-    """The outbox at ``db``; storage errors become exit code 1 with their message."""
+def _opened(db: str, *, create: bool = False) -> Iterator[Outbox]:
+    """The outbox at ``db`` (created only when ``create``: enqueue and worker); storage
+    errors, a missing outbox and an unknown run become exit code 1 with their message."""
     try:
-        outbox = Outbox(db)
+        outbox = Outbox(db) if create else open_existing(db)
     except StorageError as exc:
         raise Failure(str(exc)) from None
     try:
         yield outbox
-    except StorageError as exc:
+    except (StorageError, UnknownRunError) as exc:
         raise Failure(str(exc)) from None
     finally:
         outbox.close()
@@ -159,7 +168,7 @@ def _csv_mapping(
         raise click.UsageError(str(exc)) from None
 
 
-@cli.command(epilog=EXIT_CODES_HELP, short_help="Enqueue the calls of a JSONL or CSV file.")
+@cli.command(short_help="Enqueue the calls of a JSONL or CSV file.")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
 @_db_option
 @click.option("--run", help="Run name for these rows (default: the file name).")
@@ -231,7 +240,7 @@ def enqueue(
     size = os.path.getsize(file) if file != "-" else 0
     reader = reader_for(source, run=run, format=fmt, mapping=mapping)
     show_bar = size > 0 and sys.stderr.isatty()
-    with _opened(db) as outbox, click.progressbar(
+    with _opened(db, create=True) as outbox, click.progressbar(
         length=size, label=f"enqueue {os.path.basename(file)}", file=sys.stderr,
         hidden=not show_bar,
     ) as bar:
@@ -329,7 +338,7 @@ def stop_on_signals(worker: Worker, printer: ProgressPrinter) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-@cli.command(epilog=EXIT_CODES_HELP, short_help="Send the outbox to the Pipelines API.")
+@cli.command(short_help="Send the outbox to the Pipelines API.")
 @_db_option
 @click.option("--host", envvar="CIO_HOST", metavar="URL",
               help="API base URL (env CIO_HOST), e.g. https://cdp.customer.io or a sandbox.")
@@ -343,6 +352,10 @@ def stop_on_signals(worker: Worker, printer: ProgressPrinter) -> Iterator[None]:
 @click.option("--until-empty", is_flag=True,
               help="Stop when nothing is pending or in flight (rows leased by a dead worker "
                    "are waited for until their lease expires).")
+@click.option("--unreachable-timeout", type=click.FloatRange(0), default=30.0,
+              show_default=True, metavar="SECONDS",
+              help="With --until-empty: give up (exit 1) when the host has not answered "
+                   "once in this long (DNS typo, TLS against plain http).")
 @click.option("--run", help="Only send the rows of this run.")
 @click.option("--gzip/--no-gzip", default=True, show_default=True,
               help="Compress request bodies (gzip level 1: about a sixth of the bytes).")
@@ -356,8 +369,8 @@ def stop_on_signals(worker: Worker, printer: ProgressPrinter) -> Iterator[None]:
 @_json_option
 def worker(
     db: str, host: str | None, region: str | None, concurrency: int, max_rps: float | None,
-    until_empty: bool, run: str | None, gzip: bool, max_attempts: int, worker_id: str | None,
-    allow_insecure: bool, as_json: bool,
+    until_empty: bool, unreachable_timeout: float, run: str | None, gzip: bool,
+    max_attempts: int, worker_id: str | None, allow_insecure: bool, as_json: bool,
 ) -> None:
     """Send the outbox to the Pipelines API, until stopped (or with --until-empty).
 
@@ -369,7 +382,7 @@ def worker(
     their lease expires.
     """
     printer = ProgressPrinter()
-    with _opened(db) as outbox:
+    with _opened(db, create=True) as outbox:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -378,6 +391,7 @@ def worker(
                     allow_insecure=allow_insecure, concurrency=concurrency, max_rps=max_rps,
                     run=run, max_attempts=max_attempts, worker_id=worker_id,
                     on_progress=printer, progress_interval=printer.interval,
+                    unreachable_timeout=unreachable_timeout,
                 )
         except ConfigError as exc:
             raise Failure(str(exc), EXIT_USAGE) from None
@@ -393,9 +407,17 @@ def worker(
     if as_json:
         _print_json({**result.as_dict(), "outcome": outcome})
     else:
+        if result.exit_code == EXIT_AUTH:
+            found = re.search(r"HTTP (\d+)", result.error or "")
+            code = found.group(1) if found else "401"
+            click.echo(f"not sent: the API refused the key (HTTP {code}); check CIO_API_KEY "
+                       "and the region or host. Nothing was counted as attempted.")
         click.echo(f"{outcome}: sent {result.sent:,}, failed {result.failed:,}, "
                    f"{result.requests:,} requests, {result.retries:,} retries in "
                    f"{result.elapsed:.1f} s")
+        if result.failed:
+            click.echo(f"{result.failed:,} row(s) failed: see cio-outbox failed --db "
+                       f"{_masked(db)} (then replace, fix or retry them)")
     if result.error:
         _err(f"Error: {result.error}")
     sys.exit(result.exit_code)
@@ -408,7 +430,7 @@ def _count(n: int) -> str:
     return f"{n:>10,}"
 
 
-@cli.command(epilog=EXIT_CODES_HELP, short_help="Counts by state, oldest pending, last error.")
+@cli.command(short_help="Counts by state, oldest pending, last error.")
 @_db_option
 @click.option("--run", help="Only this run.")
 @_json_option
@@ -419,6 +441,7 @@ def status(db: str, run: str | None, as_json: bool) -> None:
     "sent" and "failed".
     """
     with _opened(db) as outbox:
+        outbox.check_run(run)
         data = outbox.status(run)
         where = outbox.storage.location  # a PostgreSQL URL's password is masked here
     if as_json:
@@ -444,30 +467,39 @@ def status(db: str, run: str | None, as_json: bool) -> None:
                        f"{entry['in_flight']:>10,}{entry['sent']:>10,}{entry['failed']:>10,}")
 
 
-@cli.command(epilog=EXIT_CODES_HELP, short_help="List dead-lettered rows.")
+@cli.command(short_help="List dead-lettered rows.")
 @_db_option
 @click.option("--run", help="Only this run.")
 @click.option("--limit", type=click.IntRange(1), default=100, show_default=True)
 @_json_option
 def failed(db: str, run: str | None, limit: int, as_json: bool) -> None:
-    """Dead-lettered rows: id, messageId, run, attempts, error and what the call was."""
+    """Dead-lettered rows: id, messageId, run, attempts, error and what the call was.
+
+    With --json: a list of rows (the first --limit of them, oldest first)."""
     with _opened(db) as outbox:
-        rows = outbox.failed(run, limit)
+        page = outbox.failed_page(run, limit)
+    rows = page.rows
     if as_json:
         _print_json(rows)
         return
     if not rows:
-        click.echo("no failed rows")
+        click.echo("no failed rows" + (f" in run {run!r}" if run else ""))
         return
     for row in rows:
         click.echo(f"#{row['id']}  {row['summary']}  run {row['run']!r}  "
                    f"attempts {row['attempts']}  messageId {row['messageId']}")
         click.echo(f"    {row['error']}")
-    click.echo(f"{len(rows)} failed row(s); requeue with: cio-outbox retry --id ID "
-               "(or --run RUN, or --all)")
+    shown = f"{len(rows):,} of {page.total:,}" if page.total > len(rows) else f"{len(rows):,}"
+    more = " (--limit N shows more)" if page.total > len(rows) else ""
+    click.echo(f"{shown} failed row(s){more}. Next:")
+    click.echo("  data the server refused: fix it, then it is pending again:")
+    click.echo("    cio-outbox replace MESSAGE_ID CALL_JSON         (one row)")
+    click.echo("    cio-outbox fix --run RUN --set FIELD=VALUE --dry-run   (every row of a run)")
+    click.echo("  an outage or a limit: send the same payload again:")
+    click.echo("    cio-outbox retry --id ID   (or --run RUN, or --all)")
 
 
-@cli.command(epilog=EXIT_CODES_HELP, short_help="Requeue dead-lettered rows.")
+@cli.command(short_help="Requeue dead-lettered rows.")
 @_db_option
 @click.option("--id", "ids", type=int, multiple=True, help="Row id to requeue (repeatable).")
 @click.option("--run", help="Requeue the failed rows of this run.")
@@ -477,8 +509,14 @@ def retry(db: str, ids: tuple[int, ...], run: str | None, all_: bool, as_json: b
     """Requeue dead-lettered rows (their attempts start again from 0); prints how many."""
     if not ids and run is None and not all_:
         raise click.UsageError("say which failed rows to requeue: --id ID, --run NAME or --all")
+    from cio_outbox.repair import UnknownRowsError
+
     with _opened(db) as outbox:
-        count = outbox.retry(list(ids) if ids else None, run=run, all=all_)
+        outbox.check_run(run)
+        try:
+            count = outbox.retry(list(ids) if ids else None, run=run, all=all_)
+        except UnknownRowsError as exc:
+            raise Failure(str(exc)) from None
     if as_json:
         _print_json({"requeued": count})
     else:
@@ -497,12 +535,15 @@ def _attempt_line(attempt: dict[str, Any]) -> str:
     return text
 
 
-@cli.command(epilog=EXIT_CODES_HELP, short_help="Fix a dead-lettered message and requeue it.")
+@cli.command(short_help="Fix a dead-lettered message and requeue it.")
 @click.argument("message_id")
 @click.argument("call")
 @_db_option
+@click.option("--allow-person-change", is_flag=True,
+              help="Accept a corrected call for another userId/anonymousId.")
 @_json_option
-def replace(message_id: str, call: str, db: str, as_json: bool) -> None:
+def replace(message_id: str, call: str, db: str, allow_person_change: bool,
+            as_json: bool) -> None:
     """Replace a dead-lettered message with a corrected CALL (a JSON object in its wire shape,
     or @FILE holding one) under the same messageId and run, and make it pending again.
 
@@ -523,7 +564,7 @@ def replace(message_id: str, call: str, db: str, as_json: bool) -> None:
         raise click.BadParameter("must be a JSON object", param_hint="CALL")
     with _opened(db) as outbox:
         try:
-            row = outbox.replace(message_id, parsed)
+            row = outbox.replace(message_id, parsed, allow_person_change=allow_person_change)
         except MessageError as exc:
             raise click.BadParameter(str(exc), param_hint="CALL") from None
         except KeyError as exc:
@@ -531,12 +572,83 @@ def replace(message_id: str, call: str, db: str, as_json: bool) -> None:
         except ValueError as exc:
             raise Failure(str(exc), EXIT_USAGE) from None
     if as_json:
-        _print_json(row)
+        _print_json(views.message(row))
     else:
         click.echo(f"replaced #{row['id']} ({message_id}); it is pending again")
 
 
-@cli.command(epilog=EXIT_CODES_HELP, short_help="One message's row and its HTTP attempts.")
+@cli.command(short_help="Correct every failed row of a run at once.")
+@_db_option
+@click.option("--run", help="Only the failed rows of this run (default: every failed row).")
+@click.option("--set", "assignments", multiple=True, metavar="FIELD.PATH=VALUE",
+              help="Set a field of each payload, e.g. properties.total=12 or event=Paid; "
+                   "VALUE is read as JSON when it is JSON (12, true, null), else as text "
+                   "(repeatable).")
+@click.option("--merge", "patch", metavar="JSON",
+              help="A JSON merge patch applied to each payload (null removes a field), "
+                   "or @FILE holding one.")
+@click.option("--dry-run", is_flag=True, help="Show what would change; store nothing.")
+@click.option("--allow-person-change", is_flag=True,
+              help="Accept corrections that change userId/anonymousId.")
+@_json_option
+def fix(db: str, run: str | None, assignments: tuple[str, ...], patch: str | None,
+        dry_run: bool, allow_person_change: bool, as_json: bool) -> None:
+    """Correct the payload of every failed row (of --run) and make the rows pending again,
+    under their messageIds. Each corrected call is validated first: if any does not
+    validate, nothing is stored and those rows are listed (exit 2).
+
+    \b
+    cio-outbox fix --run orders --set properties.total=12 --dry-run
+    cio-outbox fix --run orders --merge '{"properties": {"coupon": null}}'
+
+    From Python, any function of the payload: Outbox.fix_failed(fix, run=...).
+    """
+    from cio_outbox.repair import field_fix
+
+    if not assignments and patch is None:
+        raise click.UsageError("say what to change: --set FIELD.PATH=VALUE or --merge JSON")
+    merge = None
+    if patch is not None:
+        text = patch
+        if patch.startswith("@"):
+            with open(patch[1:], encoding="utf-8") as handle:
+                text = handle.read()
+        try:
+            merge = json.loads(text)
+        except ValueError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--merge") from None
+        if not isinstance(merge, dict):
+            raise click.BadParameter("must be a JSON object", param_hint="--merge")
+    try:
+        correction = field_fix(assignments, merge)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--set") from None
+    with _opened(db) as outbox:
+        outbox.check_run(run)
+        try:
+            result = outbox.fix_failed(correction, run=run, dry_run=dry_run,
+                                       allow_person_change=allow_person_change)
+        except ValueError as exc:
+            raise Failure(str(exc)) from None
+    if as_json:
+        _print_json(result.as_dict())
+    else:
+        verb = "would fix" if dry_run else "fixed"
+        click.echo(f"{verb} {result.fixed:,} of {result.failed:,} failed row(s)"
+                   + (f" ({result.unchanged:,} unchanged)" if result.unchanged else "")
+                   + ("" if dry_run or not result.fixed else "; they are pending again"))
+        for example in result.examples if dry_run else []:
+            click.echo(f"  #{example['id']}: "
+                       + json.dumps(example["payload"], ensure_ascii=False))
+        for rejection in result.rejected[:20]:
+            _err(f"  #{rejection['id']} ({rejection['messageId']}): {rejection['error']}")
+        if result.rejected:
+            _err(f"{len(result.rejected):,} correction(s) do not validate; nothing was stored")
+    if result.rejected:
+        sys.exit(EXIT_USAGE)
+
+
+@cli.command(short_help="One message's row and its HTTP attempts.")
 @click.argument("message_id")
 @_db_option
 @_json_option
@@ -547,7 +659,7 @@ def history(message_id: str, db: str, as_json: bool) -> None:
     if data is None:
         raise Failure(f"no message with messageId {message_id!r} in {_masked(db)}")
     if as_json:
-        _print_json(data)
+        _print_json(views.history(data))
         return
     message = data["message"]
     for name in ("id", "message_id", "run", "call_type", "person", "status", "attempts",
@@ -561,7 +673,7 @@ def history(message_id: str, db: str, as_json: bool) -> None:
         click.echo("  " + _attempt_line(attempt))
 
 
-@cli.command(epilog=EXIT_CODES_HELP, short_help="The audit trail of HTTP attempts.")
+@cli.command(short_help="The audit trail of HTTP attempts.")
 @_db_option
 @click.option("--run", help="Only attempts that carried rows of this run.")
 @click.option("--limit", type=click.IntRange(1), default=100, show_default=True)
@@ -569,9 +681,10 @@ def history(message_id: str, db: str, as_json: bool) -> None:
 def log(db: str, run: str | None, limit: int, as_json: bool) -> None:
     """The audit trail: the most recent HTTP attempts, oldest first."""
     with _opened(db) as outbox:
+        outbox.check_run(run)
         attempts = outbox.log(run, limit)
     if as_json:
-        _print_json(attempts)
+        _print_json([views.attempt(a) for a in attempts])
         return
     if not attempts:
         click.echo("no attempts yet")
@@ -582,29 +695,61 @@ def log(db: str, run: str | None, limit: int, as_json: bool) -> None:
 # -- retention and data protection -----------------------------------------------------
 
 
-@cli.command(epilog=EXIT_CODES_HELP, short_help="Delete sent rows older than an age.")
+def _interactive() -> bool:
+    """Whether a person can answer a question (stdin and stdout are terminals)."""
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+@cli.command(short_help="Delete sent rows older than an age.")
 @_db_option
 @click.option("--sent", "sent", is_flag=True,
               help="Delete sent rows (required: only sent rows are ever purged).")
 @click.option("--older-than", required=True, metavar="AGE",
-              help="Only rows sent longer ago than AGE: 30d, 12h, 15m, 45s.")
+              help="Only rows sent longer ago than AGE: 45s, 15min, 12h, 30d or 2w "
+                   "(a bare m is refused: minutes or months?).")
+@click.option("--dry-run", is_flag=True, help="Show what would be deleted; delete nothing.")
+@click.option("--yes", is_flag=True, help="Do not ask (needed when not on a terminal).")
 @_json_option
-def purge(db: str, sent: bool, older_than: str, as_json: bool) -> None:
-    """Retention: delete sent rows sent longer ago than --older-than; prints how many."""
+def purge(db: str, sent: bool, older_than: str, dry_run: bool, yes: bool,
+          as_json: bool) -> None:
+    """Retention: delete sent rows sent longer ago than --older-than; prints how many.
+
+    Shows what it deletes (rows by run, their sent times) and asks first on a terminal;
+    scripts pass --yes. --dry-run shows the same and deletes nothing.
+    """
     if not sent:
         raise click.UsageError("purge deletes sent rows only; say so with --sent")
     with _opened(db) as outbox:
         try:
-            deleted = outbox.purge(older_than)
+            plan = outbox.purge_plan(older_than)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--older-than") from None
+        if as_json and dry_run:
+            _print_json(plan.as_dict())
+            return
+        say = _err if as_json else click.echo
+        say(f"{'would delete' if dry_run else 'deleting'} {plan.rows:,} sent row(s) sent "
+            f"before {views.iso(plan.before)} (more than {older_than} ago)")
+        for entry in plan.runs:
+            say(f"  run {entry['run'] or '(none)'!r}: {entry['rows']:,} row(s), sent "
+                f"{entry['oldest_sent_at']} .. {entry['newest_sent_at']}")
+        if dry_run:
+            return
+        if plan.rows and not yes:
+            if not _interactive():
+                raise click.UsageError(
+                    "purge deletes rows for good: pass --yes to confirm (not on a terminal, "
+                    "so nobody can be asked), or --dry-run to see what it would delete")
+            if not click.confirm(f"Delete {plan.rows:,} sent row(s)?", default=False):
+                raise Failure("nothing deleted")
+        deleted = outbox.purge(plan)
     if as_json:
         _print_json({"deleted": deleted})
     else:
         click.echo(f"deleted {deleted:,} sent row(s) sent more than {older_than} ago")
 
 
-@cli.command(epilog=EXIT_CODES_HELP, short_help="Remove every row naming a person.")
+@cli.command(short_help="Remove every row naming a person.")
 @click.argument("user_id")
 @_db_option
 @_json_option
@@ -626,7 +771,7 @@ def forget(user_id: str, db: str, as_json: bool) -> None:
 # -- pre-flight ------------------------------------------------------------------------
 
 
-@cli.command(epilog=EXIT_CODES_HELP, short_help="Check key, region and host before a migration.")
+@cli.command(short_help="Check key, region and host before a migration.")
 @click.option("--host", envvar="CIO_HOST", metavar="URL",
               help="Scheme and host, like https://cdp.customer.io (env CIO_HOST).")
 @click.option("--region", envvar="CIO_REGION", type=click.Choice(["us", "eu"],
@@ -638,8 +783,9 @@ def forget(user_id: str, db: str, as_json: bool) -> None:
 @_json_option
 def check(host: str | None, region: str | None, allow_insecure: bool, send_test_event: bool,
           as_json: bool) -> None:
-    """Validate the configuration (key format, region and host agree); send nothing unless
-    --send-test-event is given, then send one clearly named test event and report the HTTP
+    """Validate the configuration (key format, region and host agree), then reach the host
+    with an empty batch (no message) and say whether it answered like the Pipelines API.
+    With --send-test-event, also send one clearly named test event and report the HTTP
     result and latency. The key comes from CIO_API_KEY and is never shown."""
     from cio_outbox.check import check as run_check
 
@@ -653,6 +799,9 @@ def check(host: str | None, region: str | None, allow_insecure: bool, send_test_
             click.echo(f"key:    {report['scheme']} auth, region in key: {region_text}")
         if "host" in report:
             click.echo(f"host:   {report['host']} (region {(report['region'] or '-').upper()})")
+        if report.get("answered") and report["ok"]:
+            click.echo(f"answer: answered like the Pipelines API (HTTP "
+                       f"{report['probe_status_code']}, {report['probe_latency_ms']} ms)")
         for warning in report["warnings"]:
             click.echo(f"warning: {warning}")
         if report["sent"]:
@@ -663,14 +812,16 @@ def check(host: str | None, region: str | None, allow_insecure: bool, send_test_
             click.echo(f"problem: {problem}")
         click.echo("ok" if report["ok"] else "not ok")
     if not report["ok"]:
-        auth = report.get("status_code") in (401, 403)
-        sys.exit(EXIT_AUTH if auth else (EXIT_FATAL if report["sent"] else EXIT_USAGE))
+        codes = (report.get("status_code"), report.get("probe_status_code"))
+        reached = report["sent"] or "answered" in report
+        sys.exit(EXIT_AUTH if {401, 403} & set(codes) else (EXIT_FATAL if reached
+                                                              else EXIT_USAGE))
 
 
 # -- demo ------------------------------------------------------------------------------
 
 
-@cli.command(epilog=EXIT_CODES_HELP, short_help="A sample migration into a local sandbox.")
+@cli.command(short_help="A sample migration into a local sandbox.")
 @click.option("--db", metavar="PATH",
               help="Outbox file to create (default: a fresh file in a temporary folder; "
                    "CIO_OUTBOX is ignored so the demo never touches a real outbox).")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.utils
 import gzip as _gzip
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -171,8 +172,13 @@ class Client:
 
 def _short_reason(exc: BaseException) -> str:
     text = str(exc)
+    if isinstance(exc, requests.exceptions.SSLError):
+        detail = re.search(r"\[SSL: [^\]]+\][^(')]*", text)
+        return ("TLS handshake failed: " + (detail.group(0).strip() if detail else text[-200:])
+                + " (a plain-http server? then the host starts with http://)")
     for marker in ("Connection refused", "Connection reset", "Name or service not known",
                    "Remote end closed connection", "timed out", "Connection aborted"):
         if marker.lower() in text.lower():
             return marker.lower()
-    return text[:200]
+    caused = re.search(r"\(Caused by (.*)\)$", text)  # the cause, not urllib3's wrapping
+    return (caused.group(1) if caused else text)[:300]

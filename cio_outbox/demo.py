@@ -17,6 +17,9 @@ import datetime as _dt
 import json
 import os
 import random
+import shlex
+import shutil
+import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -113,6 +116,24 @@ def _stop_when(worker: Worker, sent: int) -> threading.Thread:
     return thread
 
 
+def command_name() -> str:
+    """How to run cio-outbox from here: ``cio-outbox`` when that is on the PATH, else the
+    script beside this Python (``.venv/bin/cio-outbox`` after the quick start), else
+    ``python -m cio_outbox``."""
+    beside = Path(sys.executable).parent / "cio-outbox"
+    on_path = shutil.which("cio-outbox")
+    if on_path and beside.exists() and Path(on_path).resolve() == beside.resolve():
+        return "cio-outbox"
+    if beside.exists():
+        try:
+            relative = os.path.relpath(beside)
+        except ValueError:  # another drive (Windows)
+            relative = str(beside)
+        shown = relative if not relative.startswith("..") else str(beside)
+        return shlex.quote(shown if "/" in shown else f"./{shown}")
+    return f"{shlex.quote(sys.executable)} -m cio_outbox"
+
+
 def run_demo(
     db: str | os.PathLike[str] | None,
     *,
@@ -201,12 +222,13 @@ def run_demo(
         echo(f"   the sandbox received {report.received:,} messages, "
              f"{report.duplicates:,} duplicates, in {stats['requests']:,} requests")
         echo("")
+        command = command_name()
         echo("Look around:")
-        echo(f"   cio-outbox status --db {path}")
-        echo(f"   cio-outbox failed --db {path}")
+        echo(f"   {command} status --db {path}")
+        echo(f"   {command} failed --db {path}")
         if failed_rows:
-            echo(f"   cio-outbox history {failed_rows[0]['messageId']} --db {path}")
-        echo(f"   cio-outbox log --db {path} --limit 10")
+            echo(f"   {command} history {failed_rows[0]['messageId']} --db {path}")
+        echo(f"   {command} log --db {path} --limit 10")
 
     if (report.failed, report.sent, report.received) != (1, rows - 1, rows - 1):
         raise DemoError(

@@ -330,9 +330,10 @@ def _semantic() -> Any:
     return semantic
 
 
-def _plain(value: Any) -> Any:
-    """JSON-ready copy of a value (datetimes, numpy scalars, ... converted) for schema checks."""
-    return json.loads(dumps({"v": value}))["v"] if value is not None else None
+def _plain(value: Any, name: str) -> Any:
+    """JSON-ready copy of a value (datetimes, numpy scalars, ... converted) for schema checks;
+    ``name`` is the field it is, so that a value JSON cannot carry is named by its path."""
+    return json.loads(dumps({name: value}))[name] if value is not None else None
 
 
 class Operations:
@@ -764,8 +765,8 @@ def _check_semantic(name: str, user_id: str | None, anonymous_id: str | None,
                     properties: Mapping[str, Any] | None,
                     context: Mapping[str, Any] | None) -> None:
     """semantic.check_semantic on JSON-ready values; MessageError naming event and field."""
-    plain_properties = _plain(properties)
-    plain_context = _plain(context)
+    plain_properties = _plain(properties, "properties")
+    plain_context = _plain(context, "context")
     try:
         _semantic().check_semantic(name, plain_properties, user_id=user_id,
                                 anonymous_id=anonymous_id, context=plain_context)

@@ -20,15 +20,21 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cio_outbox.client import DEFAULT_TIMEOUT, Client
 from cio_outbox.config import ApiKey, Target, resolve_target
 from cio_outbox.messages import Message, MessageError, build, from_wire, message_id_for
 from cio_outbox.operations import Operations, _check_semantic
+from cio_outbox.retention import parse_age as parse_age  # where it used to live
 from cio_outbox.storage import NewRow, Storage, open_storage
 from cio_outbox.storage.base import CHUNK_ROWS
 from cio_outbox.worker import Progress, Worker, WorkerResult
+
+if TYPE_CHECKING:
+    from cio_outbox.inspection import FailedPage
+    from cio_outbox.repair import FixResult
+    from cio_outbox.retention import PurgePlan
 
 DEFAULT_PATH = "outbox.db"
 
@@ -81,22 +87,6 @@ def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return _dt.datetime.fromtimestamp(ts, _dt.UTC).isoformat(timespec="milliseconds")
-
-
-def parse_age(value: str | float | _dt.timedelta) -> float:
-    """Seconds from ``30d``, ``12h``, ``15m``, ``45s``, a number of seconds, or a timedelta."""
-    if isinstance(value, _dt.timedelta):
-        return value.total_seconds()
-    if isinstance(value, (int, float)):
-        return float(value)
-    text = value.strip().lower()
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-    try:
-        if text and text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
-    except ValueError:
-        raise ValueError(f"age {value!r} is not like 30d, 12h, 15m or 45s") from None
 
 
 class Outbox(Operations):
@@ -431,12 +421,14 @@ class Outbox(Operations):
     def retry(
         self, ids: Iterable[int] | None = None, *, run: str | None = None, all: bool = False
     ) -> int:
-        """Requeue dead-lettered rows (by id, by run, or all); returns how many."""
-        if ids is None and run is None and not all:
-            raise ValueError("say which failed rows to requeue: ids, run, or all=True")
-        return self.storage.requeue(ids=list(ids) if ids is not None else None, run=run)
+        """Requeue dead-lettered rows (by id, by run, or all); returns how many. Ids that are
+        not failed rows raise :class:`cio_outbox.repair.UnknownRowsError`."""
+        from cio_outbox import repair
 
-    def replace(self, message_id: str, call: Mapping[str, Any]) -> dict[str, Any]:
+        return repair.retry(self, ids, run=run, all=all)
+
+    def replace(self, message_id: str, call: Mapping[str, Any], *,
+                allow_person_change: bool = False) -> dict[str, Any]:
         """Fix a dead-lettered message: validate the corrected call, store it in place of the
         old payload under the same messageId and run, and make it pending again.
 
@@ -445,26 +437,11 @@ class Outbox(Operations):
 
         Use it when the server refused what was stored (``retry`` would only resend the
         same payload). The old error stays in ``last_error`` behind ``replaced; was:``.
+        A call for another person is refused unless ``allow_person_change`` is true.
         """
-        row = self.storage.message(message_id)
-        if row is None:
-            raise KeyError(f"no message with messageId {message_id!r}")
-        if row["status"] != "failed":
-            raise ValueError(
-                f"message {message_id} is {row['status']}, not failed: only dead-lettered "
-                "messages can be replaced"
-            )
-        given = call.get("messageId")
-        if given is not None and given != message_id:
-            raise MessageError("the corrected call must keep the same messageId",
-                               field="messageId")
-        fixed = self._row(from_wire({**call, "messageId": message_id}), row["run"])
-        if not self.storage.replace_failed(
-            row["id"], payload=fixed.payload, size=fixed.size, call_type=fixed.call_type,
-            person=fixed.person,
-        ):
-            raise ValueError(f"message {message_id} changed state meanwhile; look again")
-        return _row_view(self.storage.message(message_id) or {})
+        from cio_outbox import repair
+
+        return repair.replace(self, message_id, call, allow_person_change=allow_person_change)
 
     def history(self, message_id: str) -> dict[str, Any] | None:
         """One message's row and every HTTP attempt that carried it."""
@@ -488,9 +465,12 @@ class Outbox(Operations):
 
     # -- retention and data protection -------------------------------------------------
 
-    def purge(self, older_than: str | float | _dt.timedelta) -> int:
-        """Delete sent rows sent longer ago than ``older_than`` (``"30d"``); returns how many."""
-        return self.storage.purge_sent(time.time() - parse_age(older_than))
+    def purge(self, older_than: str | float | _dt.timedelta | PurgePlan) -> int:
+        """Delete sent rows sent longer ago than ``older_than`` (``"30d"``, ``"15min"``);
+        returns how many. :meth:`purge_plan` shows the same rows without deleting them."""
+        from cio_outbox import retention
+
+        return retention.purge(self.storage, older_than)
 
     def forget(self, person_id: str) -> int:
         """Remove every row naming this userId/anonymousId, and leave no trace of it in the file.
@@ -500,6 +480,47 @@ class Outbox(Operations):
         if not person_id or not str(person_id).strip():
             raise ValueError("forget needs a non-empty user id")
         return int(self.storage.forget(str(person_id))["deleted"])
+
+    # -- repair and inspection at scale (cio_outbox.repair, .retention, .inspection) ----
+
+    def fix_failed(self, fix: Callable[[dict[str, Any]], Mapping[str, Any] | None], *,
+                   run: str | None = None, dry_run: bool = False,
+                   allow_person_change: bool = False) -> FixResult:
+        """Apply ``fix`` to each failed payload (of ``run``) and requeue the corrected calls;
+        see :func:`cio_outbox.repair.fix_failed`.
+
+        >>> outbox.fix_failed(lambda p: {**p, "event": "Order Completed"}, run="orders",
+        ...                   dry_run=True)
+        """
+        from cio_outbox import repair
+
+        return repair.fix_failed(self, fix, run=run, dry_run=dry_run,
+                                 allow_person_change=allow_person_change)
+
+    def purge_plan(self, older_than: str | float | _dt.timedelta) -> PurgePlan:
+        """What :meth:`purge` would delete now (rows by run, sent_at range); deletes nothing."""
+        from cio_outbox import retention
+
+        return retention.plan_purge(self.storage, older_than)
+
+    def failed_page(self, run: str | None = None, limit: int = 100) -> FailedPage:
+        """Up to ``limit`` failed rows and the number of failed rows in all."""
+        from cio_outbox import inspection
+
+        return inspection.failed_page(self, run, limit)
+
+    def check_run(self, run: str | None) -> None:
+        """Raise :class:`cio_outbox.inspection.UnknownRunError` if ``run`` has no rows."""
+        from cio_outbox import inspection
+
+        inspection.check_run(self.storage, run)
+
+    def timeline(self, run: str) -> list[dict[str, Any]]:
+        """A run's sent, dead-lettered and pending counts after each HTTP attempt, rows ready
+        for ``pandas.DataFrame``; see :func:`cio_outbox.inspection.timeline`."""
+        from cio_outbox import inspection
+
+        return inspection.timeline(self, run)
 
 
 @functools.cache

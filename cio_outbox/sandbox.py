@@ -1438,7 +1438,8 @@ def sandbox_command(
 ) -> None:
     """Run a local stand-in for the Customer.io Data Pipelines API until SIGINT/SIGTERM.
 
-    Prints one JSON line {"url": ..., "pid": ...} once listening.
+    Prints one JSON line {"url": ..., "pid": ..., "key": ...} once listening; "key" says
+    which API key clients must send (a custom key is named, never shown).
     """
     stopping: list[int] = []
 
@@ -1450,7 +1451,9 @@ def sandbox_command(
     with Sandbox(key=key, host=host, port=port, fail_rate=fail_rate, rate_limit=rate_limit,
                  latency=latency, reject_events=reject_events, seed=seed,
                  throttle_rate=throttle_rate) as sandbox:
-        click.echo(json.dumps({"url": sandbox.url, "pid": os.getpid()}))
+        click.echo(json.dumps({"url": sandbox.url, "pid": os.getpid(), "key": (
+            f"export CIO_API_KEY={DEFAULT_KEY}" if key == DEFAULT_KEY else
+            "the value of CIO_SANDBOX_KEY / --key (not shown)")}))
         sys.stdout.flush()
         while not stopping:
             time.sleep(0.1)

@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -93,12 +94,35 @@ class Progress:
     elapsed: float = 0.0
     state: str = "starting"
     last_error: str | None = None
+    # The work of this run: rows done (sent or dead-lettered) plus rows left.
+    total: int = 0
+
+    @property
+    def percent(self) -> float | None:
+        """Share of the run's rows done (sent or dead-lettered), 0-100."""
+        if not self.total:
+            return None
+        return 100.0 * min(self.sent + self.failed, self.total) / self.total
+
+    @property
+    def eta_seconds(self) -> float | None:
+        """Seconds until the rows left are sent at the current rate."""
+        left = self.pending + self.in_flight
+        if self.rate <= 0 or not left:
+            return None
+        return left / self.rate
 
     def line(self) -> str:
+        done = f" ({self.percent:.0f}%)" if self.percent is not None else ""
         text = (
-            f"sent {self.sent:,}  failed {self.failed:,}  pending {self.pending:,}  "
-            f"in flight {self.in_flight:,}  {self.rate:,.0f} msg/s"
+            f"sent {self.sent:,}{done}  {self.failed:,} dead-lettered  "
+            f"pending {self.pending:,}  in flight {self.in_flight:,}  {self.rate:,.0f} msg/s"
         )
+        eta = self.eta_seconds
+        if eta is not None:
+            minutes, seconds = divmod(round(eta), 60)
+            text += f"  ETA {minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 \
+                else f"  ETA {minutes}:{seconds:02d}"
         if self.state not in ("sending", "done"):
             text += f"  [{self.state}]"
         return text
@@ -163,11 +187,19 @@ class _Counters:
     rejected_requests: int = 0
     last_error: str | None = None
     last_error_at: float = 0.0
+    # Kept apart so that a dead letter is never shown as "retrying".
+    last_retry: str | None = None
+    last_dead_letter: str | None = None
+    last_dead_letter_at: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def error(self, text: str) -> None:
-        self.last_error = text
+        self.last_error = self.last_retry = text
         self.last_error_at = time.monotonic()
+
+    def dead_letter(self, text: str) -> None:
+        self.last_dead_letter = text
+        self.last_dead_letter_at = time.monotonic()
 
     def add(self, **changes: int) -> None:
         with self.lock:
@@ -207,6 +239,7 @@ class Worker:
         worker_id: str | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         progress_interval: float = 1.0,
+        unreachable_timeout: float | None = 30.0,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -228,6 +261,12 @@ class Worker:
         self.worker_id = worker_id or default_worker_id()
         self.on_progress = on_progress
         self.progress_interval = progress_interval
+        # With until_empty: give up when the host has not answered once in this long
+        # (DNS typo, TLS against plain http): it would otherwise retry without end.
+        self.unreachable_timeout = unreachable_timeout
+        self._answered = threading.Event()
+        self._until_empty = False
+        self._rate_window: deque[tuple[float, int]] = deque()
         self.throttle = Throttle(max_rps)
         self._backoff = wait_exponential_jitter(
             multiplier=backoff_initial, max=backoff_max, jitter=backoff_initial
@@ -249,6 +288,11 @@ class Worker:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    @property
+    def base_url(self) -> str:
+        """The host this worker sends to (scheme and host; requests go to /v1/<endpoint>)."""
+        return self.client.target.base_url
+
     def run(self, *, until_empty: bool = False, timeout: float | None = None) -> WorkerResult:
         """Send until stopped, or with ``until_empty`` until nothing is pending or in flight.
 
@@ -257,6 +301,7 @@ class Worker:
         """
         self._started = time.monotonic()
         self._state = "sending"
+        self._until_empty = until_empty
         released = self.storage.release_worker(self.worker_id)
         if released:
             log.info("took back %d rows this worker id held before a restart", released)
@@ -309,27 +354,44 @@ class Worker:
     def _snapshot(self, interval: float | None, last_sent: int) -> Progress:
         counts = self.storage.counts(self.run_filter)
         counters = self._counters
-        elapsed = time.monotonic() - self._started
-        if interval:
-            rate = (counters.sent - last_sent) / interval
-        else:
-            rate = counters.sent / elapsed if elapsed > 0 else 0.0
+        now = time.monotonic()
+        elapsed = now - self._started
+        rate = self._rate(now, counters.sent) if interval else (
+            counters.sent / elapsed if elapsed > 0 else 0.0)
         state = self._state
         paused = self.throttle.paused_for()
         recent_error = (
             counters.last_error
             and time.monotonic() - counters.last_error_at < max(2 * self.progress_interval, 5.0)
         )
+        recent_dead_letter = (
+            counters.last_dead_letter
+            and now - counters.last_dead_letter_at < max(2 * self.progress_interval, 5.0)
+        )
         if paused > 0 and state == "sending":
             state = f"rate limited, resuming in {paused:.0f}s"
         elif recent_error and state == "sending":
-            state = f"retrying: {counters.last_error}"[:120]
+            state = f"retrying: {counters.last_retry}"[:200]
+        elif recent_dead_letter and state == "sending":
+            state = f"dead-lettered: {counters.last_dead_letter}"[:200]
+        left = counts["pending"] + counts["in_flight"]
         return Progress(
             sent=counters.sent, failed=counters.failed, requests=counters.requests,
             retries=counters.retries, rejected_requests=counters.rejected_requests,
             pending=counts["pending"], in_flight=counts["in_flight"], rate=rate,
             elapsed=elapsed, state=state, last_error=counters.last_error,
+            total=counters.sent + counters.failed + left,
         )
+
+    def _rate(self, now: float, sent: int) -> float:
+        """Messages per second over the last 10 s (or since the start): requests finish in
+        bursts (under --max-rps, one large batch a second), so a short window shows 0."""
+        window = self._rate_window
+        window.append((now, sent))
+        while len(window) > 2 and now - window[1][0] >= 10.0:
+            window.popleft()
+        since, sent_then = window[0] if len(window) > 1 else (self._started, 0)
+        return (sent - sent_then) / (now - since) if now > since else 0.0
 
     # -- the sender loop ---------------------------------------------------------------
 
@@ -441,6 +503,7 @@ class Worker:
     def _dead_letter(self, bad: Sequence[tuple[Row, str]]) -> None:
         self.storage.dead_letter(bad)
         self._counters.add(failed=len(bad))
+        self._counters.dead_letter(bad[0][1])
         # info, not warning: an unconfigured logger would print every one to stderr;
         # dead letters are counted in the progress line and listed by `failed`.
         log.info("dead-lettered %d message(s): %s", len(bad), bad[0][1])
@@ -504,7 +567,9 @@ class Worker:
             reply = self.client.send(endpoint, body)
         except TransportError as exc:
             self._transient(rows, endpoint, len(body), None, str(exc), None, count=False)
+            self._give_up_if_never_answered(rows, exc)
             raise _Transient(str(exc)) from None
+        self._answered.set()
         if reply.status_code == 429 or reply.status_code == 408 or reply.status_code >= 500:
             error = reply.describe()
             if reply.status_code == 429:
@@ -514,6 +579,18 @@ class Worker:
             self._transient(rows, endpoint, len(body), reply, error, reply.latency_ms)
             raise _Transient(error, reply.retry_after if reply.status_code == 429 else None)
         return reply, len(body)
+
+    def _give_up_if_never_answered(self, rows: Sequence[Row], exc: TransportError) -> None:
+        waited = time.monotonic() - self._started
+        if (not self._until_empty or self._answered.is_set() or self.unreachable_timeout is None
+                or waited < self.unreachable_timeout):
+            return
+        self.storage.release([row.id for row in rows])
+        raise WorkerError(
+            f"{self.client.target.base_url} never answered in {waited:.0f} s, so the worker "
+            f"gave up (--until-empty; --unreachable-timeout): {exc}. Check --host / CIO_HOST "
+            "(scheme, spelling); cio-outbox check tells whether it answers like the API."
+        )
 
     def _transient(
         self, rows: Sequence[Row], endpoint: str, size: int, reply: Reply | None,

@@ -21,14 +21,16 @@ def _backends() -> list[object]:
 def postgres_server() -> Iterator[str]:
     """URL of a PostgreSQL server: CIO_TEST_POSTGRES_URL, else a throwaway one (see pg.py).
 
-    Without either, the postgres tests are skipped, except in CI (CI=true) where they fail.
+    Without either, or without the psycopg driver, the postgres tests are skipped, except in
+    CI (CI=true) where they fail.
     """
-    if not os.environ.get(pg.ENV):
+    reason = pg.driver_missing_reason()
+    if reason is None and not os.environ.get(pg.ENV):
         reason = pg.unavailable_reason()
-        if reason is not None:
-            if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-                pytest.fail(f"CI needs PostgreSQL: {reason}", pytrace=False)
-            pytest.skip(reason)
+    if reason is not None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI needs PostgreSQL: {reason}", pytrace=False)
+        pytest.skip(reason)
     try:
         with pg.server_url() as url:
             yield url

@@ -54,6 +54,16 @@ def find_bin_dir() -> Path | None:
     return None
 
 
+def driver_missing_reason() -> str | None:
+    """Why the PostgreSQL tests cannot talk to a server from here, or None."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return ("the PostgreSQL driver is not installed: pip install -e '.[dev]' "
+                "(or '.[postgres]') installs psycopg")
+    return None
+
+
 def unavailable_reason() -> str | None:
     """Why no throwaway server can be started here, or None when one can."""
     if find_bin_dir() is None:

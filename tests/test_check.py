@@ -9,11 +9,40 @@ from cio_outbox.config import REGION_HOSTS
 from cio_outbox.sandbox import Sandbox
 
 
-def test_check_sends_nothing_by_default(sandbox: Sandbox) -> None:
+def test_check_reaches_the_host_but_sends_no_message_by_default(sandbox: Sandbox) -> None:
     report = check(key=sandbox.key, host=sandbox.url)
-    assert report["ok"] and report["sent"] is False
+    assert report["ok"] and report["sent"] is False, report
     assert report["host"] == sandbox.url and report["scheme"] == "basic"
-    assert sandbox.stats()["requests"] == 0
+    assert report["answered"] is True and report["probe_status_code"] == 200
+    assert sandbox.stats()["requests"] == 1 and sandbox.messages() == []
+
+
+def test_check_is_not_ok_for_a_host_that_does_not_answer() -> None:
+    report = check(key="k", host="https://cdp.custmer.invalid")
+    assert not report["ok"] and report["answered"] is False
+    assert "cdp.custmer.invalid" in report["problems"][0]
+
+
+def test_check_is_not_ok_for_a_path_in_the_host(sandbox: Sandbox) -> None:
+    report = check(key=sandbox.key, host=sandbox.url + "/v1")
+    assert not report["ok"]
+    assert any("/v1" in problem and "scheme and host" in problem
+               for problem in report["problems"]), report
+
+
+def test_check_is_not_ok_for_a_server_that_is_not_the_pipelines_api(
+    sandbox: Sandbox,
+) -> None:
+    report = check(key=sandbox.key, host=sandbox.url + "/not-the-api")
+    assert not report["ok"] and report["answered"] is True
+    assert "not like the Pipelines API" in report["problems"][0]
+    assert "404" in report["problems"][0]
+
+
+def test_check_reports_a_wrong_key_without_sending_a_message(sandbox: Sandbox) -> None:
+    report = check(key="sk_us_notthekey", host=sandbox.url)
+    assert not report["ok"] and report["probe_status_code"] == 401
+    assert "key" in report["problems"][0] and "notthekey" not in repr(report)
 
 
 def test_check_sends_one_clearly_named_anonymous_test_event(sandbox: Sandbox) -> None:
@@ -28,20 +57,21 @@ def test_check_sends_one_clearly_named_anonymous_test_event(sandbox: Sandbox) ->
 
 def test_check_reports_a_wrong_key_without_showing_it(sandbox: Sandbox) -> None:
     report = check(key="sk_us_notthekey", host=sandbox.url, send_test_event=True)
-    assert not report["ok"] and report["status_code"] == 401
+    # The empty batch already shows the key is refused: no test event follows.
+    assert not report["ok"] and report["probe_status_code"] == 401 and not report["sent"]
     assert "notthekey" not in repr(report)
 
 
 def test_check_reports_region_problems(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CIO_HOST", raising=False)
     monkeypatch.delenv("CIO_REGION", raising=False)
-    mismatch = check(key="sk_eu_abc", region="us")
+    mismatch = check(key="sk_eu_abc", region="us", probe=False)
     assert not mismatch["ok"] and "EU" in mismatch["problems"][0]
-    derived = check(key="sk_eu_abc")
+    derived = check(key="sk_eu_abc", probe=False)
     assert derived["ok"] and derived["host"] == REGION_HOSTS["eu"]
-    warned = check(key="sk_eu_abc", host=REGION_HOSTS["us"])
+    warned = check(key="sk_eu_abc", host=REGION_HOSTS["us"], probe=False)
     assert warned["ok"] and "EU" in warned["warnings"][0]
-    missing = check(key="  ")
+    missing = check(key="  ", probe=False)
     assert not missing["ok"] and "empty" in missing["problems"][0]
 
 
@@ -67,8 +97,10 @@ def test_check_command_reports_and_exits_by_outcome(
     monkeypatch.setenv("CIO_API_KEY", sandbox.key)
     runner = CliRunner()
     result = runner.invoke(cli, ["check", "--host", sandbox.url])
-    assert result.exit_code == 0 and "ok" in result.output
-    assert sandbox.stats()["requests"] == 0
+    assert result.exit_code == 0 and "answered like the Pipelines API" in result.output
+    assert result.output.rstrip().endswith("ok") and sandbox.messages() == []
+    result = runner.invoke(cli, ["check", "--host", "https://cdp.custmer.invalid"])
+    assert result.exit_code == 1 and result.output.rstrip().endswith("not ok")
     result = runner.invoke(cli, ["check", "--host", sandbox.url, "--send-test-event", "--json"])
     report = json.loads(result.output)
     assert result.exit_code == 0 and report["status_code"] == 200

@@ -231,7 +231,8 @@ def test_purge_and_forget(runner: CliRunner, migrated: str) -> None:
     kept = _run(runner, "purge", "--db", migrated, "--sent", "--older-than", "30d")
     assert kept.exit_code == 0 and "deleted 0 sent row" in kept.stdout
     time.sleep(0.05)
-    gone = _run(runner, "purge", "--db", migrated, "--sent", "--older-than", "0s", "--json")
+    gone = _run(runner, "purge", "--db", migrated, "--sent", "--older-than", "0s", "--json",
+                "--yes")
     assert json.loads(gone.stdout) == {"deleted": 4}
 
     forgot = _run(runner, "forget", "u9", "--db", migrated)
@@ -348,11 +349,12 @@ def test_progress_printer_updates_one_line_on_a_terminal() -> None:
     assert plain.getvalue().endswith("\n") and "\r" not in plain.getvalue()
 
 
-def test_help_documents_exit_codes(runner: CliRunner) -> None:
-    for command in ([], ["worker"], ["enqueue"]):
-        text = _run(runner, *command, "--help").stdout
-        assert "3  the API refused the key" in text
-        assert "2  usage or configuration error" in text
+def test_help_documents_exit_codes_once_in_the_group_help(runner: CliRunner) -> None:
+    text = _run(runner, "--help").stdout
+    assert "3  the API refused the key" in text
+    assert "2  usage or configuration error" in text
+    for command in (["worker"], ["enqueue"], ["status"]):
+        assert "Exit codes" not in _run(runner, *command, "--help").stdout
 
 
 # -- demo ------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ also checked against our document and, when it is at hand, Customer.io's publish
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable
 from functools import cache
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import upstream
 
 from cio_outbox import Outbox
 from cio_outbox.outbox import EnqueueResult
@@ -22,8 +22,7 @@ from cio_outbox.semantic import SEMANTIC_EVENTS, SemanticEvent
 from cio_outbox.spec import check_call, resolved_schema
 
 REPO = Path(__file__).resolve().parents[1]
-UPSTREAM = Path(os.environ.get("CIO_UPSTREAM_SPEC")
-                or REPO.parent / "shared" / "cio_pipelines_api.json")
+UPSTREAM = upstream.upstream_path()
 
 
 def drain(outbox: Outbox, sandbox: Sandbox) -> dict[str, Any]:
@@ -248,9 +247,8 @@ def test_every_semantic_event_drains_into_the_sandbox(outbox: Outbox,
 
 @cache
 def _upstream() -> tuple[dict[str, Any], Any]:
-    if not UPSTREAM.is_file():
-        pytest.skip(f"Customer.io's published document is not at {UPSTREAM} "
-                    f"(set CIO_UPSTREAM_SPEC to check against it)")
+    if UPSTREAM is None:
+        pytest.skip(upstream.MISSING_REASON)
     jsonschema = pytest.importorskip("jsonschema")
     referencing = pytest.importorskip("referencing")
     from referencing.jsonschema import DRAFT7

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
+import upstream
 
 from cio_outbox.semantic import (
     CATEGORIES,
@@ -21,21 +20,9 @@ from cio_outbox.semantic import (
 )
 from cio_outbox.spec import load_spec
 
-
-def _upstream_path() -> Path:
-    """Customer.io's document: CIO_UPSTREAM_SPEC, else shared/ beside the repository (as CI
-    lays it), else the developers' /work/shared."""
-    named = os.environ.get("CIO_UPSTREAM_SPEC")
-    if named:
-        return Path(named)
-    beside = Path(__file__).resolve().parent.parent.parent / "shared" / "cio_pipelines_api.json"
-    return beside if beside.exists() else Path("/work/shared/cio_pipelines_api.json")
-
-
-UPSTREAM_PATH = _upstream_path()
+UPSTREAM_PATH = upstream.upstream_path()
 needs_upstream = pytest.mark.skipif(
-    not UPSTREAM_PATH.exists(),
-    reason=f"Customer.io's published document is not at {UPSTREAM_PATH}",
+    upstream.upstream_path() is None, reason=upstream.MISSING_REASON
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -69,6 +56,7 @@ class UpstreamEvent:
 
 
 def load_upstream() -> dict[str, Any]:
+    assert UPSTREAM_PATH is not None
     return json.loads(UPSTREAM_PATH.read_text(encoding="utf-8"))
 
 

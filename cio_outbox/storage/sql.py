@@ -422,6 +422,14 @@ class SQLStorage:
         return self._tx(lambda cur: self._removed(cur, "status = 'sent' AND sent_at < ?",
                                                   (before,))[0])
 
+    def purgeable(self, before: float) -> list[dict[str, Any]]:
+        """What :meth:`purge_sent` would delete, by run: rows and their sent_at range."""
+        return [dict(row) for row in self._query(
+            "SELECT run, count(*) AS rows, min(sent_at) AS oldest, max(sent_at) AS newest"
+            " FROM {s}messages WHERE status = 'sent' AND sent_at < ? GROUP BY run ORDER BY run",
+            (before,),
+        )]
+
     def forget(self, person: str) -> dict[str, Any]:
         """Delete this person's rows and redact the id from the audit text, then vacuum.
 
