@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import drain, enqueue, faults, gzip_bench, scale
+from benchmarks import drain, enqueue, faults, gzip_bench, lanes, scale
 from benchmarks.common import machine
 
-SECTIONS = ("enqueue", "drain", "scale", "faults", "gzip")
+SECTIONS = ("enqueue", "drain", "scale", "faults", "gzip", "lanes")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
 
 
@@ -295,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
             _gzip_rows(table, results["gzip"])
         if "drain" in only:
             _cpu_rows(table, results["drain"])
+        if "lanes" in only:
+            log("7. lanes")
+            mode = "quick" if args.quick else ("full" if args.full else "default")
+            results["lanes"] = lanes.run(base, sizes=lanes.SIZES[mode], reps=args.reps,
+                                         log=log)
+            lanes.add_rows(table, results["lanes"])
     finally:
         shutil.rmtree(base, ignore_errors=True)
     results["elapsed_s"] = time.time() - started
