@@ -149,14 +149,16 @@ class RssSampler:
         self._thread.join()
 
 
-def run_child(spec: dict[str, Any], timeout: float = 1800.0) -> dict[str, Any]:
-    """Run ``python -m benchmarks.child`` with a JSON spec; return its JSON result.
+def run_child(spec: dict[str, Any], timeout: float = 1800.0,
+              module: str = "benchmarks.child") -> dict[str, Any]:
+    """Run ``python -m <module>`` (benchmarks.child by default) with a JSON spec; return
+    its JSON result.
 
     The parent samples the child's RSS with psutil while it runs and adds
     ``rss_peak_sampled`` (bytes) to the result.
     """
     proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.child", json.dumps(spec)],
+        [sys.executable, "-m", module, json.dumps(spec)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
         cwd=Path(__file__).resolve().parent.parent, env=dict(os.environ),
     )

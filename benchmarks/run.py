@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import drain, enqueue, faults, gzip_bench, scale
+from benchmarks import drain, enqueue, faults, gzip_bench, lanes, scale
 from benchmarks.common import machine
 
-SECTIONS = ("enqueue", "drain", "scale", "faults", "gzip")
+SECTIONS = ("enqueue", "drain", "scale", "faults", "gzip", "lanes")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
 
 
@@ -128,7 +128,7 @@ def _enqueue_rows(t: Table, r: dict[str, Any]) -> None:
 
 
 def _drain_rows(t: Table, r: dict[str, Any]) -> None:
-    t.section(f"2. drain {r['n']:,} track events into the sandbox, msg/s "
+    t.section(f"2. drain {r['n']:,} track events into the {r.get('target', 'sandbox')}, msg/s "
               f"({r['events_per_request']:.0f} events per request)")
     for label, d in r["latencies"].items():
         conc = d["worker_settings"]["concurrency"]
@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="our worker's concurrency on loopback (default 2)")
     parser.add_argument("--concurrency-40ms", type=int, default=None,
                         help="our worker's concurrency at 40 ms latency (default 4)")
+    parser.add_argument("--target", choices=drain.TARGETS, default="sandbox",
+                        help="server of the drain section: the sandbox (counts every "
+                             "message) or the zero-cost nginx sink (loopback only)")
     args = parser.parse_args(argv)
 
     sizes = QUICK if args.quick else (FULL if args.full else DEFAULT)
@@ -273,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             results["drain"] = drain.run(base, n=sizes.drain, reps=reps,
                                          concurrency=concurrency, latencies=latencies,
                                          official_reps=min(reps, sizes.official_reps),
-                                         log=log)
+                                         target=args.target, log=log)
             _drain_rows(table, results["drain"])
         if "scale" in only:
             log("3. scale")
@@ -295,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
             _gzip_rows(table, results["gzip"])
         if "drain" in only:
             _cpu_rows(table, results["drain"])
+        if "lanes" in only:
+            log("7. lanes")
+            mode = "quick" if args.quick else ("full" if args.full else "default")
+            results["lanes"] = lanes.run(base, sizes=lanes.SIZES[mode], reps=args.reps,
+                                         log=log)
+            lanes.add_rows(table, results["lanes"])
     finally:
         shutil.rmtree(base, ignore_errors=True)
     results["elapsed_s"] = time.time() - started
