@@ -310,11 +310,6 @@ class Message(BaseModel):
         return self.userId or self.anonymousId or ""
 
     @property
-    def extra_fields(self) -> dict[str, Any]:
-        """Top-level fields our models do not name, passed through as given."""
-        return dict(self.__pydantic_extra__ or {})
-
-    @property
     def endpoint(self) -> str:
         return "alias" if self.call_type == "alias" else "batch"
 
@@ -454,8 +449,6 @@ def _explain(call_type: str, exc: ValidationError) -> MessageError:
         reason = reason[len("Value error, ") :]
     if first["type"] == "missing":
         reason = "is required"
-    elif first["type"] == "extra_forbidden":
-        reason = f"is not a field of a {call_type} call"
     if field and reason.startswith(field.split(".")[-1] + " "):
         reason = reason[len(field.split(".")[-1]) + 1 :]  # "userId must not be empty"
     text = f"{call_type}: {field} {reason}" if field else f"{call_type}: {reason}"
