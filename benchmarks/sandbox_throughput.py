@@ -3,8 +3,8 @@
 The server runs in a child process (SandboxProcess); this process is the client, sending over
 keep-alive with one requests.Session per client thread. Every request carries fresh
 messageIds, so the server stores every message (no dedupe shortcut). Also measures, in this
-process, the per-message cost of validation (cio_outbox.spec.check_call, or the fallback while
-that module is missing) and of the size check, and JSON parsing per body.
+process, the per-message cost of validation (cio_outbox.messages.validate_wire, the rules
+enqueue applies) and of the size check, and JSON parsing per body.
 
 On a shared machine wall-clock rates depend on the load, so it also reports the CPU time the
 server process spent per request (with psutil, from the dev and bench extras) and the rate
@@ -27,13 +27,10 @@ from typing import Any
 
 import requests
 
-from cio_outbox.sandbox import (
-    _SPAN_SURELY_SMALL,
-    SandboxProcess,
-    _parse_body,
-    message_size,
-    resolve_check_call,
-)
+from cio_outbox.messages import validate_wire
+from cio_outbox.sandbox import SandboxProcess, message_size
+from cio_outbox.sandbox.validation import SPAN_SURELY_SMALL as _SPAN_SURELY_SMALL
+from cio_outbox.sandbox.validation import parse_body as _parse_body
 
 try:
     import psutil
@@ -143,15 +140,15 @@ def measure_http(args: argparse.Namespace, template: bytes, per_request: int) ->
 
 def measure_in_process(template: bytes, items: list[dict[str, Any]],
                        rounds: int = 5) -> dict[str, Any]:
-    check_call, source = resolve_check_call()
+    source = "cio_outbox.messages"
     messages = json.loads(template)["batch"]
-    check_call("track", messages[0])  # compile / warm any lazy schema
+    validate_wire(messages[0])  # compile / warm any lazy schema
     text = template.decode()
     best_check = best_size = best_parse = best_spans = float("inf")
     for _ in range(rounds):
         started = time.perf_counter()
         for msg in messages:
-            check_call("track", msg)
+            validate_wire(msg)
         best_check = min(best_check, time.perf_counter() - started)
         started = time.perf_counter()
         for msg in messages:

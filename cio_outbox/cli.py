@@ -58,7 +58,6 @@ from cio_outbox.importers import (
 from cio_outbox.inspection import UnknownRunError
 from cio_outbox.locations import open_existing
 from cio_outbox.outbox import DEFAULT_PATH, Outbox
-from cio_outbox.sandbox import sandbox_command
 from cio_outbox.storage import StorageError
 from cio_outbox.worker import EXIT_AUTH, EXIT_FATAL, EXIT_OK, Progress, Worker
 
@@ -129,7 +128,22 @@ def _err(text: str) -> None:
     click.echo(text, err=True)
 
 
-@click.group(epilog=EXIT_CODES_HELP)
+class _Commands(click.Group):
+    """Loads the ``sandbox`` command only when it is asked for: the sandbox brings in
+    ``http.server`` and ``subprocess``, which no other command needs."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), "sandbox"})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "sandbox":
+            from cio_outbox.sandbox import sandbox_command
+
+            return sandbox_command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Commands, epilog=EXIT_CODES_HELP)
 @click.version_option(package_name="cio-outbox")
 def cli() -> None:
     """Durable outbox and worker for the Customer.io Data Pipelines API.
@@ -140,8 +154,6 @@ def cli() -> None:
     local sandbox, without an account.
     """
 
-
-cli.add_command(sandbox_command, name="sandbox")
 
 
 # -- enqueue ---------------------------------------------------------------------------

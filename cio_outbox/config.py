@@ -103,13 +103,17 @@ class ApiKey:
         raise TypeError("ApiKey cannot be pickled")
 
 
-def _is_loopback(hostname: str) -> bool:
+def is_loopback(hostname: str) -> bool:
+    """Whether a host name or address (IPv6 with a zone, IPv4-mapped) is this machine."""
     if hostname == "localhost":
         return True
     try:
-        return ipaddress.ip_address(hostname).is_loopback
+        ip = ipaddress.ip_address(hostname.split("%", 1)[0])
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
 
 
 def normalize_host(host: str, *, allow_insecure: bool = False) -> str:
@@ -124,7 +128,7 @@ def normalize_host(host: str, *, allow_insecure: bool = False) -> str:
         raise ConfigError(
             f"host {host!r} must be a URL with scheme and host, like https://cdp.customer.io"
         )
-    if parts.scheme == "http" and not allow_insecure and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not allow_insecure and not is_loopback(parts.hostname):
         raise ConfigError(
             f"host {host!r} uses plain http, which would send the API key unencrypted; "
             "use https, or allow it explicitly (allow_insecure=True / --allow-insecure)"

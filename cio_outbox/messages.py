@@ -14,7 +14,18 @@ Value conversions (documented in README "Messages"):
 - Refused with an error naming the field: sets, bytes, NaN, infinities and any
   other object.
 - ``userId``, ``anonymousId``, ``groupId``, ``previousId`` given as integers become
-  strings; empty or blank ids are refused.
+  strings. A ``null`` or empty id is absent (the SDKs send ``"userId": null`` on every call
+  made with an anonymousId only); an id of only whitespace is refused.
+
+Fields (README "Messages"): every field Customer.io's document names is accepted, and other
+top-level fields pass through as they are, since the document does not forbid them. A
+top-level ``null`` is the same as leaving the field out. Fields that describe a request
+rather than a message (``writeKey``, ``sentAt``, ``receivedAt``, ``_metadata``, ``version``)
+are dropped: the sender sets them when it sends, or the server when it receives.
+
+One rule set: after the model, the wire JSON is checked against our OpenAPI document
+(:mod:`cio_outbox.spec`) by :meth:`Message.encode`, so what enqueue accepts is exactly what
+the sandbox accepts; the sandbox validates with :func:`validate_wire`, the same code.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from pydantic import (
     model_validator,
 )
 
+from cio_outbox import spec
 from cio_outbox._version import __version__
 
 MAX_MESSAGE_BYTES = 32_768
@@ -203,13 +215,15 @@ def dumps(wire: dict[str, Any]) -> str:
 
 
 def _check_id(value: Any, name: str) -> str | None:
-    if value is None:
+    # null and "" mean "no such id": the SDKs send null for the id they were not given, and
+    # exports from RudderStack carry "" for visitors never identified.
+    if value is None or value == "":
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise ValueError(f"{name} must be a string (got {type(value).__name__})")
     text = str(value)
     if not text.strip():
-        raise ValueError(f"{name} must not be empty")
+        raise ValueError(f"{name} must not be blank (it holds only whitespace)")
     return text
 
 
@@ -249,7 +263,8 @@ def _timestamp_text(value: Any) -> str | None:
 class Message(BaseModel):
     """Fields every call shares. Field names are the wire names (camelCase)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # Unknown top-level fields pass through (Customer.io's document does not forbid them).
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
     call_type: ClassVar[str]
 
     messageId: str = Field(default_factory=new_message_id)
@@ -282,9 +297,13 @@ class Message(BaseModel):
 
     @model_validator(mode="after")
     def _someone(self) -> Message:
-        if self.userId is None and self.anonymousId is None:
+        if self.userId is None and self.anonymousId is None and not self._names_group():
             raise ValueError("userId or anonymousId is required")
         return self
+
+    def _names_group(self) -> bool:
+        """Whether a groupId may stand in for the person (a group's track)."""
+        return False
 
     @property
     def person(self) -> str:
@@ -301,6 +320,10 @@ class Message(BaseModel):
         for name, value in self.__dict__.items():
             if value is not None:
                 data[name] = value
+        if self.__pydantic_extra__:
+            for name, value in self.__pydantic_extra__.items():
+                if value is not None:
+                    data[name] = value
         context = data.get("context")
         if context is None:
             data["context"] = {"library": LIBRARY}
@@ -313,9 +336,11 @@ class Message(BaseModel):
         return self.encode()[0]
 
     def encode(self) -> tuple[str, int]:
-        """Compact wire JSON and its size in bytes, checked against the 32 KB limit."""
+        """Compact wire JSON and its size in bytes, checked against the rules and 32 KB."""
         wire = self.wire()
         text = dumps(wire)
+        # Checked on the JSON form, as the API sees it: a datetime in traits is a string now.
+        check_rules(json.loads(text))
         try:
             size = len(text.encode("utf-8"))
         except UnicodeEncodeError:
@@ -343,6 +368,22 @@ class Track(Message):
     call_type: ClassVar[str] = "track"
     event: str
     properties: dict[str, Any] | None = None
+    # Customer.io's third track shape: an event performed by a group (an object), which
+    # may come without userId and anonymousId.
+    groupId: str | None = None
+
+    @field_validator("groupId", mode="before")
+    @classmethod
+    def _group_id(cls, value: Any) -> str | None:
+        return _check_id(value, "groupId")
+
+    def _names_group(self) -> bool:
+        return self.groupId is not None
+
+    @property
+    def person(self) -> str:
+        """userId, else anonymousId, else the groupId of a group's track."""
+        return self.userId or self.anonymousId or self.groupId or ""
 
     @field_validator("event", mode="before")
     @classmethod
@@ -355,12 +396,14 @@ class Track(Message):
 class Page(Message):
     call_type: ClassVar[str] = "page"
     name: str | None = None
+    category: str | None = None
     properties: dict[str, Any] | None = None
 
 
 class Screen(Message):
     call_type: ClassVar[str] = "screen"
     name: str | None = None
+    category: str | None = None
     properties: dict[str, Any] | None = None
 
 
@@ -407,8 +450,6 @@ def _explain(call_type: str, exc: ValidationError) -> MessageError:
         reason = reason[len("Value error, ") :]
     if first["type"] == "missing":
         reason = "is required"
-    elif first["type"] == "extra_forbidden":
-        reason = f"is not a field of a {call_type} call"
     if field and reason.startswith(field.split(".")[-1] + " "):
         reason = reason[len(field.split(".")[-1]) + 1 :]  # "userId must not be empty"
     text = f"{call_type}: {field} {reason}" if field else f"{call_type}: {reason}"
@@ -418,16 +459,56 @@ def _explain(call_type: str, exc: ValidationError) -> MessageError:
 
 
 def build(call_type: str, fields: Mapping[str, Any]) -> Message:
-    """Validate one call given by its wire field names; raise :class:`MessageError`."""
+    """Validate one call given by its wire field names; raise :class:`MessageError`.
+
+    The fields of a request rather than a message (``TRANSPORT_FIELDS``) are dropped.
+    The rules of our document are applied when the message is encoded (:meth:`Message.encode`).
+    """
     model = MODELS.get(call_type)
     if model is None:
         raise MessageError(
             f"type {call_type!r} is not one of: {', '.join(CALL_TYPES)}", field="type"
         )
+    if "type" in fields or not TRANSPORT_FIELDS.isdisjoint(fields):
+        if fields.get("type", call_type) != call_type:
+            raise MessageError(f"{call_type}: type must be {call_type!r}, not "
+                               f"{fields['type']!r}", field="type")
+        fields = {k: v for k, v in fields.items()
+                  if k != "type" and k not in TRANSPORT_FIELDS}
     try:
         return model.model_validate(fields)
     except ValidationError as exc:
         raise _explain(call_type, exc) from None
+
+
+def check_rules(wire: Mapping[str, Any]) -> None:
+    """Raise :class:`MessageError` when wire JSON breaks our document's rules.
+
+    The one rule set: enqueue applies it (through :meth:`Message.encode`) and so does the
+    sandbox (through :func:`validate_wire`).
+    """
+    call_type = wire.get("type")
+    found = spec.check_call(str(call_type), wire)
+    if not found:
+        return
+    text = found[0].message
+    event = wire.get("event") if call_type == "track" else None
+    if isinstance(event, str) and event in spec.semantic_schema_names():
+        from cio_outbox.semantic import SEMANTIC_EVENTS
+
+        text += f" ({event} requires {', '.join(SEMANTIC_EVENTS[event].required_fields)})"
+    raise MessageError(text, field=found[0].field or None)
+
+
+def validate_wire(data: Mapping[str, Any]) -> Message:
+    """A message as it arrived in JSON, held to exactly the rules enqueue applies.
+
+    Used by the sandbox, so that the two can never disagree. The size limit is the
+    caller's to measure: it applies to the bytes that arrived.
+    """
+    message = from_wire(data)
+    check_rules(message.wire())
+    return message
 
 
 def from_wire(data: Mapping[str, Any]) -> Message:
@@ -438,16 +519,15 @@ def from_wire(data: Mapping[str, Any]) -> Message:
     if not isinstance(call_type, str):
         raise MessageError("type is required (identify, track, page, screen, group or alias)",
                            field="type")
-    fields = dict(data)
-    del fields["type"]
-    # Set by Customer.io or by the sender at send time; never stored.
-    if not _SERVER_FIELDS.isdisjoint(fields):
-        for server_field in _SERVER_FIELDS:
-            fields.pop(server_field, None)
-    return build(call_type, fields)
+    return build(call_type, data)
 
 
-_SERVER_FIELDS = frozenset(("receivedAt", "sentAt", "version"))
+#: Fields of a request, not of a message, dropped at enqueue. ``writeKey`` is the sender's
+#: credential (Segment's library puts it in the body; ours sends it as a header only, so it
+#: never reaches the outbox); ``sentAt`` is set by the worker on each request it sends;
+#: ``receivedAt`` and ``version`` are set by the server (the document marks them read-only);
+#: ``_metadata`` is a sending library's bookkeeping about its own bundling.
+TRANSPORT_FIELDS = frozenset(("writeKey", "sentAt", "receivedAt", "version", "_metadata"))
 
 
 CallType = Literal["identify", "track", "page", "screen", "group", "alias"]

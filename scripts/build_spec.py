@@ -89,7 +89,13 @@ CONTEXT = obj(
         "device": obj(
             {"id": "string", "advertisingId": "string", "manufacturer": "string",
              "model": "string", "name": "string", "token": "string",
-             "type": enum("android", "ios"), "version": "string"}
+             # Customer.io lists android and ios for mobile contexts, but its context is a
+             # oneOf whose non-mobile branch does not constrain device, so "web" (or any
+             # other string) is valid as published. Push devices (the semantic device
+             # events) keep the two platforms.
+             "type": {"type": "string", "description": "android or ios for push devices; "
+                      "other platforms send their own name (for example web)."},
+             "version": "string"}
         ),
         "network": obj({"bluetooth": "boolean", "carrier": "string", "cellular": "boolean",
                         "wifi": "boolean"}),
@@ -441,13 +447,17 @@ def event_schema(ev: Event) -> Schema:
         )
     if ev.context_traits:
         props["context"] = obj({"traits": obj(ev.context_traits)})
+    own: Schema = {"type": "object", "required": required, "properties": props}
+    if ev.identity == "either":
+        # A semantic event is about a person: the group-only track shape does not apply.
+        own["anyOf"] = IDENTITY_ANY_OF
     description = ev.description + (" " + ev.notes if ev.notes else "")
     return {
         "title": ev.name,
         "description": description,
         "x-cio-semantic-event": ev.name,
         "x-cio-category": ev.category,
-        "allOf": [ref("track"), {"type": "object", "required": required, "properties": props}],
+        "allOf": [ref("track"), own],
     }
 
 
@@ -504,24 +514,26 @@ def components() -> Schema:
             "track",
             "Records an event a person performed. Needs userId or anonymousId. When event is "
             "a semantic event name, the message must also match that event's schema "
-            "(x-cio-semantic-event). Customer.io also documents a group-only track (groupId "
-            "without a person); cio-outbox does not send it.",
-            {**ID_PAIR, "event": {"type": "string", "minLength": 1},
+            "(x-cio-semantic-event). As Customer.io documents, a track may instead name a "
+            "group (groupId without a person): an event performed by the group.",
+            {**ID_PAIR, "groupId": ref("groupId"), "event": {"type": "string", "minLength": 1},
              "properties": obj({}, description="Event data; any JSON values.")},
             required=("event",),
         ),
         "page": call_schema(
             "page",
-            "Records a web page view. Needs userId or anonymousId; name is optional.",
-            {**ID_PAIR, "name": s("string"),
+            "Records a web page view. Needs userId or anonymousId; name and category are "
+            "optional.",
+            {**ID_PAIR, "name": s("string"), "category": s("string"),
              "properties": obj({"category": "string", "url": "string", "title": "string",
                                 "referrer": "string", "path": "string", "search": "string",
                                 "keywords": ["string"]})},
         ),
         "screen": call_schema(
             "screen",
-            "Records a mobile screen view. Needs userId or anonymousId; name is optional.",
-            {**ID_PAIR, "name": s("string"),
+            "Records a mobile screen view. Needs userId or anonymousId; name and category "
+            "are optional.",
+            {**ID_PAIR, "name": s("string"), "category": s("string"),
              "properties": obj({})},
         ),
         "group": call_schema(
@@ -545,6 +557,8 @@ def components() -> Schema:
         "previousId": {"type": "string", "minLength": 1,
                        "description": "The identifier being merged away."},
     }
+    # Customer.io's third track shape: an event of a group, with groupId and no person.
+    schemas["track"]["anyOf"] = [*IDENTITY_ANY_OF, {"required": ["groupId"]}]
     for call in ("identify", "track", "page", "screen", "group"):
         schemas[f"batch_{call}"] = {
             "description": f"A {call} message inside /batch: type is required.",

@@ -5,10 +5,11 @@
 What it holds (runs, rows and message ids are deterministic; times, latencies and the
 sandbox's port are not):
 
-- run ``crm-import``: 6 identify calls sent to a local sandbox, and one identify whose
-  ``traits.createdAt`` is a US-style date (``03/02/2024``) where the API wants ISO-8601,
-  which the API answers with HTTP 400; that row is dead-lettered (``failed``) with the
-  server's error text, and the audit trail holds the sent and the rejected request;
+- run ``crm-import``: 6 identify calls sent to a local sandbox, and one track that the
+  workspace refuses (the sandbox's ``reject_events`` stands in for a server-side refusal:
+  what our rules refuse never gets past enqueue), answered with HTTP 400; that row is
+  dead-lettered (``failed``) with the server's error text, and the audit trail holds the
+  sent and the rejected request;
 - run ``orders-backfill``: 5 track calls, 2 of them ``in_flight`` under the lease of a
   worker that died (``example-host:4242:dead01``; the lease has long expired, so the next
   worker takes them back), 3 ``pending``;
@@ -28,6 +29,7 @@ from cio_outbox.sandbox import Sandbox
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "outbox.db.example"
 WORKER_ID = "example-host:1234:a1b2c3"
+REFUSED_EVENT = "Legacy Contact Imported"
 DEAD_WORKER_ID = "example-host:4242:dead01"
 PEOPLE = ("ada", "grace", "alan", "edsger", "barbara", "donald")
 
@@ -41,18 +43,19 @@ def make_example(path: str | Path) -> Path:
     path = Path(path)
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
-    with Outbox(path) as outbox, Sandbox() as sandbox:
+    with Outbox(path) as outbox, Sandbox(reject_events=[REFUSED_EVENT],
+                                         named_errors=True) as sandbox:
         for day, name in enumerate(PEOPLE, start=1):
             outbox.identify(
                 f"user-{name}", run="crm-import", idempotency_key=f"crm-import:{name}",
                 timestamp=_at(day),
                 traits={"email": f"{name}@example.com", "plan": "pro" if day % 2 else "free"},
             )
-        # Legacy CRM data: a US-style date where the API wants ISO-8601. Our client sends
-        # traits as given; the API refuses it, so the row is dead-lettered with the reason.
-        outbox.identify(
-            "user-grace", run="crm-import", idempotency_key="crm-import:grace-created",
-            timestamp=_at(2, 10), traits={"createdAt": "03/02/2024", "source": "legacy-crm"},
+        # An event the workspace refuses when it is sent: dead-lettered with the reason.
+        outbox.track(
+            "user-grace", REFUSED_EVENT, run="crm-import",
+            idempotency_key="crm-import:grace-created", timestamp=_at(2, 10),
+            properties={"source": "legacy-crm"},
         )
         worker = outbox.worker(key=sandbox.key, host=sandbox.url, run="crm-import",
                                concurrency=1, worker_id=WORKER_ID)

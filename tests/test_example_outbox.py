@@ -85,7 +85,7 @@ def test_example_has_every_state_and_a_failed_row_with_its_audit_trail(committed
             "pending": 5, "in_flight": 2, "sent": 6, "failed": 1}
         (failed,) = outbox.failed()
         assert failed["error"].startswith("HTTP 400: ")
-        assert "traits.createdAt" in failed["error"] and "RFC 3339" in failed["error"]
+        assert "Legacy Contact Imported" in failed["error"] and "rejected" in failed["error"]
         history = outbox.history(failed["messageId"])
         assert history is not None
         assert [a["outcome"] for a in history["attempts"]] == ["rejected"]

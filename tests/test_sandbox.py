@@ -13,22 +13,22 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import requests
 
-from cio_outbox import sandbox as sandbox_module
+from cio_outbox.config import is_loopback
+from cio_outbox.messages import MessageError
 from cio_outbox.sandbox import (
     MESSAGE_LIMIT,
     REQUEST_LIMIT,
     Sandbox,
     SandboxProcess,
     message_size,
-    resolve_check_call,
 )
+from cio_outbox.sandbox import validation as sandbox_validation
 
 TIMEOUT = 30
 PREFIXED_KEY = "sk_us_0123456789abcdef"
@@ -61,7 +61,8 @@ def post(
     if auth == "default":
         auth = (sb.key, "")
     payload = data if data is not None else json.dumps(body).encode()
-    hdrs = {"Content-Type": "application/json", **(headers or {})}
+    # Strict by default, as the worker sends: refusals are answered, not dropped.
+    hdrs = {"Content-Type": "application/json", "X-Strict-Mode": "1", **(headers or {})}
     return send(
         f"{sb.url}/v1/{endpoint}", data=payload, auth=auth, headers=hdrs, timeout=TIMEOUT
     )
@@ -77,7 +78,8 @@ def errors(resp: requests.Response) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def sb() -> Iterator[Sandbox]:
-    with Sandbox() as sandbox:
+    # These tests read the item names of refusals, the sandbox's own answer form.
+    with Sandbox(named_errors=True) as sandbox:
         yield sandbox
 
 
@@ -107,7 +109,7 @@ def test_context_manager_stops_server_and_joins_threads() -> None:
 
 def test_repr_never_shows_key() -> None:
     key = "very-secret-key-123"
-    with Sandbox(key=key) as sandbox:
+    with Sandbox(key=key, named_errors=True) as sandbox:
         assert key not in repr(sandbox)
         assert "Sandbox" in repr(sandbox)
         assert sandbox.key == key
@@ -127,7 +129,7 @@ def test_basic_auth_accepted_and_answers_empty_object(sb: Sandbox) -> None:
 def test_wrong_key_is_401_without_echoing_any_key() -> None:
     key = "configured-secret-key"
     presented = "presented-wrong-key"
-    with Sandbox(key=key) as sandbox:
+    with Sandbox(key=key, named_errors=True) as sandbox:
         resp = post(sandbox, "track", track(), auth=(presented, ""))
         assert resp.status_code == 401
         assert errors(resp)
@@ -155,7 +157,7 @@ def test_bearer_for_non_prefixed_key_is_401(sb: Sandbox) -> None:
 
 
 def test_prefixed_key_needs_bearer() -> None:
-    with Sandbox(key=PREFIXED_KEY) as sandbox:
+    with Sandbox(key=PREFIXED_KEY, named_errors=True) as sandbox:
         ok = post(sandbox, "track", track(), auth=None,
                   headers={"Authorization": f"Bearer {PREFIXED_KEY}"})
         assert ok.status_code == 200
@@ -173,7 +175,7 @@ def test_prefixed_key_needs_bearer() -> None:
 
 @pytest.mark.parametrize("key", ["pk_eu_abc", "sk_eu_abc", "pk_us_abc"])
 def test_all_prefixes_use_bearer(key: str) -> None:
-    with Sandbox(key=key) as sandbox:
+    with Sandbox(key=key, named_errors=True) as sandbox:
         resp = post(sandbox, "track", track(), auth=None,
                     headers={"Authorization": f"Bearer {key}"})
         assert resp.status_code == 200
@@ -333,12 +335,15 @@ def test_identify_without_ids_names_field(sb: Sandbox) -> None:
     assert sb.messages() == []
 
 
-def test_alias_in_batch_is_refused(sb: Sandbox) -> None:
+def test_alias_in_batch_is_accepted_as_the_official_library_sends_it(sb: Sandbox) -> None:
     alias = {"type": "alias", "userId": "u1", "previousId": "anon"}
     resp = post(sb, "batch", {"batch": [alias]})
+    assert resp.status_code == 200, resp.text
+    assert [m["type"] for m in sb.messages()] == ["alias"]
+    bad = {"type": "alias", "userId": "u1"}
+    resp = post(sb, "batch", {"batch": [bad]})
     assert resp.status_code == 400
-    assert errors(resp)[0]["field"] == "batch[0].type"
-    assert sb.messages() == []
+    assert errors(resp)[0]["field"] == "batch[0].previousId"
 
 
 def test_unknown_type_in_batch_is_refused(sb: Sandbox) -> None:
@@ -399,52 +404,32 @@ def test_single_call_errors_name_plain_fields(sb: Sandbox) -> None:
     assert "previousId" in [e["field"] for e in errors(resp)]
 
 
-def test_fallback_check_call_required_fields() -> None:
-    check = sandbox_module._fallback_check_call
-    assert check("identify", {"userId": "u"}) == []
-    assert check("identify", {"anonymousId": "a"}) == []
-    assert [v.field for v in check("identify", {})] == ["userId"]
-    assert [v.field for v in check("track", {"userId": "u"})] == ["event"]
-    assert [v.field for v in check("group", {"userId": "u"})] == ["groupId"]
-    assert sorted(v.field for v in check("alias", {})) == ["previousId", "userId"]
-    assert check("alias", {"userId": "u", "previousId": "p"}) == []
+def test_messages_are_held_to_the_enqueue_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sandbox has no rules of its own: each message goes through validate_wire."""
+    calls: list[dict[str, Any]] = []
 
-
-def test_fallback_used_only_while_spec_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "cio_outbox.spec", None)
-    check, source = resolve_check_call()
-    assert source == "fallback"
-    assert check is sandbox_module._fallback_check_call
-
-
-def test_real_spec_is_used_when_present(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[str, dict[str, Any]]] = []
-
-    def check_call(call_type: str, message: dict[str, Any]) -> list[Any]:
-        calls.append((call_type, message))
+    def validate_wire(message: dict[str, Any]) -> None:
+        calls.append(message)
         if message.get("userId") == "bad":
-            return [sandbox_module.Violation("traits.email", "format", "not an email")]
-        return []
+            raise MessageError("identify: traits.email not an email", field="traits.email")
 
-    fake = types.ModuleType("cio_outbox.spec")
-    fake.check_call = check_call  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "cio_outbox.spec", fake)
-    with Sandbox() as sandbox:
-        assert sandbox.stats()["validator"] == "cio_outbox.spec"
+    monkeypatch.setattr(sandbox_validation, "validate_wire", validate_wire)
+    with Sandbox(named_errors=True) as sandbox:
+        assert sandbox.stats()["validator"] == "cio_outbox.messages"
         bad = {"type": "identify", "userId": "bad"}
         resp = post(sandbox, "batch", {"batch": [track(), bad]})
         assert resp.status_code == 400
         err = errors(resp)[0]
-        assert err == {"field": "batch[1].traits.email", "reason": "format",
-                       "message": "not an email"}
-        assert [c[0] for c in calls] == ["track", "identify"]
+        assert err == {"field": "batch[1].traits.email", "reason": "invalid",
+                       "message": "identify: traits.email not an email"}
+        assert [c["type"] for c in calls] == ["track", "identify"]
 
 
 # ---------------------------------------------------------------- reject_events
 
 
 def test_reject_events_names_item_and_event() -> None:
-    with Sandbox(reject_events=("Poison",)) as sandbox:
+    with Sandbox(reject_events=("Poison",), named_errors=True) as sandbox:
         items = [track(mid="a"), track(mid="b"), track(event="Poison", mid="c"),
                  track(event="Poison", mid="d")]
         resp = post(sandbox, "batch", {"batch": items})
@@ -465,7 +450,7 @@ def test_reject_events_names_item_and_event() -> None:
 
 
 def test_fail_rate_one_fails_everything_and_stores_nothing() -> None:
-    with Sandbox(fail_rate=1.0) as sandbox:
+    with Sandbox(fail_rate=1.0, named_errors=True) as sandbox:
         statuses = {post(sandbox, "track", track(mid=f"f{i}")).status_code for i in range(20)}
         assert statuses <= {500, 502, 503}
         assert sandbox.messages() == []
@@ -475,7 +460,7 @@ def test_fail_rate_one_fails_everything_and_stores_nothing() -> None:
 
 
 def test_fail_rate_zero_never_fails() -> None:
-    with Sandbox(fail_rate=0.0) as sandbox:
+    with Sandbox(fail_rate=0.0, named_errors=True) as sandbox:
         statuses = {post(sandbox, "track", track(mid=f"f{i}")).status_code for i in range(20)}
         assert statuses == {200}
         assert sandbox.stats()["injected_failures"] == 0
@@ -484,7 +469,7 @@ def test_fail_rate_zero_never_fails() -> None:
 def test_fail_rate_is_reproducible_with_seed() -> None:
     runs = []
     for _ in range(2):
-        with Sandbox(fail_rate=0.5, seed=1234) as sandbox:
+        with Sandbox(fail_rate=0.5, seed=1234, named_errors=True) as sandbox:
             runs.append([post(sandbox, "track", track()).status_code for _ in range(30)])
     assert runs[0] == runs[1]
     assert 200 in runs[0]
@@ -492,13 +477,13 @@ def test_fail_rate_is_reproducible_with_seed() -> None:
 
 
 def test_failure_errors_have_meta_errors() -> None:
-    with Sandbox(fail_rate=1.0) as sandbox:
+    with Sandbox(fail_rate=1.0, named_errors=True) as sandbox:
         resp = post(sandbox, "track", track())
         assert errors(resp)[0]["reason"] == "injected_failure"
 
 
 def test_rate_limit_answers_429_with_retry_after() -> None:
-    with Sandbox(rate_limit=2) as sandbox:
+    with Sandbox(rate_limit=2, named_errors=True) as sandbox:
         with requests.Session() as session:
             statuses = [post(sandbox, "track", track(), session=session) for _ in range(6)]
         codes = [r.status_code for r in statuses]
@@ -514,7 +499,7 @@ def test_rate_limit_answers_429_with_retry_after() -> None:
 
 def test_latency_delays_but_does_not_serialise() -> None:
     latency = 1.0
-    with Sandbox(latency=latency) as sandbox:
+    with Sandbox(latency=latency, named_errors=True) as sandbox:
         started = time.monotonic()
         assert post(sandbox, "track", track()).status_code == 200
         assert time.monotonic() - started >= latency
@@ -672,11 +657,11 @@ def test_inspection_needs_no_auth(sb: Sandbox) -> None:
 
 
 def test_loopback_check() -> None:
-    assert sandbox_module._is_loopback("127.0.0.1")
-    assert sandbox_module._is_loopback("::1")
-    assert sandbox_module._is_loopback("::ffff:127.0.0.1")
-    assert not sandbox_module._is_loopback("10.0.0.1")
-    assert not sandbox_module._is_loopback("not an address")
+    assert is_loopback("127.0.0.1")
+    assert is_loopback("::1")
+    assert is_loopback("::ffff:127.0.0.1")
+    assert not is_loopback("10.0.0.1")
+    assert not is_loopback("not an address")
 
 
 def test_keep_alive_reuses_connection(sb: Sandbox) -> None:
@@ -731,8 +716,10 @@ def test_cli_serves_until_sigterm_and_takes_key_from_env() -> None:
                            timeout=TIMEOUT)
         assert ok.status_code == 200
         poisoned = requests.post(f"{url}/v1/track", json=track(event="X"),
-                                 auth=("env-secret-key", ""), timeout=TIMEOUT)
+                                 auth=("env-secret-key", ""), timeout=TIMEOUT,
+                                 headers={"X-Strict-Mode": "1"})
         assert poisoned.status_code == 400
+        assert "rejected" in poisoned.json()["meta"]["error"]
         child.send_signal(signal.SIGTERM)
         out, err = child.communicate(timeout=TIMEOUT)
         assert child.returncode == 0, err
@@ -776,7 +763,7 @@ def test_cli_sigint_exits_zero() -> None:
     '{"userId": "u", "event": "E"}',
 ])
 def test_parse_body_matches_json_loads(text: str) -> None:
-    doc, spans = sandbox_module._parse_body(text)
+    doc, spans = sandbox_validation.parse_body(text)
     assert doc == json.loads(text)
     if isinstance(doc, dict) and isinstance(doc.get("batch"), list):
         assert spans is not None
@@ -791,13 +778,13 @@ def test_parse_body_matches_json_loads(text: str) -> None:
 ])
 def test_parse_body_refuses_what_json_refuses(text: str) -> None:
     with pytest.raises(ValueError):
-        sandbox_module._parse_body(text)
+        sandbox_validation.parse_body(text)
 
 
 def test_parse_body_spans_are_item_text_lengths() -> None:
     items = ['{"a": 1}', '[1,  2]', '"x"']
     text = '{"batch": [' + " , ".join(items) + "]}"
-    spans = sandbox_module._parse_body(text)[1]
+    spans = sandbox_validation.parse_body(text)[1]
     assert spans is not None
     assert [text[start:end] for start, end in spans] == items
 
@@ -868,7 +855,8 @@ def test_huge_content_length_is_413_without_reading_the_body(sb: Sandbox) -> Non
         auth = base64.b64encode(f"{sb.key}:".encode()).decode()
         conn.sendall(
             b"POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Authorization: Basic " + auth.encode() + b"\r\nContent-Length: 50000000\r\n\r\n"
+            b"Authorization: Basic " + auth.encode() + b"\r\nX-Strict-Mode: 1\r\n"
+            b"Content-Length: 50000000\r\n\r\n"
         )
         answer = b""
         while chunk := conn.recv(65536):
@@ -891,7 +879,7 @@ def test_sandbox_process_kill() -> None:
 
 
 def test_throttle_rate_injects_429_with_retry_after() -> None:
-    with Sandbox(throttle_rate=1.0) as sandbox:
+    with Sandbox(throttle_rate=1.0, named_errors=True) as sandbox:
         resp = post(sandbox, "track", track())
         assert resp.status_code == 429
         assert int(resp.headers["Retry-After"]) >= 1
@@ -900,7 +888,7 @@ def test_throttle_rate_injects_429_with_retry_after() -> None:
         assert sandbox.stats()["injected_throttles"] == 1
         sandbox.configure(throttle_rate=0.0)
         assert post(sandbox, "track", track()).status_code == 200
-    with Sandbox(throttle_rate=0.3, fail_rate=0.2, seed=5) as sandbox:
+    with Sandbox(throttle_rate=0.3, fail_rate=0.2, seed=5, named_errors=True) as sandbox:
         codes = [post(sandbox, "track", track()).status_code for _ in range(60)]
         assert {200, 429} <= set(codes)
         assert sandbox.stats()["by_status"]["429"] == codes.count(429)
@@ -909,6 +897,94 @@ def test_throttle_rate_injects_429_with_retry_after() -> None:
 def test_zero_throttle_rate_keeps_seeded_failure_sequence() -> None:
     runs = []
     for extra in ({}, {"throttle_rate": 0.0}):
-        with Sandbox(fail_rate=0.5, seed=99, **extra) as sandbox:
+        with Sandbox(fail_rate=0.5, seed=99, **extra, named_errors=True) as sandbox:
             runs.append([post(sandbox, "track", track()).status_code for _ in range(20)])
     assert runs[0] == runs[1]
+
+
+# ---------------------------------------------------------------- documented behaviour
+
+
+def test_refusal_has_the_documented_body_without_item_names() -> None:
+    with Sandbox() as sandbox:
+        bad = {"type": "identify", "userId": "   "}
+        resp = post(sandbox, "batch", {"batch": [track(), bad]})
+        assert resp.status_code == 400
+        assert set(resp.json()) == {"meta"}
+        assert set(resp.json()["meta"]) == {"error"}
+        text = resp.json()["meta"]["error"]
+        assert "userId must not be blank" in text
+        assert "batch[" not in text
+        sandbox.configure(named_errors=True)
+        resp = post(sandbox, "batch", {"batch": [track(), bad]})
+        assert errors(resp)[0]["field"] == "batch[1].userId"
+
+
+def test_without_strict_mode_an_invalid_request_is_answered_200_and_dropped() -> None:
+    with Sandbox() as sandbox:
+        bad = {"type": "track", "userId": "u1"}  # no event
+        resp = post(sandbox, "batch", {"batch": [track(), bad]}, headers={"X-Strict-Mode": ""})
+        assert resp.status_code == 200
+        assert resp.json() == {}
+        assert sandbox.messages() == []
+        stats = sandbox.stats()
+        assert stats["dropped_requests"] == 1
+        assert stats["dropped_messages"] == 2
+        assert stats["rejected_messages"] == 0
+        strict = post(sandbox, "batch", {"batch": [track(), bad]})
+        assert strict.status_code == 400
+        assert sandbox.stats()["rejected_messages"] == 2
+        assert sandbox.stats()["dropped_requests"] == 1
+
+
+def test_without_strict_mode_an_oversized_request_is_answered_200_and_dropped() -> None:
+    with Sandbox() as sandbox:
+        big = track()
+        big["properties"] = {"blob": "x" * (MESSAGE_LIMIT + 10)}
+        lenient = requests.post(f"{sandbox.url}/v1/batch", json={"batch": [big]},
+                                auth=(sandbox.key, ""), timeout=TIMEOUT)
+        assert lenient.status_code == 200
+        body = {"batch": [track(mid=f"m{i}") for i in range(REQUEST_LIMIT // 100)]}
+        assert len(json.dumps(body)) > REQUEST_LIMIT
+        lenient = requests.post(f"{sandbox.url}/v1/batch", json=body,
+                                auth=(sandbox.key, ""), timeout=TIMEOUT)
+        assert lenient.status_code == 200
+        assert sandbox.messages() == []
+        assert sandbox.stats()["dropped_requests"] == 2
+        strict = post(sandbox, "batch", body)
+        assert strict.status_code == 413
+        assert "limit" in strict.json()["meta"]["error"]
+
+
+def test_worker_isolates_a_bad_message_by_halving_without_item_names(tmp_path: Any) -> None:
+    from cio_outbox import Outbox
+
+    calls = [{"type": "track", "userId": f"u{i}", "event": "Poison" if i == 37 else "Ok"}
+             for i in range(64)]
+    with Outbox(str(tmp_path / "halving.db")) as box, \
+            Sandbox(reject_events=["Poison"]) as sandbox:
+        box.enqueue_many(calls)
+        result = box.drain(host=sandbox.url, key=sandbox.key, progress=False, timeout=60)
+        failed = box.failed()
+        stats = sandbox.stats()
+    assert result["failed"] == 1
+    assert [row["person"] for row in failed] == ["u37"]
+    assert "rejected" in failed[0]["error"]
+    assert stats["messages"] == 63
+    # Found by halving: more than one refused request on the way to the bad message.
+    assert stats["by_status"]["400"] > 1
+
+
+def test_importing_the_cli_does_not_load_the_sandbox() -> None:
+    code = ("import sys, cio_outbox.cli; "
+            "print(sorted(m for m in ('http.server', 'cio_outbox.sandbox') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=TIMEOUT, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_sandbox_takes_its_limits_from_the_modules_that_own_them() -> None:
+    from cio_outbox.batch import MAX_BATCH_BYTES
+    from cio_outbox.messages import MAX_MESSAGE_BYTES
+
+    assert (MESSAGE_LIMIT, REQUEST_LIMIT) == (MAX_MESSAGE_BYTES, MAX_BATCH_BYTES)

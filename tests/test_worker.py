@@ -121,7 +121,8 @@ def test_timeouts_are_retried(outbox: Outbox) -> None:
 def test_one_poison_message_in_1000_is_the_only_one_dead_lettered(outbox: Outbox) -> None:
     calls = _events(1000)
     calls[437] = {"type": "track", "userId": "u437", "event": "Poison", "properties": {}}
-    with Sandbox(reject_events=["Poison"]) as sandbox:
+    # Names the bad item (batch[437]); without names the worker halves, tested below.
+    with Sandbox(reject_events=["Poison"], named_errors=True) as sandbox:
         outbox.enqueue_many(calls, run="poison")
         result = outbox.drain(host=sandbox.url, key=sandbox.key, **FAST)
         received = _received_ids(sandbox)

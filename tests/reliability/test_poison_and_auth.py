@@ -29,7 +29,7 @@ def test_one_poison_message_in_10000_is_the_only_one_dead_lettered(
     reason = "Poison"
     # 5% injected 5xx too: retries and isolation of the bad message interleave.
     with Outbox(tmp_path / "poison.db") as box, Sandbox(
-            reject_events=["Poison"], fail_rate=0.05) as sandbox:
+            reject_events=["Poison"], fail_rate=0.05, named_errors=True) as sandbox:
         box.enqueue_many(calls, run="poison")
         result = box.drain(host=sandbox.url, key=sandbox.key, concurrency=3, **FAST)
         stats = sandbox.stats()
