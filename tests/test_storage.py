@@ -818,6 +818,29 @@ def test_inspection_views_read_with_sqlite_utils(tmp_path: Path) -> None:
     db.close()
 
 
+def test_inspection_views_on_both_backends_show_iso_times(outbox_location: str) -> None:
+    storage = open_storage(outbox_location)
+    storage.insert([new_row(0, "a", run="crm")])
+    taken = claim(storage)
+    storage.record_attempt(Attempt("w1", "batch", taken, 10, 400, 2.0, "rejected", "bad"),
+                           count=True)
+    storage.dead_letter([(taken[0], "bad")])
+    prefix = getattr(storage, "prefix", "")
+    failed = storage._read(f"SELECT * FROM {prefix}failed_messages")  # type: ignore[attr-defined]
+    by_run = storage._read(f"SELECT * FROM {prefix}attempts_by_run")  # type: ignore[attr-defined]
+    row = storage.message("m0")
+    assert row is not None
+    import datetime as dt
+
+    text = failed[0]["failed_at"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", text), text
+    shown = dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
+    assert abs(shown.timestamp() - row["updated_at"]) < 0.002
+    assert [(r["run"], r["outcome"], r["status_code"]) for r in by_run] == [
+        ("crm", "rejected", 400)]
+    storage.close()
+
+
 # -- storage faults: the real cause, the file named, nothing half-written ------------------
 
 
