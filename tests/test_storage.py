@@ -763,6 +763,52 @@ def test_an_sqlite_outbox_of_schema_version_1_opens_and_migrates(tmp_path: Path)
     conn.close()
 
 
+def _v1_file(path: Path) -> None:
+    import sqlite3
+
+    from cio_outbox.storage import schema
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(schema.render(0, schema.SQLITE, ""))  # the DDL of release 1
+    conn.executemany("INSERT INTO messages (message_id, run, call_type, person, payload, size,"
+                     " status, attempts, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                     _v1_rows())
+    conn.execute("INSERT INTO counts VALUES ('r', 'pending', 1), ('r', 'sent', 1)")
+    conn.execute("DELETE FROM messages WHERE message_id = 'm2'")  # the sequence says 2
+    conn.execute("UPDATE counts SET n = 0 WHERE status = 'sent'")
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+
+
+def test_sqlite_without_schema_edits_gets_the_check_by_copying_the_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from cio_outbox.storage import sqlite as backend
+
+    def refused(conn: sqlite3.Connection, checked: str) -> None:
+        raise sqlite3.DatabaseError("table sqlite_master may not be modified")
+
+    monkeypatch.setattr(backend, "_edit_table_sql", refused)
+    path = tmp_path / "old.db"
+    _v1_file(path)
+    storage = open_storage(path)
+    assert storage.counts()["pending"] == 1
+    storage.insert([new_row(50)])
+    assert storage.message("m50")["id"] == 3  # deleted row 2's id is not given out again
+    assert [r.message_id for r in claim(storage)] == ["m1", "m50"]
+    storage.close()
+    fresh = tmp_path / "fresh.db"
+    open_storage(fresh).close()
+    assert _sqlite_schema(str(path)) == _sqlite_schema(str(fresh))
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute("UPDATE messages SET status = 'lost'")
+    conn.close()
+
+
 def test_a_postgres_outbox_of_schema_version_1_opens_and_migrates(
     postgres_location: str,
 ) -> None:
