@@ -785,7 +785,7 @@ def test_sqlite_without_schema_edits_gets_the_check_by_copying_the_table(
 ) -> None:
     import sqlite3
 
-    from cio_outbox.storage import sqlite as backend
+    from cio_outbox.storage import sqlite_schema as backend
 
     def refused(conn: sqlite3.Connection, checked: str) -> None:
         raise sqlite3.DatabaseError("table sqlite_master may not be modified")
