@@ -1086,6 +1086,24 @@ def test_postgres_ends_a_transaction_left_open_by_a_paused_process(
     storage.close()
 
 
+def test_postgres_forget_reports_sessions_whose_snapshots_keep_deleted_rows(
+    postgres_location: str,
+) -> None:
+    import psycopg
+
+    from cio_outbox.storage.postgres import split_location
+
+    storage = open_storage(postgres_location)
+    storage.insert([new_row(0, "gone"), new_row(1, "kept")])
+    with psycopg.connect(split_location(postgres_location)[0]) as other:
+        other.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        other.execute("SELECT 1")  # a transaction holding its snapshot, left open
+        report = storage.forget("gone")
+        assert report["deleted"] == 1 and report["older_snapshots"] >= 1
+        other.rollback()
+    storage.close()
+
+
 def test_postgres_leases_follow_the_server_clock(
     postgres_location: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
