@@ -314,6 +314,18 @@ class PostgresStorage(SQLStorage):
         )
         return cur.fetchall()
 
+    def forget(self, person: str) -> dict[str, Any]:
+        """As SQLStorage.forget; the report also says how many other sessions have held a
+        snapshot since before the delete: until they end, VACUUM FULL must keep the
+        deleted rows (run ``vacuum()`` again afterwards)."""
+        started = self._read("SELECT clock_timestamp() AS t")[0]["t"]
+        report = super().forget(person)
+        report["older_snapshots"] = int(self._read(
+            "SELECT count(*) AS n FROM pg_stat_activity"
+            " WHERE (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)"
+            " AND pid <> pg_backend_pid() AND xact_start < %s", (started,))[0]["n"])
+        return report
+
     def vacuum(self) -> None:
         """Rewrite the tables that hold personal data so deleted rows leave no trace.
 
