@@ -585,7 +585,7 @@ class Worker:
         if (not self._until_empty or self._answered.is_set() or self.unreachable_timeout is None
                 or waited < self.unreachable_timeout):
             return
-        self.storage.release([row.id for row in rows])
+        self.storage.release(rows)
         raise WorkerError(
             f"{self.client.target.base_url} never answered in {waited:.0f} s, so the worker "
             f"gave up (--until-empty; --unreachable-timeout): {exc}. Check --host / CIO_HOST "
