@@ -283,6 +283,7 @@ class Worker:
     def stop(self) -> None:
         """Ask every sender to finish its request in flight, record it, and stop."""
         self._stop.set()
+        self._wake_idle()
 
     @property
     def stopping(self) -> bool:
@@ -398,6 +399,7 @@ class Worker:
     def _sender(self, until_empty: bool) -> None:
         try:
             while not self._stop.is_set():
+                seen = self._changes()
                 rows = self.storage.claim(
                     self.worker_id,
                     lease_seconds=self.lease_seconds,
@@ -408,18 +410,38 @@ class Worker:
                 if not rows:
                     if until_empty and self._nothing_left():
                         self._drained.set()
-                        self._stop.set()
+                        self.stop()
                         return
-                    self._stop.wait(self.idle_interval)
+                    self._idle(seen)
                     continue
                 self._deliver(rows)
         except WorkerError as exc:
             self._fatal = self._fatal or exc
-            self._stop.set()
+            self.stop()
         except Exception as exc:  # a bug or a storage failure: stop, rows come back by lease
             log.exception("sender stopped")
             self._fatal = self._fatal or WorkerError(f"worker stopped: {exc}")
-            self._stop.set()
+            self.stop()
+
+    # Idle senders wait for the storage's signal (rows added, sent, released) rather than
+    # polling: claims of lanes other senders of this process hold would find nothing.
+    # Changes made by other processes are not signalled, so the wait ends after
+    # idle_interval anyway. A storage without the signal is polled.
+
+    def _changes(self) -> int:
+        return int(getattr(self.storage, "changes", 0))
+
+    def _idle(self, seen: int) -> None:
+        wait = getattr(self.storage, "wait_for_change", None)
+        if wait is None:
+            self._stop.wait(self.idle_interval)
+        elif not self._stop.is_set():
+            wait(seen, self.idle_interval)
+
+    def _wake_idle(self) -> None:
+        wake = getattr(self.storage, "wake", None)
+        if wake is not None:
+            wake()
 
     def _nothing_left(self) -> bool:
         counts = self.storage.counts(self.run_filter)

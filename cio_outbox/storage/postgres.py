@@ -14,17 +14,16 @@ Design, in short:
 - Per-run status counts live in the ``counts`` table and change in the same
   transaction as the rows they count; every transaction locks its message rows first
   and its count rows last, in a fixed order, so counts never dead-lock.
-- A claim is one short transaction: it takes a transaction-level advisory lock
-  (``pg_advisory_xact_lock``), so claims follow one another, recovers expired leases,
-  reads the blocked persons and the next pending rows, lets
-  :func:`cio_outbox.batch.select` pick, then locks the picked rows with
-  ``SELECT ... FOR UPDATE SKIP LOCKED``. A picked row that another transaction holds
-  (a late ``mark_sent`` of a worker whose lease ran out, a ``forget``) is skipped and
-  so is every later picked row of its person: one person's rows leave in order.
-  Serializing claims is what closes the race where two claimers would pick disjoint
-  rows of one person from snapshots that cannot see each other; it costs little
-  because a claim hands out a whole request (up to 500 KB) in a few milliseconds
-  (see benchmarks/postgres_vs_sqlite.py).
+- A claim is one short transaction with no global lock: it recovers expired leases,
+  locks up to ``lanes // 8`` free lanes (rows of the ``lanes`` table, ``FOR UPDATE SKIP
+  LOCKED``, so concurrent claims take different lanes), rechecks in a fresh snapshot
+  that nothing of them went in flight meanwhile, lets :func:`cio_outbox.batch.select`
+  pick from their pending rows, then locks the picked rows with ``SELECT ... FOR UPDATE
+  SKIP LOCKED``. A picked row that another transaction holds (a late ``mark_sent`` of a
+  worker whose lease ran out, a ``forget``) is skipped and so is every later picked row
+  of its person: one person's rows leave in order. A person's rows share one lane, and
+  one claim at a time holds a lane, which closes the race where two claimers would pick
+  rows of one person from snapshots that cannot see each other.
 - Everything but the connection, the schema versioning, COPY, claim locking and the two
   statements that move or delete rows while counting them is in sql.py, shared with
   SQLite.
@@ -43,8 +42,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random
 
 from cio_outbox.storage.base import NewRow, Row, StorageError
+from cio_outbox.storage.lanes import lane_of
 from cio_outbox.storage.location import DEFAULT_SCHEMA, redact, split_location
-from cio_outbox.storage.schema import POSTGRES, SCHEMA_VERSION, render
+from cio_outbox.storage.schema import LANES_VERSION, POSTGRES, SCHEMA_VERSION, render
 from cio_outbox.storage.sql import Deltas, Moved, SQLStorage
 
 if TYPE_CHECKING:
@@ -63,14 +63,14 @@ _NOW = "extract(epoch from now())::float8"
 
 _INSERT = (
     "WITH added AS (INSERT INTO {s}messages (message_id, run, call_type, person,"
-    " payload, size, created_at, updated_at)"
-    " SELECT m, r, c, p, b, z, {now}, {now} FROM %s ORDER BY o"
+    " payload, size, lane, created_at, updated_at)"
+    " SELECT m, r, c, p, b, z, n, {now}, {now} FROM %s ORDER BY o"
     " ON CONFLICT (message_id) DO NOTHING RETURNING run)"
     " SELECT run, count(*) FROM added GROUP BY run"
 )
 _FROM_ARRAYS = (
-    "unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int[])"
-    " WITH ORDINALITY AS t(m, r, c, p, b, z, o)"
+    "unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int[],"
+    " %s::int[]) WITH ORDINALITY AS t(m, r, c, p, b, z, n, o)"
 )
 
 
@@ -94,6 +94,8 @@ class PostgresStorage(SQLStorage):
         "now": _NOW, "clock": "extract(epoch from clock_timestamp())::float8",
         "ids": "id = ANY(?::bigint[])", "json": "JSONB", "pending_run": "",
         "previous_id": "(payload::jsonb ->> 'previousId')",
+        "lane_pending": "", "lanes": "lane = ANY(?::int[])",
+        "lock_lanes": " FOR UPDATE OF l SKIP LOCKED",
     }
 
     def __init__(self, url: str, *, connect_timeout: float = CONNECT_TIMEOUT_SECONDS) -> None:
@@ -103,9 +105,8 @@ class PostgresStorage(SQLStorage):
         self.connect_timeout = connect_timeout
         self._s = self.schema
         self.prefix = f"{self.schema}."
-        # Two keys for advisory locks: one for migrations, one that orders claims.
+        # The advisory lock that lets one process at a time migrate the schema.
         self._migrate_key = f"cio_outbox:{self.schema}:migrate"
-        self._claim_key = f"cio_outbox:{self.schema}:claim"
         self._local = threading.local()
         self._all: list[tuple[threading.Thread, Any]] = []
         self._lock = threading.Lock()
@@ -243,6 +244,8 @@ class PostgresStorage(SQLStorage):
                 )
             for number in range(version, SCHEMA_VERSION):
                 cur.execute(render(number, POSTGRES, self.prefix))
+                if number + 1 == LANES_VERSION:
+                    self._fill_lanes(cur)
                 cur.execute(
                     f"INSERT INTO {s}.schema_version (version, applied_at) VALUES (%s, {_NOW})",
                     (number + 1,),
@@ -262,26 +265,23 @@ class PostgresStorage(SQLStorage):
         """Small chunks as arrays; large ones by COPY (about twice as fast as one INSERT
         of arrays) into a temporary table, then one INSERT ... ON CONFLICT DO NOTHING."""
         insert = self.q(_INSERT.replace("%s", "{source}"))
+        lanes = self.lanes
         if len(chunk) < _COPY_FROM:
             cur.execute(insert.replace("{source}", _FROM_ARRAYS), (
                 [r.message_id for r in chunk], [r.run for r in chunk],
                 [r.call_type for r in chunk], [r.person for r in chunk],
                 [r.payload for r in chunk], [r.size for r in chunk],
+                [lane_of(r.person, lanes) for r in chunk],
             ))
         else:
             cur.execute("CREATE TEMP TABLE cio_new_rows (m text, r text, c text, p text,"
-                        " b text, z int, o int) ON COMMIT DROP")
+                        " b text, z int, n int, o int) ON COMMIT DROP")
             with cur.copy("COPY cio_new_rows FROM STDIN") as copy:
                 for order, r in enumerate(chunk):
                     copy.write_row((r.message_id, r.run, r.call_type, r.person, r.payload,
-                                    r.size, order))
+                                    r.size, lane_of(r.person, lanes), order))
             cur.execute(insert.replace("{source}", "cio_new_rows"))
         return {(run, "pending"): n for run, n in cur.fetchall()}
-
-    def _lock_claims(self, cur: Any) -> None:
-        # Claims follow one another (see the module docstring); other writers do not wait.
-        cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-                    (self._claim_key,))
 
     def _lock_chosen(self, cur: Any, chosen: list[Row]) -> list[Row]:
         cur.execute(

@@ -7,7 +7,8 @@ every later one is a template:
 
 - ``{s}``: the table prefix (``""`` in SQLite, ``"schema."`` in PostgreSQL);
 - ``{real}``, ``{json}``: the dialect's float and JSON column types;
-- ``ISO(column)``: that Unix-seconds column as ISO-8601 UTC text (for the views).
+- ``ISO(column)``: that Unix-seconds column as ISO-8601 UTC text (for the views);
+- ``{lanes}``: the number of lanes of a new outbox (:data:`cio_outbox.storage.lanes.LANES`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import re
 from dataclasses import dataclass
 
 from cio_outbox.storage.base import STATUSES
+from cio_outbox.storage.lanes import LANES
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +192,27 @@ MIGRATIONS: list[str | dict[str, str]] = [
                a.messages, a.bytes, a.status_code, a.latency_ms, a.outcome, a.error
         FROM {s}attempts a JOIN {s}attempt_runs r ON r.attempt_id = a.id;
     """,
+    # 5: lanes (issue 17). Each row gets the lane of its person (lanes.lane_of, a stable
+    # hash modulo the number of lanes); a claim takes the next rows of lanes with nothing
+    # in flight and nothing deferred, so one person's rows leave in order without a
+    # global lock. The lanes table holds one row per lane: its size is the outbox's
+    # number of lanes, fixed at creation, and PostgreSQL claims lock its rows (FOR UPDATE
+    # SKIP LOCKED). The lanes of existing rows are computed by the backend in Python
+    # after this script (neither SQL dialect has the hash), for rows not yet sent.
+    """
+    ALTER TABLE {s}messages ADD COLUMN lane INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE {s}lanes (lane INTEGER PRIMARY KEY);
+    WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < {lanes})
+        INSERT INTO {s}lanes (lane) SELECT i FROM n;
+    CREATE INDEX messages_lane_pending ON {s}messages (lane, id) WHERE status = 'pending';
+    CREATE INDEX messages_lane_in_flight ON {s}messages (lane) WHERE status = 'in_flight';
+    CREATE INDEX messages_lane_deferred ON {s}messages (lane, next_attempt_at)
+        WHERE status = 'pending' AND next_attempt_at IS NOT NULL;
+    """,
 ]
+#: The migration (1-based version) that adds lanes; the backend then computes the lanes
+#: of the rows already stored (see :func:`cio_outbox.storage.sql.SQLStorage._fill_lanes`).
+LANES_VERSION = 5
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _ISO = re.compile(r"ISO\(([a-z_.]+)\)")
@@ -202,4 +224,4 @@ def render(number: int, dialect: Dialect, prefix: str) -> str:
     script = entry[dialect.name] if isinstance(entry, dict) else entry
     script = _ISO.sub(lambda m: dialect.iso.format(m.group(1)), script)
     return script.replace("{s}", prefix).replace("{real}", dialect.real).replace(
-        "{json}", dialect.json)
+        "{json}", dialect.json).replace("{lanes}", str(LANES))

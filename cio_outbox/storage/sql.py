@@ -7,7 +7,9 @@ fields, which :meth:`SQLStorage.q` fills in for the dialect:
 - ``{s}``: the table prefix; ``{ids}``: "id is in the id list of this parameter";
 - ``{now}``: the database's clock in Unix seconds (``{clock}``: its reading at this
   statement, for claims that waited for a lock); ``{json}``: the JSON type;
-- ``{pending_run}``: SQLite's index hint for a run's pending rows (nothing elsewhere);
+- ``{pending_run}``, ``{lane_pending}``: SQLite's index hints for a run's and a lane's
+  pending rows (nothing elsewhere); ``{lanes}``: "lane is in the list of this parameter";
+  ``{lock_lanes}``: how a claim locks the lanes it reads (PostgreSQL only);
 - ``{previous_id}``: an alias payload's ``previousId``.
 
 A backend provides the connection (``_tx`` runs a body in one write transaction,
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
@@ -28,6 +31,7 @@ from typing import Any, ClassVar, TypeVar
 
 from cio_outbox.batch import select
 from cio_outbox.storage.base import CHUNK_ROWS, Attempt, NewRow, Row, in_ranges, row_ranges
+from cio_outbox.storage.lanes import lane_of, lanes_per_claim
 
 T = TypeVar("T")
 Deltas = dict[tuple[str, str], int]
@@ -35,13 +39,33 @@ Moved = list[tuple[str, str, int]]  # (run, old status, rows)
 
 _CANDIDATES = "SELECT id, run, call_type, person, size, attempts FROM {s}messages"
 CANDIDATE_PAGE_SIZE = 1000
-CANDIDATE_PAGES = 20  # bounded: never scan far inside the claim lock
+CANDIDATE_PAGES = 20  # bounded: never read far inside a claim
 
 _EXPIRED = "status = 'in_flight' AND lease_expires_at < ?"
-_BLOCKED = (
-    "SELECT person FROM {s}messages WHERE status = 'in_flight'"
-    " UNION SELECT person FROM {s}messages WHERE status = 'pending'"
-    " AND next_attempt_at IS NOT NULL AND next_attempt_at > ?"
+# A lane is busy while a row of it is in flight or waits for its retry time.
+_IN_FLIGHT = "SELECT 1 FROM {s}messages b WHERE b.status = 'in_flight' AND b.lane = l.lane"
+_DEFERRED = (
+    "SELECT 1 FROM {s}messages b WHERE b.status = 'pending' AND b.lane = l.lane"
+    " AND b.next_attempt_at IS NOT NULL AND b.next_attempt_at > ?"
+)
+_HEAD = "SELECT %s FROM {s}messages h WHERE h.status = 'pending' AND h.lane = l.lane%s"
+# The free lanes with pending rows, oldest head first; PostgreSQL locks them, skipping
+# lanes another claim holds, so claims on different lanes run in parallel.
+_FREE_LANES = (
+    "SELECT l.lane FROM {s}lanes l WHERE EXISTS (" + _HEAD % ("1", "%s") + ")"
+    " AND NOT EXISTS (" + _IN_FLIGHT + ") AND NOT EXISTS (" + _DEFERRED + ")"
+    " ORDER BY (" + _HEAD % ("min(h.id)", "%s") + ") LIMIT ?{lock_lanes}"
+)
+# Rechecked once the lanes are ours: a claim that committed after the statement above
+# took its snapshot may have made one busy (PostgreSQL; SQLite holds the write lock).
+_BUSY = (
+    "SELECT lane FROM {s}messages WHERE status = 'in_flight' AND {lanes}"
+    " UNION SELECT lane FROM {s}messages WHERE status = 'pending'"
+    " AND next_attempt_at IS NOT NULL AND next_attempt_at > ? AND {lanes}"
+)
+_LANE_ROWS = (
+    _CANDIDATES + " {lane_pending} WHERE status = 'pending' AND lane = ?%s AND id > ?"
+    " ORDER BY id LIMIT ?"
 )
 _LEASE = (
     "UPDATE {s}messages SET status = 'in_flight', worker_id = ?, lease_expires_at = ?,"
@@ -114,7 +138,8 @@ class SQLStorage:
         raise NotImplementedError
 
     def _lock_claims(self, cur: Any) -> None:
-        """Make claims follow one another (SQLite's write lock already does)."""
+        """Anything a claim must lock first (SQLite's write lock is taken by BEGIN
+        IMMEDIATE; PostgreSQL locks the lanes it takes, in the lanes query)."""
 
     def _lock_chosen(self, cur: Any, chosen: list[Row]) -> list[Row]:
         """The chosen rows this claim may lease (PostgreSQL skips rows locked elsewhere)."""
@@ -167,12 +192,17 @@ class SQLStorage:
                 return sum(deltas.values())
 
             added += self._tx(body)
+        if added:
+            self._signal()
         return added
 
     # -- claims ------------------------------------------------------------------------
 
     def claim(self, worker_id: str, *, lease_seconds: float, max_bytes: int,
               max_messages: int, run: str | None = None) -> list[Row]:
+        """The next rows of free lanes (nothing of the lane in flight or deferred), one
+        lane after another in the order of their oldest row, up to ``lanes // 8`` lanes,
+        as :func:`~cio_outbox.batch.select` fits them into one request."""
         token = secrets.token_hex(8)
 
         def body(cur: Any) -> list[Row]:
@@ -181,11 +211,13 @@ class SQLStorage:
             deltas: Deltas = defaultdict(int)
             # Rows leased by a worker that died come back once their lease has expired.
             self._transition(cur, deltas, _EXPIRED, (now,), "pending", _DROP_LEASE, ())
-            blocked = {p for (p,) in cur.execute(self.q(_BLOCKED), (now,)).fetchall()}
-            chosen = select(self._candidates(cur, run), blocked, max_bytes=max_bytes,
-                            max_messages=max_messages)
+            lanes = self._free_lanes(cur, now, run)
+            # Persons never share a lane, so nothing is blocked within the lanes taken.
+            chosen = select(self._lane_candidates(cur, lanes, run), set(),
+                            max_bytes=max_bytes, max_messages=max_messages)
             chosen = self._lock_chosen(cur, chosen) if chosen else chosen
             if chosen:
+                chosen.sort(key=lambda r: r.id)
                 cur.execute(self.q(_LEASE), (worker_id, now + lease_seconds, now, token,
                                              self._id_list([r.id for r in chosen])))
                 for row in chosen:
@@ -195,33 +227,106 @@ class SQLStorage:
             return chosen
 
         chosen = self._tx(body)
-        if chosen:  # leased to us now: read the payloads outside the write transaction
-            found = self._read(self.q(_PAYLOADS), (self._id_list([r.id for r in chosen]),),
-                               tuples=True)
-            bodies = {row_id: (message_id, payload) for row_id, message_id, payload in found}
+        if chosen:
+            bodies = {row_id: (message_id, payload) for row_id, message_id, payload in
+                      self._read(self.q(_PAYLOADS), (self._id_list([r.id for r in chosen]),),
+                                 tuples=True)}
             for row in chosen:
                 row.message_id, row.payload = bodies[row.id]
                 row.claim = token
         return chosen
 
-    def _candidates(self, cur: Any, run: str | None) -> Iterator[Row]:
-        """Pending rows in enqueue order, without their payloads, a page at a time (lazy,
-        so that select reads only as far as it needs)."""
-        if run is None:
-            sql, args = _CANDIDATES + " WHERE status = 'pending' AND id > ? ORDER BY id", ()
-        else:
-            sql = (_CANDIDATES + " {pending_run} WHERE status = 'pending' AND run = ?"
-                   " AND id > ? ORDER BY run, id")
-            args = (run,)
-        sql = self.q(sql + " LIMIT ?")
-        after = 0
-        for _ in range(CANDIDATE_PAGES):
-            page = cur.execute(sql, (*args, after, CANDIDATE_PAGE_SIZE)).fetchall()
-            for row_id, row_run, call_type, person, size, attempts in page:
-                yield Row(row_id, "", row_run, call_type, person, "", size, attempts)
-            if len(page) < CANDIDATE_PAGE_SIZE:
-                return
+    def _free_lanes(self, cur: Any, now: float, run: str | None) -> list[int]:
+        """Up to lanes // 8 free lanes with pending rows, oldest head first, locked by
+        this claim where the backend locks lanes."""
+        run_filter, run_args = ("", ()) if run is None else (" AND h.run = ?", (run,))
+        sql = self.q(_FREE_LANES % (run_filter, run_filter))
+        limit = lanes_per_claim(self.lanes)
+        lanes = [lane for (lane,) in cur.execute(
+            sql, (*run_args, now, *run_args, limit)).fetchall()]
+        if not lanes:
+            return lanes
+        ids = self._id_list(lanes)
+        busy = {lane for (lane,) in cur.execute(self.q(_BUSY), (ids, now, ids)).fetchall()}
+        return [lane for lane in lanes if lane not in busy]
+
+    def _lane_candidates(self, cur: Any, lanes: list[int], run: str | None) -> Iterator[Row]:
+        """Pending rows of the lanes, lane after lane, each in enqueue order, without
+        payloads, a page at a time (lazy: select reads only as far as it needs)."""
+        run_filter, run_args = ("", ()) if run is None else (" AND run = ?", (run,))
+        sql = self.q(_LANE_ROWS % run_filter)
+        pages = 0
+        for lane in lanes:
+            after = 0
+            while pages < CANDIDATE_PAGES:
+                page = cur.execute(sql, (lane, *run_args, after, CANDIDATE_PAGE_SIZE)
+                                   ).fetchall()
+                pages += 1
+                for row_id, row_run, call_type, person, size, attempts in page:
+                    yield Row(row_id, "", row_run, call_type, person, "", size, attempts)
+                if len(page) < CANDIDATE_PAGE_SIZE:
+                    break
+                after = page[-1][0]
+
+    @property
+    def lanes(self) -> int:
+        """This outbox's number of lanes (fixed when it was created)."""
+        count = self.__dict__.get("_lanes")
+        if count is None:
+            count = int(self._query("SELECT count(*) AS n FROM {s}lanes")[0]["n"])
+            self.__dict__["_lanes"] = count
+        return count
+
+    def _fill_lanes(self, cur: Any) -> int:
+        """Compute the lane of every stored row not yet sent (the lanes migration), in
+        chunks by id; the number of rows given a lane."""
+        lanes = cur.execute(self.q("SELECT count(*) FROM {s}lanes")).fetchone()[0]
+        page_sql = self.q("SELECT id, person FROM {s}messages WHERE status != 'sent'"
+                          " AND id > ? ORDER BY id LIMIT ?")
+        update = self.q("UPDATE {s}messages SET lane = ? WHERE id = ?")
+        after, done = 0, 0
+        while page := cur.execute(page_sql, (after, CHUNK_ROWS)).fetchall():
+            cur.executemany(update, [(lane_of(person, lanes), row_id)
+                                     for row_id, person in page])
+            done += len(page)
             after = page[-1][0]
+        return done
+
+    # -- waking idle senders -------------------------------------------------------------
+
+    _signal_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def _condition(self) -> threading.Condition:
+        cond = self.__dict__.get("_changed")
+        if cond is None:
+            with SQLStorage._signal_lock:
+                cond = self.__dict__.setdefault("_changed", threading.Condition())
+        return cond
+
+    @property
+    def changes(self) -> int:
+        """How many changes that can make rows claimable this object has made (rows
+        added, sent, released, dead-lettered, requeued): read it before a claim, and
+        pass it to :meth:`wait_for_change` when the claim came back empty."""
+        return int(self.__dict__.get("_changes", 0))
+
+    def wait_for_change(self, seen: int, timeout: float) -> bool:
+        """Wait until this object has made a change since ``changes`` was ``seen``, or
+        for timeout seconds; True when there was one. Changes made by other processes
+        are not signalled: a caller waits at most its polling interval."""
+        cond = self._condition()
+        with cond:
+            return cond.wait_for(lambda: self.changes != seen, timeout)
+
+    def wake(self) -> None:
+        """Wake every :meth:`wait_for_change` of this object now (a worker stopping)."""
+        self._signal()
+
+    def _signal(self) -> None:
+        cond = self._condition()
+        with cond:
+            self.__dict__["_changes"] = self.changes + 1
+            cond.notify_all()
 
     # -- fenced changes to claimed rows ------------------------------------------------
 
@@ -275,7 +380,10 @@ class SQLStorage:
             self._audit(cur, attempt, "late", [r for r in attempt.rows if r.id not in kept])
             return held
 
-        return self._tx(body)
+        held = self._tx(body)
+        if sent and held:
+            self._signal()
+        return held
 
     def _audit(self, cur: Any, attempt: Attempt, outcome: str, rows: Sequence[Row]) -> None:
         """One audit entry for these rows of an attempt (none when rows is empty)."""
@@ -291,8 +399,8 @@ class SQLStorage:
         cur.executemany(self.q(_AUDIT_RUN), [(run, attempt_id) for run in runs])
 
     def mark_sent(self, rows: Sequence[Row]) -> list[int]:
-        return self._tx(lambda cur: self._fenced(
-            cur, rows, "sent", "updated_at = {now}, " + _SENT, ()))
+        return self._signalled(self._tx(lambda cur: self._fenced(
+            cur, rows, "sent", "updated_at = {now}, " + _SENT, ())))
 
     def dead_letter(self, errors: Sequence[tuple[Row, str]]) -> list[int]:
         by_error: dict[str, list[Row]] = defaultdict(list)
@@ -304,16 +412,22 @@ class SQLStorage:
                 cur, rows, "failed",
                 "last_error = ?, next_attempt_at = NULL, " + _DROP_LEASE, (error,)))
 
-        return self._tx(body)
+        return self._signalled(self._tx(body))
 
     def release(self, rows: Sequence[Row], *, next_attempt_at: float | None = None
                 ) -> list[int]:
-        return self._tx(lambda cur: self._fenced(
-            cur, rows, "pending", "next_attempt_at = ?, " + _DROP_LEASE, (next_attempt_at,)))
+        return self._signalled(self._tx(lambda cur: self._fenced(
+            cur, rows, "pending", "next_attempt_at = ?, " + _DROP_LEASE, (next_attempt_at,))))
 
     def release_worker(self, worker_id: str) -> int:
-        return self._change("status = 'in_flight' AND worker_id = ?", (worker_id,), "pending",
-                            _DROP_LEASE, ())
+        return self._signalled(self._change(
+            "status = 'in_flight' AND worker_id = ?", (worker_id,), "pending", _DROP_LEASE, ()))
+
+    def _signalled(self, changed: T) -> T:
+        """changed, after waking idle senders if it changed anything."""
+        if changed:
+            self._signal()
+        return changed
 
     # -- reporting ---------------------------------------------------------------------
 
@@ -405,18 +519,20 @@ class SQLStorage:
         if run is not None:
             where += " AND run = ?"
             params.append(run)
-        return self._change(where, params, "pending",
-                            "attempts = 0, next_attempt_at = NULL, updated_at = {now}", ())
+        return self._signalled(self._change(
+            where, params, "pending", "attempts = 0, next_attempt_at = NULL, updated_at = {now}",
+            ()))
 
     def replace_failed(self, row_id: int, *, payload: str, size: int, call_type: str,
                        person: str) -> bool:
-        return self._change(
+        # A new person may mean a new lane: the row joins that person's stream.
+        return self._signalled(self._change(
             "id = ? AND status = 'failed'", (row_id,), "pending",
-            "payload = ?, size = ?, call_type = ?, person = ?, attempts = 0,"
+            "payload = ?, size = ?, call_type = ?, person = ?, lane = ?, attempts = 0,"
             " next_attempt_at = NULL, updated_at = {now},"
             " last_error = 'replaced; was: ' || coalesce(last_error, '')",
-            (payload, size, call_type, person),
-        ) == 1
+            (payload, size, call_type, person, lane_of(person, self.lanes)),
+        )) == 1
 
     def purge_sent(self, before: float) -> int:
         return self._tx(lambda cur: self._removed(cur, "status = 'sent' AND sent_at < ?",

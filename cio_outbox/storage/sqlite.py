@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from cio_outbox.storage.base import NewRow, StorageError
-from cio_outbox.storage.schema import SCHEMA_VERSION, SQLITE, render
+from cio_outbox.storage.lanes import lane_of
+from cio_outbox.storage.schema import LANES_VERSION, SCHEMA_VERSION, SQLITE, render
 from cio_outbox.storage.sql import Deltas, Moved, SQLStorage
 from cio_outbox.storage.sqlite_schema import add_status_check, statements
 
@@ -35,7 +36,7 @@ CACHE_KIB = 65_536
 _NOW = "((julianday('now') - 2440587.5) * 86400.0)"
 _INSERT = (
     "INSERT OR IGNORE INTO messages (message_id, run, call_type, person, payload, size,"
-    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " lane, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -55,6 +56,8 @@ class SQLiteStorage(SQLStorage):
         "now": _NOW, "clock": _NOW, "ids": "id IN (SELECT value FROM json_each(?))",
         "json": "TEXT", "pending_run": "INDEXED BY messages_pending_run",
         "previous_id": "json_extract(payload, '$.previousId')",
+        "lane_pending": "INDEXED BY messages_lane_pending",
+        "lanes": "lane IN (SELECT value FROM json_each(?))", "lock_lanes": "",
     }
 
     def __init__(
@@ -231,6 +234,8 @@ class SQLiteStorage(SQLStorage):
                     conn.execute(statement)
                 if number + 1 == 3:
                     add_status_check(conn)
+                if number + 1 == LANES_VERSION:
+                    self._fill_lanes(conn)
                 conn.execute(f"PRAGMA user_version = {number + 1}")
 
         self._tx(body)
@@ -244,9 +249,10 @@ class SQLiteStorage(SQLStorage):
     def _insert_chunk(self, cur: Any, chunk: list[NewRow]) -> Deltas:
         now = time.time()
         deltas: Deltas = defaultdict(int)
+        lanes = self.lanes
         for run, group in groupby(chunk, key=lambda r: r.run):
-            params = [(r.message_id, run, r.call_type, r.person, r.payload, r.size, now, now)
-                      for r in group]
+            params = [(r.message_id, run, r.call_type, r.person, r.payload, r.size,
+                       lane_of(r.person, lanes), now, now) for r in group]
             # rowcount: rows inserted; rows whose message_id exists are skipped.
             deltas[(run, "pending")] += cur.executemany(_INSERT, params).rowcount
         return deltas

@@ -1,0 +1,321 @@
+"""Lanes (issue 17): each person's rows travel in one lane; claims take free lanes.
+
+Runs on both backends (see conftest.py): what a lane is, which lanes a claim takes, that
+an older outbox gets its lanes computed, that idle senders wake on a change instead of
+polling, and that several processes of several senders each keep every person's order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cio_outbox import Outbox
+from cio_outbox.batch import MAX_BATCH_BYTES
+from cio_outbox.sandbox import Sandbox, SandboxProcess
+from cio_outbox.storage import NewRow, Storage, open_storage
+from cio_outbox.storage.base import Row
+from cio_outbox.storage.lanes import LANES, lane_of, lanes_per_claim
+
+
+def new_row(n: int, person: str, call_type: str = "track") -> NewRow:
+    payload = json.dumps({"type": call_type, "userId": person, "event": f"e{n}",
+                          "messageId": f"m{n}"}, separators=(",", ":"))
+    return NewRow(f"m{n}", "r", call_type, person, payload, len(payload.encode()))
+
+
+def claim(storage: Storage, worker: str = "w1", *, max_messages: int = 5000) -> list[Row]:
+    return storage.claim(worker, lease_seconds=60.0, max_bytes=MAX_BATCH_BYTES,
+                         max_messages=max_messages)
+
+
+def people_by_lane(count: int) -> dict[int, list[str]]:
+    lanes: dict[int, list[str]] = defaultdict(list)
+    for i in range(count):
+        lanes[lane_of(f"user-{i}")].append(f"user-{i}")
+    return lanes
+
+
+@pytest.fixture
+def storage(outbox: Outbox) -> Storage:
+    return outbox.storage
+
+
+def _lanes(storage: Storage) -> dict[str, int]:
+    return {r["message_id"]: r["lane"] for r in storage.rows(limit=10_000)}
+
+
+def test_lane_of_is_a_stable_hash_not_pythons_hash() -> None:
+    # blake2b-64 of the UTF-8 bytes, modulo the lanes: the same in every process.
+    from hashlib import blake2b
+
+    digest = int.from_bytes(blake2b(b"user-1", digest_size=8).digest(), "big")
+    assert lane_of("user-1") == digest % LANES
+    assert lane_of("user-1", 7) == digest % 7
+    code = "from cio_outbox.storage.lanes import lane_of; print(lane_of('caf\u00e9'))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": "123"}, check=True)
+    assert int(other.stdout) == lane_of("caf\u00e9")
+    assert len({lane_of(f"user-{i}") for i in range(1000)}) == LANES
+
+
+def test_enqueue_stores_the_persons_lane_and_an_alias_takes_its_persons_lane(
+    outbox: Outbox,
+) -> None:
+    outbox.enqueue({"type": "track", "userId": "ann", "event": "E", "messageId": "t1"})
+    outbox.enqueue({"type": "alias", "userId": "ann", "previousId": "anon-9",
+                    "messageId": "a1"})
+    outbox.enqueue({"type": "identify", "anonymousId": "anon-9", "messageId": "i1"})
+    assert _lanes(outbox.storage) == {"t1": lane_of("ann"), "a1": lane_of("ann"),
+                                      "i1": lane_of("anon-9")}
+    assert outbox.storage.lanes == LANES  # type: ignore[attr-defined]
+
+
+def test_a_busy_lane_holds_back_every_person_in_it_and_other_lanes_go(
+    storage: Storage,
+) -> None:
+    lanes = people_by_lane(400)
+    shared = next(people for people in lanes.values() if len(people) >= 2)
+    a, b = shared[:2]
+    c = next(people[0] for lane, people in lanes.items() if lane != lane_of(a))
+    storage.insert([new_row(0, a), new_row(1, b), new_row(2, c), new_row(3, a)])
+    first = claim(storage, max_messages=1)
+    assert [r.message_id for r in first] == ["m0"]
+    # b shares a's lane, which is in flight: only c's lane is free.
+    assert [r.message_id for r in claim(storage, "w2")] == ["m2"]
+    assert claim(storage, "w3") == []
+    storage.release(first, next_attempt_at=time.time() + 30)  # deferred: still busy
+    assert claim(storage, "w3") == []
+    held = {r["message_id"] for r in storage.rows(status="in_flight")}
+    assert held == {"m2"}
+
+
+def test_one_claim_takes_at_most_an_eighth_of_the_lanes_oldest_first(
+    storage: Storage,
+) -> None:
+    lanes = people_by_lane(2000)
+    people = [lanes[lane][0] for lane in range(LANES)]
+    # One row per lane, the lanes' heads in reverse lane order.
+    storage.insert([new_row(i, person) for i, person in enumerate(reversed(people))])
+    taken = claim(storage)
+    per_claim = lanes_per_claim(LANES)
+    assert per_claim == 8
+    assert [r.message_id for r in taken] == [f"m{i}" for i in range(per_claim)]
+    assert len({lane_of(r.person) for r in taken}) == per_claim
+
+
+def test_a_row_replaced_with_another_person_moves_to_that_persons_lane(
+    storage: Storage,
+) -> None:
+    storage.insert([new_row(0, "ann")])
+    taken = claim(storage)
+    storage.dead_letter([(taken[0], "bad")])
+    payload = json.dumps({"type": "track", "userId": "bob", "event": "e0",
+                          "messageId": "m0"})
+    assert storage.replace_failed(taken[0].id, payload=payload, size=len(payload),
+                                  call_type="track", person="bob")
+    assert _lanes(storage) == {"m0": lane_of("bob")}
+
+
+def test_an_idle_waiter_wakes_when_rows_are_released_and_times_out_otherwise(
+    storage: Storage,
+) -> None:
+    storage.insert([new_row(0, "ann")])
+    taken = claim(storage)
+    seen = storage.changes  # type: ignore[attr-defined]
+    assert storage.wait_for_change(seen, 0.05) is False  # type: ignore[attr-defined]
+    releaser = threading.Timer(0.1, lambda: storage.release(taken))
+    releaser.start()
+    try:
+        assert storage.wait_for_change(seen, 60.0) is True  # type: ignore[attr-defined]
+    finally:
+        releaser.join()
+    assert [r.message_id for r in claim(storage)] == ["m0"]
+    seen = storage.changes  # type: ignore[attr-defined]
+    storage.insert([new_row(1, "bob")])
+    assert storage.wait_for_change(seen, 0.0) is True  # type: ignore[attr-defined]
+
+
+def test_idle_senders_wake_when_rows_are_enqueued_not_after_their_interval(
+    outbox: Outbox, sandbox: Sandbox,
+) -> None:
+    # idle_interval far beyond the test's patience: the senders, idle on an empty outbox,
+    # must be woken by the enqueue (same Outbox in this process), not by polling.
+    worker = outbox.worker(key=sandbox.key, host=sandbox.url, concurrency=2,
+                           idle_interval=600.0)
+    outcome: list[Any] = []
+    runner = threading.Thread(target=lambda: outcome.append(worker.run()))
+    runner.start()
+    try:
+        time.sleep(0.3)  # both senders found nothing and wait
+        outbox.enqueue_many([{"type": "track", "userId": f"u{i % 3}", "event": "E",
+                              "properties": {"seq": i}} for i in range(30)])
+        deadline = time.monotonic() + 30
+        while outbox.storage.counts()["sent"] < 30 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert outbox.storage.counts()["sent"] == 30
+    finally:
+        worker.stop()  # wakes the idle senders too
+        runner.join(timeout=30)
+        worker.client.close()
+    assert not runner.is_alive() and outcome[0].sent == 30
+    seqs: dict[str, list[int]] = defaultdict(list)
+    for message in sandbox.messages():
+        seqs[message["userId"]].append(message["properties"]["seq"])
+    assert {k: sorted(v) for k, v in seqs.items()} == seqs
+
+
+# -- an older outbox -------------------------------------------------------------------
+
+
+def _old_rows() -> list[tuple[Any, ...]]:
+    rows = []
+    for n, (person, status) in enumerate([("ann", "pending"), ("bob", "failed"),
+                                          ("cy", "in_flight"), ("dee", "sent")]):
+        payload = json.dumps({"type": "track", "userId": person, "event": "E",
+                              "messageId": f"m{n}"})
+        rows.append((f"m{n}", "r", "track", person, payload, len(payload), status, 0, 1.0,
+                     1.0))
+    return rows
+
+
+def test_an_sqlite_outbox_of_schema_version_4_gets_its_lanes(tmp_path: Path) -> None:
+    import sqlite3
+
+    from cio_outbox.storage import schema
+    from cio_outbox.storage.sqlite_schema import add_status_check, statements
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for number in range(4):
+        for statement in statements(schema.render(number, schema.SQLITE, "")):
+            conn.execute(statement)
+        if number + 1 == 3:
+            add_status_check(conn)
+    conn.executemany("INSERT INTO messages (message_id, run, call_type, person, payload, size,"
+                     " status, attempts, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                     _old_rows())
+    conn.execute("INSERT INTO counts VALUES ('r', 'pending', 1), ('r', 'failed', 1),"
+                 " ('r', 'in_flight', 1), ('r', 'sent', 1)")
+    conn.execute("PRAGMA user_version = 4")
+    conn.close()
+    _check_migrated(open_storage(path))
+
+
+def test_a_postgres_outbox_of_schema_version_4_gets_its_lanes(postgres_location: str) -> None:
+    import psycopg
+
+    from cio_outbox.storage import schema
+    from cio_outbox.storage.postgres import split_location
+
+    plain, name = split_location(postgres_location)
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {name}")
+        conn.execute(f"CREATE TABLE {name}.schema_version (version INTEGER PRIMARY KEY,"
+                     " applied_at DOUBLE PRECISION NOT NULL)")
+        for number in range(4):
+            conn.execute(schema.render(number, schema.POSTGRES, f"{name}."))
+            conn.execute(f"INSERT INTO {name}.schema_version VALUES ({number + 1}, 0)")
+        with conn.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO {name}.messages (message_id, run, call_type, person, payload,"
+                " size, status, attempts, created_at, updated_at)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)", _old_rows())
+        conn.execute(f"INSERT INTO {name}.counts VALUES ('r', 'pending', 1),"
+                     " ('r', 'failed', 1), ('r', 'in_flight', 1), ('r', 'sent', 1)")
+    _check_migrated(open_storage(postgres_location))
+
+
+def _check_migrated(storage: Storage) -> None:
+    from cio_outbox.storage import schema
+
+    assert storage.schema_version == schema.SCHEMA_VERSION  # type: ignore[attr-defined]
+    assert storage.lanes == LANES  # type: ignore[attr-defined]
+    # Rows not sent get their person's lane; a sent row is never claimed again.
+    assert _lanes(storage) == {"m0": lane_of("ann"), "m1": lane_of("bob"),
+                               "m2": lane_of("cy"), "m3": 0}
+    taken = claim(storage)
+    assert [r.message_id for r in taken] == ["m0"]
+    assert storage.requeue() == 1
+    assert [r.message_id for r in claim(storage)] == ["m1"]
+    storage.close()
+
+
+def test_postgres_claims_skip_lanes_another_claim_holds(postgres_location: str) -> None:
+    import psycopg
+
+    from cio_outbox.storage.postgres import split_location
+
+    plain, name = split_location(postgres_location)
+    storage = open_storage(postgres_location)
+    lanes = people_by_lane(400)
+    a, b = lanes[0][0], lanes[1][0]
+    storage.insert([new_row(0, a), new_row(1, b), new_row(2, a)])
+    with psycopg.connect(plain) as other:  # another claim, in the middle of its transaction
+        other.execute(f"SELECT lane FROM {name}.lanes WHERE lane = 0 FOR UPDATE")
+        started = time.monotonic()
+        assert [r.message_id for r in claim(storage)] == ["m1"]
+        assert time.monotonic() - started < 30  # it did not wait for the other lock
+        other.rollback()
+    assert [r.message_id for r in claim(storage)] == ["m0", "m2"]
+    storage.close()
+
+
+# -- several processes of several senders ----------------------------------------------
+
+PEOPLE = 24
+CALLS = 1800
+DRAINER = """
+import json, sys
+from cio_outbox import Outbox
+location, host, key, name = sys.argv[1:5]
+box = Outbox(location)
+worker = box.worker(key=key, host=host, concurrency=3, max_messages=25, worker_id=name,
+                    idle_interval=0.05, backoff_initial=0.05)
+result = worker.run(until_empty=True, timeout=150)
+worker.client.close()
+box.close()
+print(json.dumps({"sent": result.sent, "exit": result.exit_code, "error": result.error}))
+"""
+
+
+def test_several_processes_of_several_senders_keep_each_persons_order(
+    outbox_location: str,
+) -> None:
+    box = Outbox(outbox_location)
+    box.enqueue_many([{"type": "track", "userId": f"u{i % PEOPLE}", "event": "Step",
+                       "properties": {"seq": i}} for i in range(CALLS)])
+    with SandboxProcess(latency=0.005) as sandbox:
+        procs = [subprocess.Popen(
+            [sys.executable, "-c", DRAINER, outbox_location, sandbox.url, sandbox.key,
+             f"w{i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.DEVNULL) for i in range(3)]
+        results = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=200)
+            assert proc.returncode == 0, err[-3000:]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        received = sandbox.messages()
+        stats = sandbox.stats()
+    assert all(r["exit"] == 0 for r in results), results
+    assert sum(r["sent"] for r in results) == CALLS
+    assert stats["messages"] == CALLS and stats["duplicates"] == 0
+    # More than one process did work: the lanes let them send at once.
+    assert sum(1 for r in results if r["sent"]) >= 2, results
+    seqs: dict[str, list[int]] = defaultdict(list)
+    for message in received:  # in the order the sandbox stored them
+        seqs[message["userId"]].append(message["properties"]["seq"])
+    assert len(seqs) == PEOPLE
+    for person, got in seqs.items():
+        assert got == sorted(got), person
+    assert box.storage.counts() == {"pending": 0, "in_flight": 0, "sent": CALLS, "failed": 0}
+    box.close()
