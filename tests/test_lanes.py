@@ -174,6 +174,20 @@ def test_idle_senders_wake_when_rows_are_enqueued_not_after_their_interval(
     assert {k: sorted(v) for k, v in seqs.items()} == seqs
 
 
+def test_leases_say_who_holds_rows_in_flight_and_until_when(storage: Storage) -> None:
+    storage.insert([new_row(i, f"user-{i}") for i in range(40)])
+    first = claim(storage, "host-1:41", max_messages=5)
+    second = claim(storage, "host-2:7", max_messages=3)
+    storage.extend_lease(second, 5.0)  # expires before the first claim's 60 s
+    leases = storage.leases()  # type: ignore[attr-defined]
+    assert [(e["worker_id"], e["rows"]) for e in leases] == [("host-2:7", len(second)),
+                                                              ("host-1:41", len(first))]
+    assert leases[0]["expires_first"] <= leases[0]["expires_last"] < leases[1]["expires_first"]
+    storage.mark_sent(first)
+    assert [e["worker_id"] for e in storage.leases()] == ["host-2:7"]  # type: ignore[attr-defined]
+    assert storage.leases(run="other") == []  # type: ignore[attr-defined]
+
+
 # -- an older outbox -------------------------------------------------------------------
 
 

@@ -2,8 +2,8 @@
 
 The worker, the Outbox API and the CLI talk only to this interface, so a second
 backend (PostgreSQL) implements these methods and nothing else changes. Choosing
-which rows fit one request is shared: backends supply candidates and the set of
-blocked persons, and :func:`cio_outbox.batch.select` decides.
+which rows fit one request is shared: backends supply the pending rows of free lanes
+(see :mod:`cio_outbox.storage.lanes`), and :func:`cio_outbox.batch.select` decides.
 
 Fencing: every claim stores a fresh token on the rows it leases (``Row.claim``). Every
 later change to a claimed row (lease extended, sent, released, dead-lettered, attempt
@@ -135,6 +135,10 @@ class Storage(Protocol):
 
     def release_worker(self, worker_id: str) -> int:
         """Give back every row a (restarted) worker id still holds."""
+
+    def leases(self, run: str | None = None) -> list[dict[str, Any]]:
+        """Who holds rows in flight: worker_id, rows, and the earliest and latest
+        lease_expires_at of them (the database's clock), earliest expiry first."""
 
     def counts(self, run: str | None = None) -> dict[str, int]: ...
 

@@ -450,6 +450,14 @@ class SQLStorage:
         return [e for e in by_run.values() if any(e[s] for s in ("pending", "in_flight",
                                                                    "sent", "failed"))]
 
+    def leases(self, run: str | None = None) -> list[dict[str, Any]]:
+        where, args = ("", ()) if run is None else (" AND run = ?", (run,))
+        return [dict(row) for row in self._query(
+            "SELECT worker_id, count(*) AS rows, min(lease_expires_at) AS expires_first,"
+            " max(lease_expires_at) AS expires_last FROM {s}messages"
+            f" WHERE status = 'in_flight'{where} GROUP BY worker_id ORDER BY expires_first",
+            args)]
+
     def oldest_pending(self, run: str | None = None) -> float | None:
         if run is None:
             rows = self._query("SELECT created_at FROM {s}messages WHERE status = 'pending'"
