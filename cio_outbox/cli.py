@@ -465,6 +465,9 @@ def status(db: str, run: str | None, as_json: bool) -> None:
         oldest = f"   oldest {data['oldest_pending']} ({data['oldest_pending_age_s']:,.0f} s ago)"
     click.echo(f"  pending   {_count(data['pending'])}{oldest}")
     click.echo(f"  in flight {_count(data['in_flight'])}")
+    for lease in data["leases"]:
+        click.echo(f"    {lease['rows']:,} leased by {lease['worker_id']} until "
+                   f"{lease['expires_at']} (in {lease['expires_in_s']:,.0f} s)")
     click.echo(f"  sent      {_count(data['sent'])}")
     click.echo(f"  failed    {_count(data['failed'])}")
     click.echo(f"  rate      {data['rate_last_minute']:>10,.1f} msg/s over the last minute")

@@ -392,7 +392,8 @@ class Outbox(Operations):
 
     def status(self, run: str | None = None) -> dict[str, Any]:
         """Counts by state (``pending``, ``in_flight``, ``sent``, ``failed``) at the top level,
-        plus the oldest pending message's age, the last error, and the recent send rate."""
+        plus the oldest pending message's age, the last error, the recent send rate, and
+        ``leases``: which worker ids hold the rows in flight, how many, and until when."""
         counts = self.storage.counts(run)
         oldest = self.storage.oldest_pending(run)
         now = time.time()
@@ -408,6 +409,14 @@ class Outbox(Operations):
             if last else None
         )
         result["rate_last_minute"] = round(sent_last_minute / 60.0, 1)
+        # Who holds the rows in flight, and until when: a worker that died holds its
+        # lanes until then (unless restarted with the same --worker-id).
+        result["leases"] = [
+            {"worker_id": e["worker_id"], "rows": int(e["rows"]),
+             "expires_at": _iso(e["expires_last"]),
+             "expires_in_s": round(max(0.0, e["expires_last"] - now), 1)}
+            for e in self.storage.leases(run)
+        ]
         if run is None:
             result["runs"] = self.storage.runs()
         return result

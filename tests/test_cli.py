@@ -3,6 +3,7 @@ subprocesses, graceful stops on SIGINT/SIGTERM and an import killed with SIGKILL
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import os
@@ -187,6 +188,22 @@ def test_status_text(runner: CliRunner, migrated: str) -> None:
     assert any(line.split()[:2] == ["pending", "2"] for line in lines)
     assert any(line.split()[:2] == ["sent", "4"] for line in lines)
     assert "last error" in result.stdout
+
+
+def test_status_shows_who_holds_rows_in_flight_and_until_when(runner: CliRunner,
+                                                               migrated: str) -> None:
+    with Outbox(migrated) as outbox:
+        held = outbox.storage.claim("host-1:4242", lease_seconds=600, max_bytes=500_000,
+                                    max_messages=10)
+    assert held
+    data = json.loads(_run(runner, "status", "--db", migrated, "--json").stdout)
+    (lease,) = data["leases"]
+    assert (lease["worker_id"], lease["rows"]) == ("host-1:4242", len(held))
+    assert 500 < lease["expires_in_s"] <= 600
+    expires = datetime.datetime.fromisoformat(lease["expires_at"]).timestamp()
+    assert abs(expires - (time.time() + lease["expires_in_s"])) < 60
+    text = _run(runner, "status", "--db", migrated).stdout
+    assert f"{len(held)} leased by host-1:4242 until {lease['expires_at']}" in text
 
 
 def test_failed_retry_history_and_log(runner: CliRunner, migrated: str) -> None:
