@@ -375,6 +375,8 @@ class Worker:
             state = f"retrying: {counters.last_retry}"[:200]
         elif recent_dead_letter and state == "sending":
             state = f"dead-lettered: {counters.last_dead_letter}"[:200]
+        elif state == "sending" and counts["in_flight"] and rate == 0:
+            state = self._waiting_for_leases() or state
         left = counts["pending"] + counts["in_flight"]
         return Progress(
             sent=counters.sent, failed=counters.failed, requests=counters.requests,
@@ -383,6 +385,22 @@ class Worker:
             elapsed=elapsed, state=state, last_error=counters.last_error,
             total=counters.sent + counters.failed + left,
         )
+
+    def _waiting_for_leases(self) -> str | None:
+        """Why nothing moves while this worker holds nothing and others hold rows: a
+        worker that died keeps its lanes until its leases expire."""
+        leases = getattr(self.storage, "leases", None)
+        if leases is None:
+            return None
+        held = leases(self.run_filter)
+        if not held or any(e["worker_id"] == self.worker_id for e in held):
+            return None
+        rows = sum(int(e["rows"]) for e in held)
+        top = max(held, key=lambda e: int(e["rows"]))
+        others = f" and {len(held) - 1} other(s)" if len(held) > 1 else ""
+        until = time.strftime("%H:%M:%S", time.localtime(max(e["expires_last"] for e in held)))
+        return (f"waiting for {rows:,} rows leased by worker {top['worker_id']}{others}"
+                f" until {until}")
 
     def _rate(self, now: float, sent: int) -> float:
         """Messages per second over the last 10 s (or since the start): requests finish in

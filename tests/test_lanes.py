@@ -188,6 +188,29 @@ def test_leases_say_who_holds_rows_in_flight_and_until_when(storage: Storage) ->
     assert storage.leases(run="other") == []  # type: ignore[attr-defined]
 
 
+def test_the_progress_line_names_the_worker_whose_leases_hold_the_rows(
+    outbox: Outbox, sandbox: Sandbox,
+) -> None:
+    outbox.enqueue_many([{"type": "track", "userId": f"u{i % 40}", "event": "E"}
+                         for i in range(120)])
+    held = 0
+    while taken := outbox.storage.claim("dead-host:1234", lease_seconds=1.5,
+                                        max_bytes=MAX_BATCH_BYTES, max_messages=5000):
+        held += len(taken)
+    assert held == 120
+    until = time.strftime("%H:%M:%S", time.localtime(
+        outbox.storage.leases()[0]["expires_last"]))  # type: ignore[attr-defined]
+    lines: list[str] = []
+    worker = outbox.worker(key=sandbox.key, host=sandbox.url, progress_interval=0.1,
+                           idle_interval=0.05, on_progress=lambda p: lines.append(p.line()))
+    result = worker.run(until_empty=True, timeout=60)
+    worker.client.close()
+    assert result.sent == 120 and not result.stopped
+    expected = f"[waiting for 120 rows leased by worker dead-host:1234 until {until}]"
+    assert any(line.endswith(expected) for line in lines), lines[:3]
+    assert "waiting for" not in lines[-1]
+
+
 # -- an older outbox -------------------------------------------------------------------
 
 
