@@ -20,6 +20,7 @@ the per-run counts exact), vacuum and error translation.
 
 from __future__ import annotations
 
+import heapq
 import json
 import re
 import secrets
@@ -251,22 +252,31 @@ class SQLStorage:
         return [lane for lane in lanes if lane not in busy]
 
     def _lane_candidates(self, cur: Any, lanes: list[int], run: str | None) -> Iterator[Row]:
-        """Pending rows of the lanes, lane after lane, each in enqueue order, without
-        payloads, a page at a time (lazy: select reads only as far as it needs)."""
+        """Pending rows of the lanes merged in enqueue order, without payloads, a page per
+        lane at a time (lazy: select reads only as far as it needs).
+
+        Merged, not lane after lane: a request then covers a short range of ids, and so
+        few table pages. One lane's rows are spread over the whole table (at 50 people,
+        one row in 30 or so); leasing 1,600 of them dirtied nearly every page, and the
+        commit that wrote them cost 85 ms where a run of ids costs 15."""
         run_filter, run_args = ("", ()) if run is None else (" AND run = ?", (run,))
         sql = self.q(_LANE_ROWS % run_filter)
-        pages = 0
-        for lane in lanes:
+        budget = [CANDIDATE_PAGES * CANDIDATE_PAGE_SIZE]
+
+        def lane_rows(lane: int) -> Iterator[tuple[Any, ...]]:
             after = 0
-            while pages < CANDIDATE_PAGES:
-                page = cur.execute(sql, (lane, *run_args, after, CANDIDATE_PAGE_SIZE)
-                                   ).fetchall()
-                pages += 1
-                for row_id, row_run, call_type, person, size, attempts in page:
-                    yield Row(row_id, "", row_run, call_type, person, "", size, attempts)
-                if len(page) < CANDIDATE_PAGE_SIZE:
-                    break
+            while budget[0] > 0:
+                size = min(CANDIDATE_PAGE_SIZE, budget[0])
+                page = cur.execute(sql, (lane, *run_args, after, size)).fetchall()
+                budget[0] -= len(page) or 1
+                yield from page
+                if len(page) < size:
+                    return
                 after = page[-1][0]
+
+        for row_id, row_run, call_type, person, size, attempts in heapq.merge(
+                *(lane_rows(lane) for lane in lanes)):
+            yield Row(row_id, "", row_run, call_type, person, "", size, attempts)
 
     @property
     def lanes(self) -> int:
