@@ -258,7 +258,7 @@ class SQLStorage:
         Merged, not lane after lane: a request then covers a short range of ids, and so
         few table pages. One lane's rows are spread over the whole table (at 50 people,
         one row in 30 or so); leasing 1,600 of them dirtied nearly every page, and the
-        commit that wrote them cost 85 ms where a run of ids costs 15."""
+        commit that wrote them cost 85 ms where a run of ids costs 12 (36 merged)."""
         run_filter, run_args = ("", ()) if run is None else (" AND run = ?", (run,))
         sql = self.q(_LANE_ROWS % run_filter)
         budget = [CANDIDATE_PAGES * CANDIDATE_PAGE_SIZE]
