@@ -52,18 +52,18 @@ import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from cio_outbox import intake
 from cio_outbox.messages import (
     IDEMPOTENCY_NAMESPACE,
     Message,
     MessageError,
-    build,
-    dumps,
     message_id_for,
 )
-from cio_outbox.storage.base import CHUNK_ROWS
+from cio_outbox.results import EnqueueResult, Rejection
+from cio_outbox.storage.base import CHUNK_ROWS, NewRow
 
 if TYPE_CHECKING:
-    from cio_outbox.outbox import EnqueueResult, Rejection
+    from cio_outbox.storage.base import Storage
 
 __all__ = ["DEVICE_TYPES", "InvalidRowsError", "Operations", "SemanticEventTable",
            "object_anonymous_id"]
@@ -330,15 +330,30 @@ def _semantic() -> Any:
     return semantic
 
 
-def _plain(value: Any) -> Any:
-    """JSON-ready copy of a value (datetimes, numpy scalars, ... converted) for schema checks."""
-    return json.loads(dumps({"v": value}))["v"] if value is not None else None
+def wire_call(call_type: str, fields: Mapping[str, Any], idempotency_key: str | None = None,
+              message_id: str | None = None) -> dict[str, Any]:
+    """A call in wire shape from keyword fields: None values left out, the messageId taken
+    from ``message_id`` (or ``fields["messageId"]``) or the idempotency key, never both."""
+    wire: dict[str, Any] = {"type": call_type}
+    for name, value in fields.items():
+        if value is not None:
+            wire[name] = value
+    if message_id is not None:
+        wire["messageId"] = message_id
+    if idempotency_key is not None:
+        if "messageId" in wire:
+            raise MessageError("give either message_id or idempotency_key, not both",
+                               field="messageId")
+        wire["messageId"] = message_id_for(idempotency_key)
+    return wire
 
 
 class Operations:
     """Mixin for :class:`cio_outbox.outbox.Outbox`; relies on its ``enqueue`` and ``_call``."""
 
     if TYPE_CHECKING:
+        storage: Storage
+
         def enqueue(self, call: Mapping[str, Any] | Message, *, run: str | None = None,
                     idempotency_key: str | None = None) -> EnqueueResult: ...
 
@@ -377,9 +392,8 @@ class Operations:
         fields = dict(userId=user_id, anonymousId=anonymous_id, event=name,
                       properties=properties, context=context, timestamp=timestamp,
                       integrations=integrations)
-        message = self._message_for("track", fields, message_id, idempotency_key)
         # enqueue checks the event's required fields, as it does for every track call.
-        return self.enqueue(message, run=run)
+        return self.enqueue(wire_call("track", fields, idempotency_key, message_id), run=run)
 
     def semantic_events(self, category: str | None = None) -> SemanticEventTable:
         """The catalogue of semantic events, one row per event, for browsing in a notebook.
@@ -636,8 +650,7 @@ class Operations:
 
         A DataFrame is read ``chunk_size`` rows at a time; pandas is not needed otherwise.
         """
-        if on_invalid not in ("skip", "raise"):
-            raise ValueError("on_invalid must be 'skip' or 'raise'")
+        intake.check_on_invalid(on_invalid)
         if call_type not in ROW_CALL_TYPES:
             raise ValueError(f"call_type must be one of {', '.join(ROW_CALL_TYPES)}")
         if chunk_size < 1:
@@ -660,86 +673,46 @@ class Operations:
             call_type=call_type, user_id=user_id, anonymous_id=anonymous_id, event=event,
             event_column=event_column, fields=fields, timestamp=timestamp,
             message_id=message_id, idempotency_key=idempotency_key)
-        checked = call_type == "track"
         source = _rows_of(rows, columns, chunk_size)
         if on_invalid == "raise":
-            return self._rows_or_raise(source, columns, run, start, checked)
-        return self._rows_skipping(source, columns, run, start, checked, chunk_size)
+            return self._rows_or_raise(source, columns, run, start, chunk_size)
+        return self._rows_skipping(source, columns, run, start, chunk_size)
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _message_for(self, call_type: str, fields: dict[str, Any], message_id: str | None,
-                     idempotency_key: str | None) -> Message:
-        """Validate one call given by wire fields (None values dropped), as ``_call`` does."""
-        clean = {k: v for k, v in fields.items() if v is not None}
-        if message_id is not None and idempotency_key is not None:
-            raise MessageError("give either message_id or idempotency_key, not both",
-                               field="messageId")
-        if message_id is not None:
-            clean["messageId"] = message_id
-        elif idempotency_key is not None:
-            clean["messageId"] = message_id_for(idempotency_key)
-        return build(call_type, clean)
-
-    def _row_message(self, row: Mapping[Any, Any], columns: _Columns, position: int,
-                     run: str | None, checked: bool) -> Message:
-        message = build(columns.call_type, columns.fields(row, position, run))
-        if checked and message.event in _semantic().SEMANTIC_EVENTS:  # type: ignore[attr-defined]
-            _check_semantic(message.event, message.userId,  # type: ignore[attr-defined]
-                            message.anonymousId, message.properties,  # type: ignore[attr-defined]
-                            message.context)
-        return message
+    def _row(self, row: Mapping[Any, Any], columns: _Columns, position: int,
+             run: str | None) -> NewRow:
+        fields = columns.fields(row, position, run)
+        fields["type"] = columns.call_type
+        return intake.prepare(fields, run, owned=True)
 
     def _rows_skipping(self, source: Iterable[Mapping[Any, Any]], columns: _Columns,
-                       run: str | None, start: int, checked: bool,
-                       chunk_size: int) -> EnqueueResult:
-        from cio_outbox.outbox import EnqueueResult, Rejection
-
+                       run: str | None, start: int, chunk_size: int) -> EnqueueResult:
         total = EnqueueResult()
-        messages: list[Message] = []
-        positions: list[int] = []
 
-        def flush() -> None:
-            if not messages:
-                return
-            done = self.enqueue_many(messages, run=run, chunk_size=len(messages))
-            total.added += done.added
-            total.skipped += done.skipped
-            for rejection in done.rejected:  # errors found while encoding (size, JSON)
-                rejection.index = positions[rejection.index]
-                total.rejected.append(rejection)
-            messages.clear()
-            positions.clear()
+        def rows() -> Iterator[NewRow]:
+            for position, row in enumerate(source, start):
+                try:
+                    yield self._row(row, columns, position, run)
+                except MessageError as exc:
+                    total.rejected.append(Rejection(position, str(exc), exc.field))
 
-        for position, row in enumerate(source, start):
-            try:
-                messages.append(self._row_message(row, columns, position, run, checked))
-                positions.append(position)
-            except MessageError as exc:
-                total.rejected.append(Rejection(position, str(exc), exc.field))
-            if len(messages) >= chunk_size:
-                flush()
-        flush()
-        total.rejected.sort(key=lambda r: r.index)
+        total.added, total.skipped = intake.write(self.storage, rows(), chunk_size)
         return total
 
     def _rows_or_raise(self, source: Iterable[Mapping[Any, Any]], columns: _Columns,
-                       run: str | None, start: int, checked: bool) -> EnqueueResult:
-        from cio_outbox.outbox import Rejection
-
+                       run: str | None, start: int, chunk_size: int) -> EnqueueResult:
         rejected: list[Rejection] = []
-        messages: list[Message] = []
+        prepared: list[NewRow] = []
         for position, row in enumerate(source, start):
             try:
-                message = self._row_message(row, columns, position, run, checked)
-                message.encode()  # size and JSON problems too, before anything is written
-                messages.append(message)
+                prepared.append(self._row(row, columns, position, run))
             except MessageError as exc:
                 rejected.append(Rejection(position, str(exc), exc.field))
         if rejected:
             raise InvalidRowsError(rejected)
-        return self.enqueue_many(messages, run=run, on_invalid="raise", start=start,
-                                 chunk_size=max(len(messages), 1))
+        added, skipped = intake.write(self.storage, prepared, chunk_size)
+        return EnqueueResult(added=added, skipped=skipped)
 
 
 def _device_context(context: Mapping[str, Any] | None, token: str,
@@ -758,24 +731,3 @@ def _device_context(context: Mapping[str, Any] | None, token: str,
         device["type"] = device_type
     merged["device"] = device
     return merged
-
-
-def _check_semantic(name: str, user_id: str | None, anonymous_id: str | None,
-                    properties: Mapping[str, Any] | None,
-                    context: Mapping[str, Any] | None) -> None:
-    """semantic.check_semantic on JSON-ready values; MessageError naming event and field."""
-    plain_properties = _plain(properties)
-    plain_context = _plain(context)
-    try:
-        _semantic().check_semantic(name, plain_properties, user_id=user_id,
-                                anonymous_id=anonymous_id, context=plain_context)
-    except ValueError as exc:
-        from cio_outbox.spec import check_call
-
-        message: dict[str, Any] = {"type": "track", "event": name}
-        for key, value in (("userId", user_id), ("anonymousId", anonymous_id),
-                           ("properties", plain_properties), ("context", plain_context)):
-            if value is not None:
-                message[key] = value
-        found = check_call("track", message)
-        raise MessageError(str(exc), field=found[0].field if found else None) from None

@@ -12,23 +12,24 @@ survives a crash of this process (and, with ``synchronous="FULL"``, a power loss
 from __future__ import annotations
 
 import datetime as _dt
-import functools
-import gc
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from itertools import islice
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from cio_outbox import intake, operations
 from cio_outbox.client import DEFAULT_TIMEOUT, Client
 from cio_outbox.config import ApiKey, Target, resolve_target
-from cio_outbox.messages import Message, MessageError, build, from_wire, message_id_for
-from cio_outbox.operations import Operations, _check_semantic
-from cio_outbox.storage import NewRow, Storage, open_storage
+from cio_outbox.messages import Message, MessageError
+from cio_outbox.operations import Operations
+from cio_outbox.results import EnqueueResult, Progress, Rejection, WorkerResult
+from cio_outbox.storage import Storage, open_storage
 from cio_outbox.storage.base import CHUNK_ROWS
-from cio_outbox.worker import Progress, Worker, WorkerResult
+from cio_outbox.worker import Worker
+
+__all__ = ["DEFAULT_PATH", "EnqueueResult", "Outbox", "Rejection", "default_location",
+           "parse_age"]
 
 DEFAULT_PATH = "outbox.db"
 
@@ -36,45 +37,6 @@ DEFAULT_PATH = "outbox.db"
 def default_location() -> str:
     """``CIO_OUTBOX`` if set, else ``./outbox.db``."""
     return os.environ.get("CIO_OUTBOX") or DEFAULT_PATH
-
-
-@dataclass
-class Rejection:
-    """One input that was not enqueued: where it was, which field, and why."""
-
-    index: int
-    error: str
-    field: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "field": self.field, "error": self.error}
-
-
-@dataclass
-class EnqueueResult:
-    """What an enqueue did: rows added, rows skipped (their messageId existed), rows refused."""
-
-    added: int = 0
-    skipped: int = 0
-    rejected: list[Rejection] = field(default_factory=list)
-    message_ids: list[str] = field(default_factory=list)
-
-    @property
-    def message_id(self) -> str | None:
-        return self.message_ids[0] if len(self.message_ids) == 1 else None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "added": self.added,
-            "skipped": self.skipped,
-            "rejected": [r.as_dict() for r in self.rejected],
-        }
-
-    def _repr_html_(self) -> str:  # a readable cell output in notebooks
-        return (
-            f"<b>added</b> {self.added:,} &nbsp; <b>skipped</b> {self.skipped:,} &nbsp; "
-            f"<b>rejected</b> {len(self.rejected):,}"
-        )
 
 
 def _iso(ts: float | None) -> str | None:
@@ -137,35 +99,6 @@ class Outbox(Operations):
 
     # -- enqueue -----------------------------------------------------------------------
 
-    @staticmethod
-    def _row(message: Message, run: str | None) -> NewRow:
-        if message.call_type == "track" and message.event in _semantic_names():  # type: ignore[attr-defined]
-            # A track call named like a semantic event must carry what that event needs,
-            # whichever call wrote it: the API would refuse it at send time otherwise.
-            _check_semantic(message.event, message.userId,  # type: ignore[attr-defined]
-                            message.anonymousId, message.properties,  # type: ignore[attr-defined]
-                            message.context)
-        payload, size = message.encode()
-        return NewRow(message.messageId, run or "", message.call_type, message.person,
-                      payload, size)
-
-    @staticmethod
-    def _message(call: Mapping[str, Any] | Message, idempotency_key: str | None) -> Message:
-        if isinstance(call, Message):
-            message = call
-            if idempotency_key is not None:
-                message = message.model_copy(
-                    update={"messageId": message_id_for(idempotency_key)}
-                )
-            return message
-        if idempotency_key is not None:
-            if call.get("messageId") is not None:
-                raise MessageError(
-                    "give either messageId or idempotency_key, not both", field="messageId"
-                )
-            call = {**call, "messageId": message_id_for(idempotency_key)}
-        return from_wire(call)
-
     def enqueue(
         self,
         call: Mapping[str, Any] | Message,
@@ -177,12 +110,11 @@ class Outbox(Operations):
 
         >>> outbox.enqueue({"type": "track", "userId": "u1", "event": "Paid"})
 
-        Raises :class:`MessageError` (naming the field) when the call is invalid;
-        nothing is written then.
+        A call without ``timestamp`` is stamped with the time of this call. Raises
+        :class:`MessageError` (naming the field) when the call is invalid; nothing is
+        written then.
         """
-        message = self._message(call, idempotency_key)
-        added = self.storage.insert([self._row(message, run)])
-        return EnqueueResult(added=added, skipped=1 - added, message_ids=[message.messageId])
+        return intake.enqueue_one(self.storage, call, run=run, idempotency_key=idempotency_key)
 
     def enqueue_many(
         self,
@@ -200,55 +132,17 @@ class Outbox(Operations):
         one in ``result.rejected`` with its index and reason; ``"raise"`` validates
         everything first and writes nothing if any call is invalid.
         ``idempotency_keys``: one key per call, or a function ``(index, call) -> key``,
-        so that re-running an interrupted import adds no duplicates.
+        so that re-running an interrupted import adds no duplicates. Calls without a
+        messageId or key get time-ordered ids, calls without ``timestamp`` the time of
+        enqueue.
         """
-        if on_invalid not in ("skip", "raise"):
-            raise ValueError("on_invalid must be 'skip' or 'raise'")
-        result = EnqueueResult()
-        keys: Iterator[str] | None = None
-        key_of: Callable[[int, Any], str] | None = None
-        if callable(idempotency_keys):
-            key_of = idempotency_keys
-        elif idempotency_keys is not None:
-            keys = iter(idempotency_keys)
-
-        def rows() -> Iterator[NewRow]:
-            for index, call in enumerate(calls, start):
-                key = key_of(index, call) if key_of else (next(keys) if keys else None)
-                try:
-                    yield self._row(self._message(call, key), run)
-                except MessageError as exc:
-                    result.rejected.append(Rejection(index, str(exc), exc.field))
-
-        if on_invalid == "raise":
-            checked = list(rows())
-            if result.rejected:
-                first = result.rejected[0]
-                raise MessageError(
-                    f"{len(result.rejected)} call(s) invalid, nothing written; "
-                    f"first at index {first.index}: {first.error}",
-                    field=first.field,
-                )
-            source: Iterable[NewRow] = checked
-        else:
-            source = rows()
-        counted = _Counted(_built_in_chunks(source, chunk_size))
-        result.added = self.storage.insert(counted, chunk_size=chunk_size)
-        result.skipped = counted.count - result.added
-        return result
+        return intake.enqueue_many(
+            self.storage, calls, run=run, idempotency_keys=idempotency_keys,
+            on_invalid=on_invalid, chunk_size=chunk_size, start=start)
 
     def _call(self, call_type: str, run: str | None, idempotency_key: str | None,
               fields: dict[str, Any]) -> EnqueueResult:
-        message_id = fields.pop("messageId", None)
-        if message_id is not None:
-            fields["messageId"] = message_id
-        clean = {k: v for k, v in fields.items() if v is not None}
-        if idempotency_key is not None and "messageId" in clean:
-            raise MessageError("give either message_id or idempotency_key, not both",
-                               field="messageId")
-        if idempotency_key is not None:
-            clean["messageId"] = message_id_for(idempotency_key)
-        return self.enqueue(build(call_type, clean), run=run)
+        return self.enqueue(operations.wire_call(call_type, fields, idempotency_key), run=run)
 
     def identify(
         self, user_id: str | None = None, *, anonymous_id: str | None = None,
@@ -458,7 +352,7 @@ class Outbox(Operations):
         if given is not None and given != message_id:
             raise MessageError("the corrected call must keep the same messageId",
                                field="messageId")
-        fixed = self._row(from_wire({**call, "messageId": message_id}), row["run"])
+        fixed = intake.prepare({**call, "messageId": message_id}, row["run"])
         if not self.storage.replace_failed(
             row["id"], payload=fixed.payload, size=fixed.size, call_type=fixed.call_type,
             person=fixed.person,
@@ -500,48 +394,6 @@ class Outbox(Operations):
         if not person_id or not str(person_id).strip():
             raise ValueError("forget needs a non-empty user id")
         return self.storage.forget(str(person_id))
-
-
-@functools.cache
-def _semantic_names() -> frozenset[str]:
-    from cio_outbox.semantic import SEMANTIC_EVENTS
-
-    return frozenset(SEMANTIC_EVENTS)
-
-
-def _built_in_chunks(rows: Iterable[NewRow], size: int) -> Iterator[NewRow]:
-    """The same rows, each chunk built with the cyclic garbage collector paused.
-
-    Building a chunk allocates a few objects per call, none in a cycle, yet each burst of
-    allocations makes the collector walk every live container (for a caller holding a
-    list of a million dicts, all of them); pausing it measured 5-13% faster bulk enqueue.
-    It runs again between chunks, so a caller's cyclic garbage stays bounded by a chunk.
-    """
-    iterator = iter(rows)
-    while True:
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            chunk = list(islice(iterator, size))
-        finally:
-            if enabled:
-                gc.enable()
-        if not chunk:
-            return
-        yield from chunk
-
-
-class _Counted:
-    """Counts what passes through an iterable (rows offered to insert)."""
-
-    def __init__(self, source: Iterable[NewRow]) -> None:
-        self.source = source
-        self.count = 0
-
-    def __iter__(self) -> Iterator[NewRow]:
-        for item in self.source:
-            self.count += 1
-            yield item
 
 
 def _print_progress(progress: Progress) -> None:

@@ -29,8 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 from tenacity import (
     RetryCallState,
@@ -42,6 +41,7 @@ from tenacity import (
 
 from cio_outbox.batch import MAX_BATCH_BYTES, Row, batch_body, sent_at_now, single_body
 from cio_outbox.client import Client, Reply, TransportError, describe_error
+from cio_outbox.results import Progress, WorkerResult
 from cio_outbox.storage.base import Attempt, Storage
 
 log = logging.getLogger("cio_outbox.worker")
@@ -76,52 +76,6 @@ class _Transient(Exception):
 
 class _Stopped(Exception):
     """The worker was asked to stop while this request waited for a retry."""
-
-
-@dataclass
-class Progress:
-    """A snapshot of the worker for a progress line or a notebook."""
-
-    sent: int = 0
-    failed: int = 0
-    requests: int = 0
-    retries: int = 0
-    rejected_requests: int = 0
-    pending: int = 0
-    in_flight: int = 0
-    rate: float = 0.0
-    elapsed: float = 0.0
-    state: str = "starting"
-    last_error: str | None = None
-
-    def line(self) -> str:
-        text = (
-            f"sent {self.sent:,}  failed {self.failed:,}  pending {self.pending:,}  "
-            f"in flight {self.in_flight:,}  {self.rate:,.0f} msg/s"
-        )
-        if self.state not in ("sending", "done"):
-            text += f"  [{self.state}]"
-        return text
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class WorkerResult:
-    """How a run ended. ``exit_code`` is what the CLI exits with."""
-
-    sent: int
-    failed: int
-    requests: int
-    retries: int
-    elapsed: float
-    stopped: bool
-    exit_code: int = EXIT_OK
-    error: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Throttle:
