@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Any
 
+import orjson
+
 from cio_outbox.messages import (
     LIBRARY,
     MODELS,
@@ -78,44 +80,33 @@ def now_timestamp() -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _run_bits(run: str) -> int:
-    return int.from_bytes(hashlib.blake2b(run.encode("utf-8"), digest_size=4).digest()) << 96
+def _run_hex(run: str) -> str:
+    return hashlib.blake2b(run.encode("utf-8"), digest_size=4).hexdigest()
 
 
 def line_message_id(run: str, line: int, content: bytes) -> str:
     """The messageId of the call at ``line`` of an import named ``run``, holding ``content``.
 
     A UUIDv8 (RFC 9562) laid out as run (32 bits), line number (40 bits), content hash
-    (50 bits): the same content at the same place gives the same id (a rerun adds nothing),
+    (48 bits): the same content at the same place gives the same id (a rerun adds nothing),
     different content gives a different id (a new export under the same name, an edited
     line), and the ids of one import grow in file order, so inserting them stays at one
     point of the messageId index however large the outbox is.
     """
-    digest = int.from_bytes(hashlib.blake2b(content, digest_size=8).digest()) >> 14
-    value = (
-        _run_bits(run)
-        | ((line >> 24) & 0xFFFF) << 80
-        | 0x8 << 76
-        | ((line >> 12) & 0xFFF) << 64
-        | 0b10 << 62
-        | (line & 0xFFF) << 50
-        | digest
-    )
-    text = f"{value:032x}"
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    number = f"{line:010x}"
+    digest = hashlib.blake2b(content, digest_size=6).hexdigest()
+    return f"{_run_hex(run)}-{number[:4]}-8{number[4:7]}-8{number[7:]}-{digest}"
 
 
 def line_of(run: str, message_id: str) -> int | None:
     """The line number a :func:`line_message_id` of ``run`` encodes, or None if it is not one."""
+    if (len(message_id) != 36 or not message_id.startswith(_run_hex(run))
+            or message_id[14] != "8" or message_id[19] != "8"):
+        return None
     try:
-        value = int(message_id.replace("-", ""), 16)
+        return int(message_id[9:13] + message_id[15:18] + message_id[20:23], 16)
     except ValueError:
         return None
-    if len(message_id) != 36 or value >> 96 << 96 != _run_bits(run):
-        return None
-    if (value >> 76) & 0xF != 0x8 or (value >> 62) & 0b11 != 0b10:
-        return None
-    return ((value >> 80) & 0xFFFF) << 24 | ((value >> 64) & 0xFFF) << 12 | (value >> 50) & 0xFFF
 
 
 # -- validation --------------------------------------------------------------------------
@@ -193,10 +184,11 @@ class _Shape:
         extra = model.model_config.get("extra")
         self.usable = not unknown_model and extra == "forbid" and not (
             decorators.root_validators or decorators.model_serializers)
-        self.checks = {
+        self.checks: dict[str, Callable[[Any], bool]] = {
             name: check for name, check in _CHECKS.items()
             if name in model.model_fields and name not in covered
         }
+        self.checks["type"] = _is_name  # the key that chose this shape
         self.required = tuple(
             name for name, info in model.model_fields.items() if info.is_required()
         )
@@ -213,10 +205,14 @@ def _fast_wire(call: dict[str, Any]) -> dict[str, Any] | None:
         return None
     checks = shape.checks
     for name, value in call.items():
-        if name == "type":
-            continue
         check = checks.get(name)
-        if check is None or not check(value):
+        if check is _is_id:  # inlined: the commonest checks, called for every message
+            if type(value) is not str or not value or value.isspace():
+                return None
+        elif check is _is_dict:
+            if type(value) is not dict:
+                return None
+        elif check is None or not check(value):
             return None
     for name in shape.required:
         if name not in call:
@@ -241,12 +237,32 @@ def _semantic_names() -> frozenset[str]:
     return frozenset(SEMANTIC_EVENTS)
 
 
+@functools.cache
+def _own_rules(event: str) -> tuple[Callable[[Any], Any], ...]:
+    """The compiled checks a semantic event adds to the track schema (its own allOf part)."""
+    from cio_outbox import spec
+
+    track = set(spec._validators("track"))
+    return tuple(v for v in spec._validators(spec.semantic_schema_names()[event])
+                 if v not in track)
+
+
 def check_semantic(wire: Mapping[str, Any]) -> None:
     """A track call named like a semantic event must carry what that event needs, whoever
-    wrote it (the API refuses it otherwise). ``wire`` holds JSON values only."""
+    wrote it (the API refuses it otherwise). ``wire`` holds JSON values only.
+
+    The model has checked the track itself; only the event's own rules run here, and the
+    full check (with its explanation) only when one of them fails.
+    """
+    name = wire["event"]
+    try:
+        for rule in _own_rules(name):
+            rule(wire)
+        return
+    except Exception:  # fastjsonschema's error: explained by the full check below
+        pass
     from cio_outbox.semantic import check_semantic as check
 
-    name = wire["event"]
     try:
         check(name, wire.get("properties"), user_id=wire.get("userId"),
               anonymous_id=wire.get("anonymousId"), context=wire.get("context"))
@@ -269,15 +285,17 @@ def prepare(
     idempotency_key: str | None = None,
     identity: str | None = None,
     owned: bool = False,
+    plain: bool = False,
 ) -> NewRow:
     """The outbox row for one call (wire-shape mapping or :class:`Message`).
 
     ``identity`` is the messageId to use when the call carries none and no idempotency key
     is given (importers derive it from the content's place). ``owned=True`` lets the
-    mapping be completed in place (the caller made it and will not reuse it).
+    mapping be completed in place (the caller made it and will not reuse it);
+    ``plain=True`` says it holds JSON values only (it was parsed from JSON or CSV).
     Raises :class:`MessageError` naming the field; nothing is written then.
     """
-    if isinstance(call, Message):
+    if type(call) is not dict and isinstance(call, Message):
         if idempotency_key is not None:
             call = call.model_copy(update={"messageId": message_id_for(idempotency_key)})
         wire = call.wire()  # validated when it was built
@@ -288,9 +306,8 @@ def prepare(
         wire, payload = _checked(call, idempotency_key, identity, owned)
     call_type = wire["type"]
     if call_type == "track" and wire["event"] in _semantic_names():
-        import orjson
-
-        check_semantic(orjson.loads(payload))  # JSON values, as the API will see them
+        # JSON values, as the API will see them (decoded again unless they already are).
+        check_semantic(wire if plain else orjson.loads(payload))
     return NewRow(wire["messageId"], run or "", call_type,
                   wire.get("userId") or wire.get("anonymousId") or "",
                   payload.decode("utf-8"), len(payload))
@@ -299,9 +316,12 @@ def prepare(
 def _checked(call: Mapping[str, Any], idempotency_key: str | None, identity: str | None,
              owned: bool) -> tuple[dict[str, Any], bytes]:
     """The wire dict of a mapping and its bytes: id resolved, time stamped, validated."""
-    if not isinstance(call, Mapping):
+    if type(call) is dict:
+        fields: dict[str, Any] = call if owned else dict(call)
+    elif isinstance(call, Mapping):
+        fields = dict(call)
+    else:
         raise MessageError("a call must be a JSON object", field="type")
-    fields: dict[str, Any] = call if owned and type(call) is dict else dict(call)
     if idempotency_key is not None:
         if fields.get("messageId") is not None:
             raise MessageError(BOTH_IDS, field="messageId")

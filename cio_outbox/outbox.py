@@ -16,27 +16,35 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cio_outbox import intake, operations
-from cio_outbox.client import DEFAULT_TIMEOUT, Client
 from cio_outbox.config import ApiKey, Target, resolve_target
 from cio_outbox.messages import Message, MessageError
 from cio_outbox.operations import Operations
 from cio_outbox.results import EnqueueResult, Progress, Rejection, WorkerResult
+from cio_outbox.settings import (
+    DEFAULT_GZIP,
+    DEFAULT_OUTBOX,
+    DEFAULT_STRICT_MODE,
+    DEFAULT_TIMEOUT,
+    Settings,
+)
 from cio_outbox.storage import Storage, open_storage
 from cio_outbox.storage.base import CHUNK_ROWS
-from cio_outbox.worker import Worker
+
+if TYPE_CHECKING:
+    from cio_outbox.worker import Worker
 
 __all__ = ["DEFAULT_PATH", "EnqueueResult", "Outbox", "Rejection", "default_location",
            "parse_age"]
 
-DEFAULT_PATH = "outbox.db"
+DEFAULT_PATH = DEFAULT_OUTBOX
 
 
 def default_location() -> str:
     """``CIO_OUTBOX`` if set, else ``./outbox.db``."""
-    return os.environ.get("CIO_OUTBOX") or DEFAULT_PATH
+    return Settings.from_env().outbox
 
 
 def _iso(ts: float | None) -> str | None:
@@ -241,21 +249,24 @@ class Outbox(Operations):
         key: str | ApiKey | None = None,
         host: str | None = None,
         region: str | None = None,
-        gzip: bool = True,
+        gzip: bool = DEFAULT_GZIP,
         allow_insecure: bool = False,
         timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
-        strict_mode: bool = True,
+        strict_mode: bool = DEFAULT_STRICT_MODE,
         **options: Any,
     ) -> Worker:
         """A :class:`Worker` for this outbox. The key defaults to ``CIO_API_KEY``, the host
-        to ``CIO_HOST``, the region to ``CIO_REGION`` (see README "Configuration")."""
+        to ``CIO_HOST``, the region to ``CIO_REGION`` (see README "Configuration"); the
+        other defaults are in :mod:`cio_outbox.settings`."""
+        from cio_outbox.client import Client  # requests and tenacity load only to send
+        from cio_outbox.worker import Worker
+
+        env = Settings.from_env()
         api_key = key if isinstance(key, ApiKey) else (
             ApiKey(key) if key is not None else ApiKey.from_env()
         )
         target: Target = resolve_target(
-            api_key,
-            host=host or os.environ.get("CIO_HOST") or None,
-            region=region or os.environ.get("CIO_REGION") or None,
+            api_key, host=host or env.host, region=region or env.region,
             allow_insecure=allow_insecure,
         )
         client = Client(api_key, target, gzip=gzip, timeout=timeout, strict_mode=strict_mode)

@@ -41,7 +41,9 @@ from tenacity import (
 
 from cio_outbox.batch import MAX_BATCH_BYTES, Row, batch_body, sent_at_now, single_body
 from cio_outbox.client import Client, Reply, TransportError, describe_error
+from cio_outbox.errors import CioOutboxError
 from cio_outbox.results import Progress, WorkerResult
+from cio_outbox.settings import DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS
 from cio_outbox.storage.base import Attempt, Storage
 
 log = logging.getLogger("cio_outbox.worker")
@@ -53,7 +55,7 @@ EXIT_AUTH = 3
 _ITEM_INDEX = re.compile(r"^batch\[(\d+)\]")
 
 
-class WorkerError(RuntimeError):
+class WorkerError(CioOutboxError, RuntimeError):
     """The worker stopped because it cannot go on (bad host, bad key)."""
 
     exit_code = EXIT_FATAL
@@ -148,12 +150,12 @@ class Worker:
         storage: Storage,
         client: Client,
         *,
-        concurrency: int = 2,
+        concurrency: int = DEFAULT_CONCURRENCY,
         run: str | None = None,
         max_bytes: int = MAX_BATCH_BYTES,
         max_messages: int = 5000,
         lease_seconds: float = 120.0,
-        max_attempts: int = 10,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         max_rps: float | None = None,
         backoff_initial: float = 0.5,
         backoff_max: float = 60.0,

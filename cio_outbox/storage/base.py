@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cio_outbox.batch import Row
+from cio_outbox.errors import CioOutboxError
 
 STATUSES = ("pending", "in_flight", "sent", "failed")
 
 
-class StorageError(RuntimeError):
+class StorageError(CioOutboxError, RuntimeError):
     """The outbox file or database cannot be used; the text says which and what to do."""
 
 
