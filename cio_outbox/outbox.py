@@ -149,10 +149,6 @@ class Outbox:
             self.storage, calls, run=run, idempotency_keys=idempotency_keys,
             on_invalid=on_invalid, chunk_size=chunk_size, start=start)
 
-    def _call(self, call_type: str, run: str | None, idempotency_key: str | None,
-              fields: dict[str, Any]) -> EnqueueResult:
-        return self.enqueue(operations.wire_call(call_type, fields, idempotency_key), run=run)
-
     def identify(
         self, user_id: str | None = None, *, anonymous_id: str | None = None,
         traits: Mapping[str, Any] | None = None, timestamp: Any = None,
