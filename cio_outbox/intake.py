@@ -200,7 +200,8 @@ _SHAPES = {call_type: _Shape(model) for call_type, model in MODELS.items()}
 def _fast_wire(call: dict[str, Any]) -> dict[str, Any] | None:
     """``call`` itself, ready to encode, when the fast check vouches for every field of it;
     None when pydantic must decide (anything unusual, and every invalid call)."""
-    shape = _SHAPES.get(call.get("type"))  # type: ignore[arg-type]
+    kind = call.get("type")
+    shape = _SHAPES.get(kind) if type(kind) is str else None
     if shape is None or not shape.usable:
         return None
     checks = shape.checks
