@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             results["intake"] = intake.run(base / "intake", reps=reps, log=log, **sized)
             table.section("intake: enqueue against lean_import.py and raw SQLite")
             for figure, value, target, met in intake.rows(results["intake"]):
-                table.add(figure, value, target=target, met=met)
+                table.add(figure, None, ratio=value, target=target, met=met)
         if "enqueue" in only:
             log("1. enqueue")
             results["enqueue"] = enqueue.run(base, n_single=sizes.single, n_bulk=sizes.bulk,
