@@ -97,7 +97,16 @@ def _paths(tmp_path: Path) -> dict[str, Callable[[Outbox], Any]]:
     }
 
 
-@pytest.mark.parametrize("path", list(_paths(Path("."))))
+PATHS = ("enqueue dict", "enqueue Message", "enqueue_many", "enqueue_many keys",
+         "enqueue_rows list", "enqueue_rows frame", "operations", "jsonl file", "csv file",
+         "cli")
+
+
+def test_the_counted_paths_are_every_path(tmp_path: Path) -> None:
+    assert set(PATHS) == set(_paths(tmp_path))
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_every_intake_path_validates_at_most_once_and_encodes_exactly_once(
     path: str, tmp_path: Path, counted: Counter[str]
 ) -> None:
