@@ -41,7 +41,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
@@ -57,12 +57,30 @@ from cio_outbox.importers import (
 )
 from cio_outbox.inspection import UnknownRunError
 from cio_outbox.locations import open_existing
-from cio_outbox.outbox import DEFAULT_PATH, Outbox
+from cio_outbox.outbox import Outbox
+from cio_outbox.results import Progress
+from cio_outbox.settings import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_GZIP,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_OUTBOX,
+    ENV_OUTBOX,
+)
 from cio_outbox.storage import StorageError
-from cio_outbox.worker import EXIT_AUTH, EXIT_FATAL, EXIT_OK, Progress, Worker
 
+if TYPE_CHECKING:
+    from cio_outbox.worker import Worker
+
+# Process exit codes belong to the command line; the library reports outcomes.
+EXIT_OK = 0
+"""Done, or stopped cleanly."""
+EXIT_FATAL = 1
+"""Fatal error: bad host, storage error, message not found."""
 EXIT_USAGE = 2
 """Usage or configuration error (click's code for usage errors); also: enqueue rejected lines."""
+EXIT_AUTH = 3
+"""The API refused the key (HTTP 401/403)."""
+DEFAULT_PATH = DEFAULT_OUTBOX
 
 EXIT_CODES_HELP = f"""\b
 Exit codes:
@@ -83,7 +101,7 @@ class Failure(click.ClickException):
 
 def _db_option(function: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
-        "--db", envvar="CIO_OUTBOX", default=DEFAULT_PATH, show_default=True, metavar="PATH",
+        "--db", envvar=ENV_OUTBOX, default=DEFAULT_OUTBOX, show_default=True, metavar="PATH",
         help="The outbox file (env CIO_OUTBOX).",
     )(function)
 
@@ -224,8 +242,11 @@ def enqueue(
     left out; values stay strings.
 
     Safe to stop and run again: a line without a messageId gets a stable one made from
-    the run name and its line number (or the --key-column value), so a rerun adds no
-    duplicates and misses nothing. Invalid lines are reported with their line numbers on
+    the run name, its line number and its content (or the --key-column value), so a rerun
+    adds no duplicates and misses nothing, while a different file under the same name (or
+    an edited line) adds its lines as new messages, with a warning on stderr. A line's own
+    messageId and timestamp (an event archive's) are kept; a line without a timestamp is
+    stamped with the time of enqueue. Invalid lines are reported with their line numbers on
     stderr (or in the --json output), valid lines are kept, and the exit code is 2.
 
     \b
@@ -268,6 +289,11 @@ def enqueue(
         except MappingError as exc:
             raise click.UsageError(str(exc)) from None
     _report_enqueue(file, result, as_json)
+    if result.changed:
+        _err(f"warning: run {run!r} was used before for different content: "
+             f"{result.changed:,} line(s) differ from what the earlier import held at the "
+             "same line numbers and were added as new messages (name each import with "
+             "--run to keep them apart)")
     if result.rejected:
         sys.exit(EXIT_USAGE)
 
@@ -357,7 +383,8 @@ def stop_on_signals(worker: Worker, printer: ProgressPrinter) -> Iterator[None]:
 @click.option("--region", envvar="CIO_REGION", type=click.Choice(["us", "eu"],
               case_sensitive=False), help="Customer.io region when no host is given "
               "(env CIO_REGION; default: the key's region, else us).")
-@click.option("--concurrency", type=click.IntRange(1, 64), default=2, show_default=True,
+@click.option("--concurrency", type=click.IntRange(1, 64), default=DEFAULT_CONCURRENCY,
+              show_default=True,
               help="Requests in flight at once.")
 @click.option("--max-rps", type=click.FloatRange(0, min_open=True), metavar="R",
               help="At most R requests per second.")
@@ -369,9 +396,10 @@ def stop_on_signals(worker: Worker, printer: ProgressPrinter) -> Iterator[None]:
               help="With --until-empty: give up (exit 1) when the host has not answered "
                    "once in this long (DNS typo, TLS against plain http).")
 @click.option("--run", help="Only send the rows of this run.")
-@click.option("--gzip/--no-gzip", default=True, show_default=True,
+@click.option("--gzip/--no-gzip", default=DEFAULT_GZIP, show_default=True,
               help="Compress request bodies (gzip level 1: about a sixth of the bytes).")
-@click.option("--max-attempts", type=click.IntRange(1), default=10, show_default=True,
+@click.option("--max-attempts", type=click.IntRange(1), default=DEFAULT_MAX_ATTEMPTS,
+              show_default=True,
               help="HTTP attempts per row before it is dead-lettered.")
 @click.option("--worker-id", metavar="ID",
               help="Name of this worker in the audit trail (default host:pid:random). A "

@@ -19,9 +19,9 @@ import requests
 
 from cio_outbox._version import __version__
 from cio_outbox.config import ApiKey, Target
+from cio_outbox.settings import DEFAULT_GZIP, DEFAULT_TIMEOUT
 
 USER_AGENT = f"cio-outbox/{__version__} python-requests/{requests.__version__}"
-DEFAULT_TIMEOUT = (5.0, 30.0)  # connect, read (seconds)
 
 
 class TransportError(RuntimeError):
@@ -118,7 +118,7 @@ class Client:
         key: ApiKey,
         target: Target,
         *,
-        gzip: bool = False,
+        gzip: bool = DEFAULT_GZIP,
         timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
         session: requests.Session | None = None,
         strict_mode: bool = True,

@@ -30,8 +30,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 from tenacity import (
     RetryCallState,
@@ -43,6 +42,9 @@ from tenacity import (
 
 from cio_outbox.batch import MAX_BATCH_BYTES, Row, batch_body, sent_at_now, single_body
 from cio_outbox.client import Client, Reply, TransportError, describe_error
+from cio_outbox.errors import CioOutboxError
+from cio_outbox.results import Progress, WorkerResult
+from cio_outbox.settings import DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS
 from cio_outbox.storage.base import Attempt, Storage
 
 log = logging.getLogger("cio_outbox.worker")
@@ -54,7 +56,7 @@ EXIT_AUTH = 3
 _ITEM_INDEX = re.compile(r"^batch\[(\d+)\]")
 
 
-class WorkerError(RuntimeError):
+class WorkerError(CioOutboxError, RuntimeError):
     """The worker stopped because it cannot go on (bad host, bad key)."""
 
     exit_code = EXIT_FATAL
@@ -77,75 +79,6 @@ class _Transient(Exception):
 
 class _Stopped(Exception):
     """The worker was asked to stop while this request waited for a retry."""
-
-
-@dataclass
-class Progress:
-    """A snapshot of the worker for a progress line or a notebook."""
-
-    sent: int = 0
-    failed: int = 0
-    requests: int = 0
-    retries: int = 0
-    rejected_requests: int = 0
-    pending: int = 0
-    in_flight: int = 0
-    rate: float = 0.0
-    elapsed: float = 0.0
-    state: str = "starting"
-    last_error: str | None = None
-    # The work of this run: rows done (sent or dead-lettered) plus rows left.
-    total: int = 0
-
-    @property
-    def percent(self) -> float | None:
-        """Share of the run's rows done (sent or dead-lettered), 0-100."""
-        if not self.total:
-            return None
-        return 100.0 * min(self.sent + self.failed, self.total) / self.total
-
-    @property
-    def eta_seconds(self) -> float | None:
-        """Seconds until the rows left are sent at the current rate."""
-        left = self.pending + self.in_flight
-        if self.rate <= 0 or not left:
-            return None
-        return left / self.rate
-
-    def line(self) -> str:
-        done = f" ({self.percent:.0f}%)" if self.percent is not None else ""
-        text = (
-            f"sent {self.sent:,}{done}  {self.failed:,} dead-lettered  "
-            f"pending {self.pending:,}  in flight {self.in_flight:,}  {self.rate:,.0f} msg/s"
-        )
-        eta = self.eta_seconds
-        if eta is not None:
-            minutes, seconds = divmod(round(eta), 60)
-            text += f"  ETA {minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 \
-                else f"  ETA {minutes}:{seconds:02d}"
-        if self.state not in ("sending", "done"):
-            text += f"  [{self.state}]"
-        return text
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class WorkerResult:
-    """How a run ended. ``exit_code`` is what the CLI exits with."""
-
-    sent: int
-    failed: int
-    requests: int
-    retries: int
-    elapsed: float
-    stopped: bool
-    exit_code: int = EXIT_OK
-    error: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Throttle:
@@ -226,12 +159,12 @@ class Worker:
         storage: Storage,
         client: Client,
         *,
-        concurrency: int = 2,
+        concurrency: int = DEFAULT_CONCURRENCY,
         run: str | None = None,
         max_bytes: int = MAX_BATCH_BYTES,
         max_messages: int = 5000,
         lease_seconds: float = 120.0,
-        max_attempts: int = 10,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         max_rps: float | None = None,
         backoff_initial: float = 0.5,
         backoff_max: float = 60.0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import subprocess
 import sys
 import time
@@ -27,8 +28,18 @@ def payloads(outbox: Outbox, run: str | None = None) -> list[dict[str, Any]]:
         payload["context"].pop("library")
         if not payload["context"]:
             del payload["context"]
-        out.append(payload)
+        out.append(unstamped(payload))
     return out
+
+
+def unstamped(payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload without the timestamp enqueue stamped on it (checked to be just now)."""
+    stamp = payload.get("timestamp")
+    if isinstance(stamp, str) and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp):
+        moment = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        if abs((dt.datetime.now(dt.UTC) - moment).total_seconds()) < 600:
+            del payload["timestamp"]
+    return payload
 
 
 def without_ids(payload: dict[str, Any]) -> dict[str, Any]:

@@ -18,10 +18,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from cio_outbox.errors import CioOutboxError
+
 STATUSES = ("pending", "in_flight", "sent", "failed")
 
 
-class StorageError(RuntimeError):
+class StorageError(CioOutboxError, RuntimeError):
     """The outbox file or database cannot be used; the text says which and what to do."""
 
 
