@@ -34,6 +34,7 @@ import orjson
 from cio_outbox.messages import (
     LIBRARY,
     MODELS,
+    check_rules,
     Message,
     MessageError,
     encode_wire,
@@ -182,7 +183,9 @@ class _Shape:
                 covered.update(validator.info.fields)
         unknown_model = set(decorators.model_validators) - _KNOWN_MODEL_VALIDATORS
         extra = model.model_config.get("extra")
-        self.usable = not unknown_model and extra == "forbid" and not (
+        # Extra fields allowed or not, the fast check vouches only for the fields it knows:
+        # any other field sends the call to pydantic.
+        self.usable = not unknown_model and extra in ("forbid", "allow") and not (
             decorators.root_validators or decorators.model_serializers)
         self.checks: dict[str, Callable[[Any], bool]] = {
             name: check for name, check in _CHECKS.items()
@@ -306,9 +309,12 @@ def prepare(
     else:
         wire, payload = _checked(call, idempotency_key, identity, owned)
     call_type = wire["type"]
+    # JSON values, as the API will see them (decoded again unless they already are).
+    seen = wire if plain else orjson.loads(payload)
     if call_type == "track" and wire["event"] in _semantic_names():
-        # JSON values, as the API will see them (decoded again unless they already are).
-        check_semantic(wire if plain else orjson.loads(payload))
+        check_semantic(seen)  # first, for its message naming what the event requires
+    # The one rule set: the checks the sandbox applies to what arrives (messages.check_rules).
+    check_rules(seen)
     return NewRow(wire["messageId"], run or "", call_type,
                   wire.get("userId") or wire.get("anonymousId") or "",
                   payload.decode("utf-8"), len(payload))

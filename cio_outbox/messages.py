@@ -360,8 +360,8 @@ class Message(BaseModel):
     @classmethod
     def _message_id(cls, value: Any) -> str:
         checked = _check_id(value, "messageId")
-        if checked is None:
-            raise ValueError("messageId must not be null")
+        if checked is None:  # null or "" is no id, as for userId: the call gets a new one
+            return new_message_id()
         if len(checked) > 100:
             raise ValueError("messageId is longer than 100 characters")
         return checked
