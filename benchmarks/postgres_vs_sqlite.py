@@ -123,7 +123,7 @@ def bench_claims(location: str, n: int, threads: int, max_messages: int) -> tupl
                 mine.append(time.perf_counter() - started)
                 if not rows:
                     break
-                own.mark_sent([r.id for r in rows])
+                own.mark_sent(rows)
             own.close()
             with lock:
                 durations.extend(mine)

@@ -148,7 +148,7 @@ def _claim_ms(storage: Any, reps: int) -> dict[str, Any]:
                               max_messages=5000)
         elapsed = (time.perf_counter() - started) * 1e3
         claimed = len(batch)
-        storage.release([r.id for r in batch])
+        storage.release(batch)
         if rep:
             runs.append(elapsed)
     return {"median_ms": statistics.median(runs), "runs_ms": runs, "rows_per_claim": claimed}

@@ -1,12 +1,6 @@
 """cio-outbox: a durable, auditable outbox for the Customer.io Data Pipelines API."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("cio-outbox")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0"
-
+from cio_outbox._version import __version__
 from cio_outbox.config import ApiKey, ConfigError, Target, resolve_target
 from cio_outbox.messages import MessageError
 from cio_outbox.outbox import EnqueueResult, Outbox

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+
+from cio_outbox.storage.base import Row  # re-exported: Row lives with the storage seam
 
 MAX_BATCH_BYTES = 500_000
 _PREFIX = b'{"batch":['
@@ -18,24 +19,6 @@ _SUFFIX = b'"}'
 _SENT_AT_LEN = len("2026-01-01T00:00:00.000Z")
 #: bytes of a /batch body around its messages: prefix, sentAt and suffix.
 BATCH_OVERHEAD = len(_PREFIX) + len(_SENT_AT) + _SENT_AT_LEN + len(_SUFFIX)
-
-
-@dataclass(slots=True)
-class Row:
-    """One outbox row as the worker sees it."""
-
-    id: int
-    message_id: str
-    run: str
-    call_type: str
-    person: str
-    payload: str
-    size: int
-    attempts: int = 0
-
-    @property
-    def endpoint(self) -> str:
-        return "alias" if self.call_type == "alias" else "batch"
 
 
 _ROOM_WORTH_FILLING = 2048

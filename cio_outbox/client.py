@@ -16,7 +16,7 @@ from typing import Any
 
 import requests
 
-from cio_outbox import __version__
+from cio_outbox._version import __version__
 from cio_outbox.config import ApiKey, Target
 
 USER_AGENT = f"cio-outbox/{__version__} python-requests/{requests.__version__}"

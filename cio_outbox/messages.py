@@ -40,7 +40,7 @@ from pydantic import (
     model_validator,
 )
 
-from cio_outbox import __version__
+from cio_outbox._version import __version__
 
 MAX_MESSAGE_BYTES = 32_768
 BATCHABLE = frozenset({"identify", "track", "page", "screen", "group"})

@@ -499,7 +499,7 @@ class Outbox(Operations):
         """
         if not person_id or not str(person_id).strip():
             raise ValueError("forget needs a non-empty user id")
-        return self.storage.forget(str(person_id))
+        return int(self.storage.forget(str(person_id))["deleted"])
 
 
 @functools.cache

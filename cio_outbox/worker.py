@@ -369,7 +369,7 @@ class Worker:
         try:
             reply, body_size = self._send_with_retries(rows, endpoint)
         except _Stopped:
-            self.storage.release([row.id for row in rows], next_attempt_at=None)
+            self.storage.release(rows, next_attempt_at=None)
             return
         except _Transient as exc:  # attempts exhausted for some rows
             self._give_up(rows, exc.text)
@@ -385,7 +385,7 @@ class Worker:
                 self._attempt(rows, endpoint, body_size, reply, "auth", reply.describe()),
                 count=False,
             )
-            self.storage.release([row.id for row in rows])
+            self.storage.release(rows)
             target = self.client.target
             region = target.region.upper() if target.region else "custom host"
             raise AuthError(
@@ -407,7 +407,7 @@ class Worker:
             self._attempt(rows, endpoint, body_size, reply, "fatal", reply.describe()),
             count=False,
         )
-        self.storage.release([row.id for row in rows])
+        self.storage.release(rows)
         raise WorkerError(
             f"{self.client.target.url(endpoint)} answered {reply.describe()}; "
             "is --host the Pipelines API?"
@@ -439,7 +439,7 @@ class Worker:
         self._deliver(rows[middle:])
 
     def _dead_letter(self, bad: Sequence[tuple[Row, str]]) -> None:
-        self.storage.dead_letter([(row.id, error) for row, error in bad])
+        self.storage.dead_letter(bad)
         self._counters.add(failed=len(bad))
         # info, not warning: an unconfigured logger would print every one to stderr;
         # dead letters are counted in the progress line and listed by `failed`.
@@ -448,7 +448,7 @@ class Worker:
     def _give_up(self, rows: Sequence[Row], error: str) -> None:
         """Attempts ran out: dead-letter the rows that used them all, release the others."""
         exhausted = [row for row in rows if row.attempts >= self.max_attempts]
-        others = [row.id for row in rows if row.attempts < self.max_attempts]
+        others = [row for row in rows if row.attempts < self.max_attempts]
         if exhausted:
             self._dead_letter(
                 [(row, f"gave up after {row.attempts} attempts: {error}") for row in exhausted]
@@ -489,8 +489,7 @@ class Worker:
     def _before_retry(self, rows: Sequence[Row], state: RetryCallState) -> None:
         self._counters.add(retries=1)
         wait = state.upcoming_sleep or 0.0
-        self.storage.extend_lease([row.id for row in rows], self.worker_id,
-                                  self.lease_seconds + wait)
+        self.storage.extend_lease(rows, self.lease_seconds + wait)
 
     def _send_once(self, rows: Sequence[Row], endpoint: str) -> tuple[Reply, int]:
         if not self.throttle.acquire(self._stop):

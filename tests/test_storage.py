@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cio_outbox import Outbox
-from cio_outbox.batch import MAX_BATCH_BYTES, Row
+from cio_outbox.batch import MAX_BATCH_BYTES
 from cio_outbox.sandbox import Sandbox
 from cio_outbox.storage import Attempt, NewRow, Storage, StorageError, open_storage
+from cio_outbox.storage.base import Row
 
 LEASE = 60.0
 
@@ -126,7 +129,7 @@ def test_a_persons_later_rows_wait_while_an_earlier_one_is_in_flight(storage: St
     assert [r.message_id for r in first] == ["m0"]
     second = claim(storage, "w2")
     assert [r.message_id for r in second] == ["m1", "m3"]  # m2 waits for m0
-    storage.mark_sent([r.id for r in first])
+    storage.mark_sent(first)
     assert [r.message_id for r in claim(storage, "w3")] == ["m2"]
 
 
@@ -145,7 +148,7 @@ def test_expired_lease_comes_back_to_another_worker(storage: Storage) -> None:
 def test_extend_lease_keeps_rows_from_expiring(storage: Storage) -> None:
     storage.insert([new_row(0)])
     taken = claim(storage, "w1", lease=0.3)
-    storage.extend_lease([r.id for r in taken], "w1", 30.0)
+    assert storage.extend_lease(taken, 30.0) == [taken[0].id]
     time.sleep(0.5)
     assert claim(storage, "w2") == []
     assert storage.rows(status="in_flight")[0]["worker_id"] == "w1"
@@ -156,9 +159,10 @@ def test_release_gives_rows_back_and_a_deferred_row_blocks_its_person(
 ) -> None:
     storage.insert([new_row(0, "a"), new_row(1, "a"), new_row(2, "b")])
     taken = claim(storage, "w1", max_messages=1)
-    storage.release([r.id for r in taken])
-    assert [r.message_id for r in claim(storage, "w1", max_messages=1)] == ["m0"]
-    storage.release([taken[0].id], next_attempt_at=time.time() + 0.6)
+    assert storage.release(taken) == [taken[0].id]
+    taken = claim(storage, "w1", max_messages=1)
+    assert [r.message_id for r in taken] == ["m0"]
+    storage.release(taken, next_attempt_at=time.time() + 0.6)
     # m0 waits for its retry time, and so does m1 behind it; b is free
     assert [r.message_id for r in claim(storage, "w2")] == ["m2"]
     assert claim(storage, "w2") == []
@@ -205,9 +209,10 @@ def test_dead_letter_and_requeue(outbox: Outbox) -> None:
     storage.record_attempt(
         Attempt("w1", "batch", taken, 100, 400, 3.0, "rejected", "bad thing"), count=True
     )
-    storage.dead_letter([(taken[0].id, "bad 0"), (taken[3].id, "bad 3"), (taken[4].id, "x")])
-    storage.mark_sent([taken[1].id])
-    storage.dead_letter([(taken[1].id, "too late")])  # sent rows stay sent
+    assert storage.dead_letter([(taken[0], "bad 0"), (taken[3], "bad 3"), (taken[4], "x")]
+                               ) == [taken[0].id, taken[3].id, taken[4].id]
+    assert storage.mark_sent([taken[1]]) == [taken[1].id]
+    assert storage.dead_letter([(taken[1], "too late")]) == []  # sent rows stay sent
     assert storage.counts() == {"pending": 0, "in_flight": 1, "sent": 1, "failed": 3}
     failed = outbox.failed()
     assert [(f["messageId"], f["error"], f["attempts"]) for f in failed] == [
@@ -232,7 +237,7 @@ def test_audit_trail_records_every_attempt(outbox: Outbox) -> None:
     )
     storage.record_attempt(Attempt("w1", "batch", taken[:2], 200, 200, 8.0, "sent"),
                            count=True)
-    storage.mark_sent([r.id for r in taken[:2]])
+    storage.mark_sent(taken[:2])
     row0 = storage.message("m0")
     assert row0 is not None and row0["attempts"] == 2 and row0["status"] == "sent"
     history = outbox.history("m0")
@@ -273,14 +278,123 @@ def test_drain_sends_everything_once_with_history(outbox: Outbox, sandbox: Sandb
     assert outbox.history(some)["attempts"][0]["outcome"] == "sent"
 
 
+# -- fencing: a change applies only while the claim that asks for it still holds the row ---
+
+
+def test_each_claim_gets_a_fresh_token_stored_on_its_rows(storage: Storage) -> None:
+    storage.insert([new_row(i, person=f"p{i}") for i in range(3)])
+    first = claim(storage, "w1", max_messages=2)
+    second = claim(storage, "w2")
+    assert {r.claim for r in first} == {first[0].claim} and first[0].claim
+    assert second[0].claim and second[0].claim != first[0].claim
+    stored = {r["id"]: r["claim_token"] for r in storage.rows(status="in_flight")}
+    assert stored == {r.id: r.claim for r in first + second}
+
+
+def test_a_stale_token_changes_nothing(storage: Storage) -> None:
+    storage.insert([new_row(i, person=f"p{i}") for i in range(2)])
+    taken = claim(storage, "w1")
+    stale = [Row(r.id, r.message_id, r.run, r.call_type, r.person, r.payload, r.size,
+                 r.attempts, claim="not-the-token") for r in taken]
+    before = storage.rows()
+    assert storage.extend_lease(stale, 300.0) == []
+    assert storage.mark_sent(stale) == []
+    assert storage.release(stale) == []
+    assert storage.dead_letter([(r, "bad") for r in stale]) == []
+    assert storage.record_attempt(
+        Attempt("w1", "batch", stale, 10, 500, 1.0, "retry", "HTTP 500"), count=True) == []
+    after = storage.rows()
+    assert [{k: v for k, v in r.items() if k != "updated_at"} for r in after] == [
+        {k: v for k, v in r.items() if k != "updated_at"} for r in before]
+    assert storage.counts()["in_flight"] == 2
+    # the real token still works, and a second use of it after the row moved does not
+    assert storage.mark_sent(taken) == [r.id for r in taken]
+    assert storage.release(taken) == []
+    assert storage.counts() == {"pending": 0, "in_flight": 0, "sent": 2, "failed": 0}
+    assert_counts_right(storage)
+
+
+def test_an_expired_and_reclaimed_row_cannot_be_changed_by_the_first_claimer(
+    outbox: Outbox,
+) -> None:
+    storage = outbox.storage
+    storage.insert([new_row(0, "a"), new_row(1, "b")])
+    first = claim(storage, "w1", lease=0.2)
+    time.sleep(0.4)
+    second = claim(storage, "w2")
+    assert [r.id for r in second] == [r.id for r in first]
+    assert storage.extend_lease(first, 60.0) == []  # the first claimer learns it lost them
+    # its late 200 is audited as late and marks nothing sent
+    held = storage.record_attempt(
+        Attempt("w1", "batch", first, 100, 200, 5.0, "sent"), count=True, sent=True)
+    assert held == []
+    assert storage.mark_sent(first) == []
+    assert storage.dead_letter([(first[0], "refused")]) == []
+    assert storage.release(first, next_attempt_at=time.time() + 600) == []
+    assert storage.counts() == {"pending": 0, "in_flight": 2, "sent": 0, "failed": 0}
+    rows = {r["id"]: r for r in storage.rows()}
+    assert {r["worker_id"] for r in rows.values()} == {"w2"}
+    assert {r["attempts"] for r in rows.values()} == {0}
+    assert {r["claim_token"] for r in rows.values()} == {second[0].claim}
+    history = outbox.history("m0")
+    assert history is not None
+    assert [(a["outcome"], a["status_code"]) for a in history["attempts"]] == [("late", 200)]
+    assert storage.sent_since(time.time() - 60) == 0  # a late success is not a send
+    # the second claimer's outcome applies
+    assert storage.extend_lease(second, 60.0) == [r.id for r in second]
+    assert storage.record_attempt(
+        Attempt("w2", "batch", second, 100, 200, 5.0, "sent"), count=True, sent=True
+    ) == [r.id for r in second]
+    assert storage.counts() == {"pending": 0, "in_flight": 0, "sent": 2, "failed": 0}
+    assert [a["outcome"] for a in outbox.history("m1")["attempts"]] == ["late", "sent"]
+    assert_counts_right(storage)
+
+
+def test_an_attempt_over_held_and_lost_rows_splits_into_its_outcome_and_late(
+    outbox: Outbox,
+) -> None:
+    """The zombie of issue 14: W1 pauses, W2 dead-letters, the row is replaced, W1's 200
+    for the old call must not mark the corrected row sent."""
+    storage = outbox.storage
+    storage.insert([new_row(0, "a"), new_row(1, "b")])
+    w1 = claim(storage, "w1", max_messages=1, lease=0.2)
+    w1_b = claim(storage, "w1", max_messages=1, lease=60)
+    time.sleep(0.4)
+    w2 = claim(storage, "w2")
+    assert [r.id for r in w2] == [w1[0].id]
+    assert storage.dead_letter([(w2[0], "HTTP 400: bad")]) == [w2[0].id]
+    assert storage.replace_failed(w2[0].id, payload=w2[0].payload, size=w2[0].size,
+                                  call_type="track", person="a")
+    held = storage.record_attempt(
+        Attempt("w1", "batch", [*w1, *w1_b], 100, 200, 5.0, "sent"), count=True, sent=True)
+    assert held == [w1_b[0].id]
+    assert storage.message("m0")["status"] == "pending"
+    assert storage.message("m0")["attempts"] == 0
+    assert storage.message("m1")["status"] == "sent"
+    outcomes = {(a["outcome"], a["status_code"], a["messages"]) for a in storage.attempts()}
+    assert outcomes == {("late", 200, 1), ("sent", 200, 1)}
+    assert storage.sent_since(time.time() - 60) == 1
+    assert_counts_right(storage)
+
+
+def test_release_worker_and_expiry_end_a_claim(storage: Storage) -> None:
+    storage.insert([new_row(0, "a")])
+    taken = claim(storage, "w1")
+    assert storage.release_worker("w1") == 1
+    assert storage.mark_sent(taken) == []
+    again = claim(storage, "w1")
+    assert again[0].claim != taken[0].claim
+    assert storage.mark_sent(again) == [again[0].id]
+
+
 # -- retention and forgetting --------------------------------------------------------------
 
 
 def test_purge_deletes_only_sent_rows_older_than_the_cutoff(storage: Storage) -> None:
     storage.insert([new_row(i, person=f"p{i}") for i in range(5)])
     taken = claim(storage, max_messages=3)
-    storage.mark_sent([r.id for r in taken[:2]])
-    storage.dead_letter([(taken[2].id, "bad")])
+    storage.mark_sent(taken[:2])
+    storage.dead_letter([(taken[2], "bad")])
     assert storage.purge_sent(time.time() - 3600) == 0
     assert storage.purge_sent(time.time() + 60) == 2
     assert storage.counts() == {"pending": 2, "in_flight": 0, "sent": 0, "failed": 1}
@@ -301,7 +415,7 @@ def _enqueue_person_data(outbox: Outbox) -> None:
     outbox.storage.record_attempt(
         Attempt("w1", "batch", rows, 10, 400, 1.0, "rejected",
                 f"userId {SECRET_ID} rejected"), count=True)
-    outbox.storage.release([r.id for r in rows])
+    outbox.storage.release(rows)
 
 
 def test_forget_deletes_the_person_and_scrubs_audit_errors(outbox: Outbox) -> None:
@@ -318,6 +432,49 @@ def test_forget_deletes_the_person_and_scrubs_audit_errors(outbox: Outbox) -> No
     assert_counts_right(storage)
     with pytest.raises(ValueError):
         outbox.forget("  ")
+
+
+def _row(n: int, call_type: str, person: str, **fields: Any) -> NewRow:
+    payload = json.dumps({"type": call_type, "userId": person, "messageId": f"m{n}",
+                          **fields}, separators=(",", ":"))
+    return NewRow(f"m{n}", "r", call_type, person, payload, len(payload.encode()))
+
+
+def test_forget_selects_by_person_and_alias_previous_id_exactly(storage: Storage) -> None:
+    storage.insert([
+        _row(0, "identify", "1", traits={"name": "One"}),
+        _row(1, "track", "u-2", event="Signed Up", properties={"referred_by": "1"}),
+        _row(2, "identify", "u-4", traits={"tier": "1"}),
+        _row(3, "group", "u-5", groupId="acme", traits={"objectTypeId": "1"}),
+        _row(4, "alias", "u-9", previousId="1"),
+        _row(5, "alias", "u-8", previousId="11"),
+        _row(6, "track", "11", event="E"),
+        _row(7, "track", "1", event="Later"),
+    ])
+    held = claim(storage, max_messages=1)  # m0, the person's first row, is in flight
+    assert [r.message_id for r in held] == ["m0"]
+    report = storage.forget("1")
+    assert report["deleted"] == 3
+    assert report["by_status"] == {"pending": 2, "in_flight": 1, "sent": 0, "failed": 0}
+    left = [r["message_id"] for r in storage.rows()]
+    assert left == ["m1", "m2", "m3", "m5", "m6"]
+    # the in-flight row is gone: its worker's late success finds nothing to resurrect
+    assert storage.mark_sent(held) == []
+    assert storage.message("m0") is None
+    assert_counts_right(storage)
+
+
+def test_forget_redacts_audit_text_by_exact_token(storage: Storage) -> None:
+    storage.insert([_row(0, "track", "4", event="E"), _row(1, "track", "u-7", event="E")])
+    taken = claim(storage)
+    storage.record_attempt(Attempt("w1", "batch", taken, 10, 400, 1.0, "rejected",
+                                   "HTTP 400: userId 4 refused; 14 items, 4xx"), count=True)
+    storage.release(taken)
+    report = storage.forget("4")
+    assert report["deleted"] == 1 and report["redacted"] >= 1
+    errors = [a["error"] for a in storage.attempts()]
+    assert errors == ["HTTP 400: userId [forgotten] refused; 14 items, 4xx"]
+    assert storage.message("m1")["last_error"] == errors[0]
 
 
 def test_sqlite_forget_leaves_no_trace_in_the_file_or_wal(tmp_path: Path) -> None:
@@ -398,11 +555,11 @@ def test_counts_stay_right_through_random_operations(storage: Storage) -> None:
             pick = rng.sample(held, rng.randrange(1, len(held) + 1))
             ids = [r.id for r in pick]
             if op == "sent":
-                storage.mark_sent(ids)
+                storage.mark_sent(pick)
             elif op == "release":
-                storage.release(ids, next_attempt_at=rng.choice([None, time.time() + 0.01]))
+                storage.release(pick, next_attempt_at=rng.choice([None, time.time() + 0.01]))
             elif op == "dead":
-                storage.dead_letter([(i, "bad") for i in ids])
+                storage.dead_letter([(r, "bad") for r in pick])
             elif op == "requeue":
                 storage.requeue(ids=ids if rng.random() < 0.5 else None,
                                 run=rng.choice([None, "b"]))
@@ -461,18 +618,17 @@ def test_concurrent_claimers_never_share_a_row_and_keep_each_persons_order(
                             violations.append(f"{row.person} held by w{owner} and w{index}")
                         held_by[row.person] = index
                 time.sleep(rng.random() * 0.003)
-                ids = [r.id for r in taken]
                 if rng.random() < 0.15:
                     with lock:
                         for row in taken:
                             held_by.pop(row.person, None)
-                    storage.release(ids)
+                    storage.release(taken)
                     continue
                 with lock:
                     for row in taken:
                         delivered[row.person].append(int(row.message_id[1:]))
                         held_by.pop(row.person, None)
-                storage.mark_sent(ids)
+                assert storage.mark_sent(taken) == [r.id for r in taken]
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
         finally:
@@ -499,8 +655,268 @@ def test_reopening_keeps_rows_and_schema(outbox_location: str) -> None:
     first.close()
     second = open_storage(outbox_location)
     assert second.counts()["pending"] == 1
-    assert second.schema_version == version == 1  # type: ignore[attr-defined]
+    assert second.schema_version == version >= 2  # type: ignore[attr-defined]
     second.close()
+
+
+# -- one schema, two dialects -----------------------------------------------------------
+
+
+def _sqlite_schema(path: str) -> tuple[dict[str, tuple[str, ...]], bool]:
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    try:
+        indexes = {
+            name: tuple(col for _, _, col in conn.execute(f"PRAGMA index_info({name})"))
+            for (name,) in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")
+        }
+        table_sql = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
+    finally:
+        conn.close()
+    return indexes, "CHECK (status IN ('pending', 'in_flight', 'sent', 'failed'))" in table_sql
+
+
+def _postgres_schema(location: str) -> tuple[dict[str, tuple[str, ...]], bool]:
+    import psycopg
+
+    from cio_outbox.storage.postgres import split_location
+
+    plain, schema = split_location(location)
+    with psycopg.connect(plain, autocommit=True) as conn:
+        indexes = {
+            name: tuple(cols) for name, cols in conn.execute(
+                "SELECT i.relname, array_agg(a.attname ORDER BY k.n) FROM pg_index x"
+                " JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_class t ON t.oid = x.indrelid"
+                " JOIN pg_namespace s ON s.oid = t.relnamespace"
+                " CROSS JOIN LATERAL unnest(x.indkey) WITH ORDINALITY AS k(attnum, n)"
+                " JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = k.attnum"
+                " WHERE s.nspname = %s AND NOT x.indisprimary AND NOT x.indisunique"
+                " GROUP BY i.relname", (schema,))
+        }
+        checks = [d for (d,) in conn.execute(
+            "SELECT pg_get_constraintdef(c.oid) FROM pg_constraint c"
+            " JOIN pg_namespace s ON s.oid = c.connamespace"
+            " WHERE s.nspname = %s AND c.contype = 'c'", (schema,))]
+    return indexes, any("status" in d and "in_flight" in d for d in checks)
+
+
+def test_both_schemas_have_the_same_indexes_and_status_check(
+    tmp_path: Path, postgres_location: str
+) -> None:
+    path = str(tmp_path / "outbox.db")
+    open_storage(path).close()
+    open_storage(postgres_location).close()
+    lite, lite_check = _sqlite_schema(path)
+    post, post_check = _postgres_schema(postgres_location)
+    assert lite == post
+    assert {"messages_sent", "attempts_at", "messages_pending"} <= set(lite)
+    assert lite_check and post_check
+
+
+def test_a_bad_status_is_refused_by_the_schema(outbox_location: str) -> None:
+    storage = open_storage(outbox_location)
+    storage.insert([new_row(0)])
+    with pytest.raises(StorageError, match=r"(?i)check"):
+        storage._change("id > 0", (), "lost", "updated_at = {now}", ())  # type: ignore[attr-defined]
+    assert storage.counts()["pending"] == 1
+    storage.close()
+
+
+def _v1_rows() -> list[tuple[Any, ...]]:
+    payload = json.dumps({"type": "track", "userId": "old", "event": "E", "messageId": "m1"})
+    return [("m1", "r", "track", "old", payload, len(payload), "pending", 0, 1.0, 1.0),
+            ("m2", "r", "track", "old", payload, len(payload), "sent", 1, 1.0, 1.0)]
+
+
+def test_an_sqlite_outbox_of_schema_version_1_opens_and_migrates(tmp_path: Path) -> None:
+    import sqlite3
+
+    from cio_outbox.storage import schema
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(schema.render(0, schema.SQLITE, ""))  # the DDL of release 1
+    conn.executemany("INSERT INTO messages (message_id, run, call_type, person, payload, size,"
+                     " status, attempts, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                     _v1_rows())
+    conn.execute("INSERT INTO counts VALUES ('r', 'pending', 1), ('r', 'sent', 1)")
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    storage = open_storage(path)
+    assert storage.schema_version == schema.SCHEMA_VERSION  # type: ignore[attr-defined]
+    assert storage.counts() == {"pending": 1, "in_flight": 0, "sent": 1, "failed": 0}
+    taken = claim(storage)
+    assert [r.message_id for r in taken] == ["m1"] and taken[0].claim
+    assert storage.mark_sent(taken) == [taken[0].id]
+    storage.close()
+    indexes, has_check = _sqlite_schema(str(path))
+    fresh = tmp_path / "fresh.db"
+    open_storage(fresh).close()
+    assert (indexes, has_check) == _sqlite_schema(str(fresh))
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute("UPDATE messages SET status = 'lost'")
+    conn.close()
+
+
+def test_a_postgres_outbox_of_schema_version_1_opens_and_migrates(
+    postgres_location: str,
+) -> None:
+    import psycopg
+
+    from cio_outbox.storage import schema
+    from cio_outbox.storage.postgres import split_location
+
+    plain, name = split_location(postgres_location)
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {name}")
+        conn.execute(f"CREATE TABLE {name}.schema_version (version INTEGER PRIMARY KEY,"
+                     " applied_at DOUBLE PRECISION NOT NULL)")
+        conn.execute(schema.render(0, schema.POSTGRES, f"{name}."))
+        conn.execute(f"INSERT INTO {name}.schema_version VALUES (1, 0)")
+        with conn.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO {name}.messages (message_id, run, call_type, person, payload,"
+                " size, status, attempts, created_at, updated_at)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)", _v1_rows())
+        conn.execute(f"INSERT INTO {name}.counts VALUES ('r', 'pending', 1), ('r', 'sent', 1)")
+    storage = open_storage(postgres_location)
+    assert storage.schema_version == schema.SCHEMA_VERSION  # type: ignore[attr-defined]
+    taken = claim(storage)
+    assert [r.message_id for r in taken] == ["m1"]
+    assert storage.mark_sent(taken) == [taken[0].id]
+    assert storage.counts()["sent"] == 2
+    storage.close()
+
+
+def test_inspection_views_read_with_sqlite_utils(tmp_path: Path) -> None:
+    import sqlite_utils
+
+    path = tmp_path / "outbox.db"
+    storage = open_storage(path)
+    storage.insert([new_row(0, "a", run="crm"), new_row(1, "b", run="crm")])
+    taken = claim(storage)
+    storage.record_attempt(Attempt("w1", "batch", taken, 10, 400, 2.0, "rejected",
+                                   "HTTP 400: bad"), count=True)
+    storage.dead_letter([(taken[0], "HTTP 400: bad")])
+    storage.close()
+    db = sqlite_utils.Database(path)
+    failed = list(db["failed_messages"].rows)
+    assert [(r["message_id"], r["run"], r["last_error"], r["attempts"]) for r in failed] == [
+        ("m0", "crm", "HTTP 400: bad", 1)]
+    iso = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"
+    assert re.match(iso, failed[0]["failed_at"]) and re.match(iso, failed[0]["created_at"])
+    by_run = list(db["attempts_by_run"].rows_where("run = ?", ["crm"]))
+    assert [(r["outcome"], r["status_code"], r["messages"]) for r in by_run] == [
+        ("rejected", 400, 2)]
+    assert re.match(iso, by_run[0]["at"])
+    assert set(db.view_names()) >= {"failed_messages", "attempts_by_run"}
+    db.close()
+
+
+# -- storage faults: the real cause, the file named, nothing half-written ------------------
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB file system (tmpfs), mounted for the test: needs root."""
+    import os
+    import subprocess
+
+    where = tmp_path / "disk"
+    where.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tiny tmpfs needs root; the max_page_count test still runs")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _fill_until_full(storage: Storage) -> StorageError:
+    for n in range(0, 100_000, 200):
+        rows = [new_row(i, person=f"p{i}", extra={"pad": "x" * 2000}) for i in range(n, n + 200)]
+        try:
+            storage.insert(rows)
+        except StorageError as exc:
+            return exc
+    raise AssertionError("the disk never filled")
+
+
+def test_a_full_disk_is_a_storage_error_naming_the_file(tiny_disk: Path) -> None:
+    path = tiny_disk / "outbox.db"
+    storage = open_storage(path)
+    error = _fill_until_full(storage)
+    text = str(error)
+    assert str(path) in text and "disk is full" in text
+    assert "cannot rollback" not in text
+    # nothing half-written: the counts match the rows, and the outbox still reads
+    assert_counts_right(storage)
+    storage.close()
+
+
+def test_a_full_database_by_page_limit_rolls_back_cleanly(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    storage = open_storage(path)
+    storage.insert([new_row(0)])
+    conn = storage.conn  # type: ignore[attr-defined]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages + 20}")
+    error = _fill_until_full(storage)
+    assert str(path) in str(error) and "disk is full" in str(error)
+    assert "cannot rollback" not in str(error)
+    assert not conn.in_transaction
+    assert_counts_right(storage)
+    conn.execute("PRAGMA max_page_count = 1073741823")
+    assert storage.insert([new_row(999_999)]) == 1
+    storage.close()
+
+
+def test_a_read_only_file_system_is_a_storage_error_naming_the_file(tiny_disk: Path) -> None:
+    import subprocess
+
+    path = tiny_disk / "outbox.db"
+    storage = open_storage(path)
+    storage.insert([new_row(0)])
+    storage.close()
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
+    with pytest.raises(StorageError) as caught:
+        open_storage(path).insert([new_row(1)])
+    assert str(path) in str(caught.value)
+    assert "read-only" in str(caught.value) or "readonly" in str(caught.value)
+
+
+def test_a_lock_held_past_the_busy_timeout_is_a_storage_error(tmp_path: Path) -> None:
+    import sqlite3
+
+    from cio_outbox.storage.sqlite import SQLiteStorage
+
+    path = tmp_path / "outbox.db"
+    storage = SQLiteStorage(path, busy_timeout=0.3)
+    storage.insert([new_row(0)])
+    taken = claim(storage)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(StorageError) as caught:
+            storage.mark_sent(taken)
+        assert time.monotonic() - started >= 0.25
+        assert str(path) in str(caught.value) and "locked" in str(caught.value)
+        assert "cannot rollback" not in str(caught.value)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert storage.mark_sent(taken) == [taken[0].id]  # the same storage goes on afterwards
+    storage.close()
 
 
 # -- PostgreSQL only -----------------------------------------------------------------------
@@ -586,6 +1002,18 @@ def test_postgres_claim_skips_a_row_locked_elsewhere_and_that_persons_later_rows
         other.rollback()
     assert [r.message_id for r in claim(storage, "w2")] == ["m0", "m2"]
     assert_counts_right(storage)
+    storage.close()
+
+
+def test_postgres_ends_a_transaction_left_open_by_a_paused_process(
+    postgres_location: str,
+) -> None:
+    from cio_outbox.storage.postgres import IDLE_IN_TRANSACTION_MS
+
+    storage = open_storage(postgres_location)
+    conn = storage.conn  # type: ignore[attr-defined]
+    shown = conn.execute("SHOW idle_in_transaction_session_timeout").fetchone()[0]
+    assert shown == f"{IDLE_IN_TRANSACTION_MS // 60_000}min" and IDLE_IN_TRANSACTION_MS <= 60_000
     storage.close()
 
 

@@ -4,6 +4,12 @@ The worker, the Outbox API and the CLI talk only to this interface, so a second
 backend (PostgreSQL) implements these methods and nothing else changes. Choosing
 which rows fit one request is shared: backends supply candidates and the set of
 blocked persons, and :func:`cio_outbox.batch.select` decides.
+
+Fencing: every claim stores a fresh token on the rows it leases (``Row.claim``). Every
+later change to a claimed row (lease extended, sent, released, dead-lettered, attempt
+counted) applies only while the row is still ``in_flight`` under that token, checked in
+the same statement, and returns the ids it changed. A worker paused past its lease thus
+cannot overwrite what the next holder (or an operator) did with the row.
 """
 
 from __future__ import annotations
@@ -12,13 +18,30 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cio_outbox.batch import Row
-
 STATUSES = ("pending", "in_flight", "sent", "failed")
 
 
 class StorageError(RuntimeError):
     """The outbox file or database cannot be used; the text says which and what to do."""
+
+
+@dataclass(slots=True)
+class Row:
+    """One outbox row as the worker sees it; ``claim`` is the token of the claim holding it."""
+
+    id: int
+    message_id: str
+    run: str
+    call_type: str
+    person: str
+    payload: str
+    size: int
+    attempts: int = 0
+    claim: str = ""
+
+    @property
+    def endpoint(self) -> str:
+        return "alias" if self.call_type == "alias" else "batch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +66,7 @@ class Attempt:
     bytes: int
     status_code: int | None
     latency_ms: float | None
-    outcome: str  # sent, retry, rejected, auth, fatal
+    outcome: str  # sent, retry, rejected, auth, fatal (late: stored for rows no longer held)
     error: str | None = None
     runs: list[str] = field(default_factory=list)
 
@@ -90,20 +113,25 @@ class Storage(Protocol):
     ) -> list[Row]:
         """Atomically take the next rows that fit one request and lease them to worker_id."""
 
-    def extend_lease(self, ids: Sequence[int], worker_id: str, lease_seconds: float) -> None: ...
+    def extend_lease(self, rows: Sequence[Row], lease_seconds: float) -> list[int]:
+        """Lease the rows still held by their claim for lease_seconds from now; their ids."""
 
-    def record_attempt(self, attempt: Attempt, *, count: bool, sent: bool = False) -> None:
-        """Audit one HTTP attempt; with count, add one to each row's attempts and last error;
-        with sent, also mark the rows sent, in the same transaction."""
+    def record_attempt(self, attempt: Attempt, *, count: bool, sent: bool = False) -> list[int]:
+        """Audit one HTTP attempt and return the ids of its rows still held.
 
-    def mark_sent(self, ids: Sequence[int]) -> None: ...
+        For held rows the entry has the attempt's outcome; with count, each gets one more
+        attempt and its last error; with sent, it is marked sent in the same transaction.
+        Rows no longer held get an entry with outcome ``late`` (same status code and
+        error) and nothing else changes for them."""
 
-    def dead_letter(self, errors: Sequence[tuple[int, str]]) -> None: ...
+    def mark_sent(self, rows: Sequence[Row]) -> list[int]: ...
+
+    def dead_letter(self, errors: Sequence[tuple[Row, str]]) -> list[int]: ...
 
     def release(
-        self, ids: Sequence[int], *, next_attempt_at: float | None = None
-    ) -> None:
-        """Give leased rows back: pending again, optionally not before next_attempt_at."""
+        self, rows: Sequence[Row], *, next_attempt_at: float | None = None
+    ) -> list[int]:
+        """Give held rows back: pending again, optionally not before next_attempt_at."""
 
     def release_worker(self, worker_id: str) -> int:
         """Give back every row a (restarted) worker id still holds."""

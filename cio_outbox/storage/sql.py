@@ -1,0 +1,496 @@
+"""What both SQL outboxes do, written once: the backends supply only hooks.
+
+:class:`SQLStorage` implements the :class:`~cio_outbox.storage.base.Storage` protocol
+over a DB-API cursor. Queries are written once, below, with ``?`` placeholders and these
+fields, which :meth:`SQLStorage.q` fills in for the dialect:
+
+- ``{s}``: the table prefix; ``{ids}``: "id is in the id list of this parameter";
+- ``{now}``: the database's clock in Unix seconds (``{clock}``: its reading at this
+  statement, for claims that waited for a lock); ``{json}``: the JSON type;
+- ``{pending_run}``: SQLite's index hint for a run's pending rows (nothing elsewhere);
+- ``{previous_id}``: an alias payload's ``previousId``.
+
+A backend provides the connection (``_tx`` runs a body in one write transaction,
+``_read`` runs a query outside one), the bulk insert, claim locking, the two statements
+that move or delete rows while reporting what they moved (a status change must keep
+the per-run counts exact), vacuum and error translation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import islice
+from typing import Any, ClassVar, TypeVar
+
+from cio_outbox.batch import select
+from cio_outbox.storage.base import CHUNK_ROWS, Attempt, NewRow, Row, in_ranges, row_ranges
+
+T = TypeVar("T")
+Deltas = dict[tuple[str, str], int]
+Moved = list[tuple[str, str, int]]  # (run, old status, rows)
+
+_CANDIDATES = "SELECT id, run, call_type, person, size, attempts FROM {s}messages"
+CANDIDATE_PAGE_SIZE = 1000
+CANDIDATE_PAGES = 20  # bounded: never scan far inside the claim lock
+
+_EXPIRED = "status = 'in_flight' AND lease_expires_at < ?"
+_BLOCKED = (
+    "SELECT person FROM {s}messages WHERE status = 'in_flight'"
+    " UNION SELECT person FROM {s}messages WHERE status = 'pending'"
+    " AND next_attempt_at IS NOT NULL AND next_attempt_at > ?"
+)
+_LEASE = (
+    "UPDATE {s}messages SET status = 'in_flight', worker_id = ?, lease_expires_at = ?,"
+    " next_attempt_at = NULL, updated_at = ?, claim_token = ? WHERE {ids}"
+)
+_PAYLOADS = "SELECT id, message_id, payload FROM {s}messages WHERE {ids}"
+_FENCED = (
+    "UPDATE {s}messages SET %s"
+    " WHERE status = 'in_flight' AND claim_token = ? AND {ids} RETURNING id, run"
+)
+_SENT = (
+    "sent_at = {now}, worker_id = NULL, lease_expires_at = NULL, next_attempt_at = NULL,"
+    " last_error = NULL"
+)
+_DROP_LEASE = "worker_id = NULL, lease_expires_at = NULL, updated_at = {now}"
+_AUDIT = (
+    "INSERT INTO {s}attempts (at, worker_id, endpoint, runs, messages, bytes, status_code,"
+    " latency_ms, outcome, error, row_ranges, min_row_id, max_row_id) VALUES ({now}, ?, ?,"
+    " CAST(? AS {json}), ?, ?, ?, ?, ?, ?, CAST(? AS {json}), ?, ?) RETURNING id"
+)
+_AUDIT_RUN = "INSERT INTO {s}attempt_runs (run, attempt_id) VALUES (?, ?) ON CONFLICT DO NOTHING"
+_SHIFT = (
+    "INSERT INTO {s}counts AS c (run, status, n) VALUES (?, ?, ?)"
+    " ON CONFLICT (run, status) DO UPDATE SET n = c.n + excluded.n"
+)
+_BY_RUN = " JOIN {s}attempt_runs r ON r.attempt_id = a.id WHERE r.run = ? AND"
+_FORGET = "person = ? OR (call_type = 'alias' AND {previous_id} = ?)"
+_REDACT = {
+    "attempts": "error",
+    "messages": "last_error",
+}
+
+
+def _token_pattern(value: str) -> re.Pattern[str]:
+    """The value as a whole token: not inside a longer word or number ("4" in "400")."""
+    return re.compile(r"(?<![0-9A-Za-z_])" + re.escape(value) + r"(?![0-9A-Za-z_])")
+
+
+def redact(text: str, value: str) -> str:
+    """Text with every whole-token occurrence of value replaced by ``[forgotten]``."""
+    return _token_pattern(value).sub("[forgotten]", text)
+
+
+class SQLStorage:
+    """The outbox over SQL. Subclasses set the class fields and implement the hooks."""
+
+    location: str
+    prefix: str = ""
+    placeholder: ClassVar[str] = "?"
+    fields: ClassVar[dict[str, str]] = {}
+
+    # -- hooks -------------------------------------------------------------------------
+
+    def _tx(self, body: Callable[[Any], T]) -> T:
+        """Run body(cursor) in one write transaction and return what it returns."""
+        raise NotImplementedError
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Rows of an already rendered query, as dicts, outside a write transaction."""
+        raise NotImplementedError
+
+    def _id_list(self, ids: Sequence[int]) -> Any:
+        """The parameter that ``{ids}`` reads."""
+        raise NotImplementedError
+
+    def _insert_chunk(self, cur: Any, chunk: list[NewRow]) -> Deltas:
+        """Insert rows, skipping existing message ids; the pending rows added per run."""
+        raise NotImplementedError
+
+    def _lock_claims(self, cur: Any) -> None:
+        """Make claims follow one another (SQLite's write lock already does)."""
+
+    def _lock_chosen(self, cur: Any, chosen: list[Row]) -> list[Row]:
+        """The chosen rows this claim may lease (PostgreSQL skips rows locked elsewhere)."""
+        return chosen
+
+    def _move(self, cur: Any, where: str, params: Sequence[Any], new_status: str,
+              assignments: str, assignment_params: Sequence[Any]) -> Moved:
+        """Set status and assignments on rows matching where (rendered) that are not in
+        new_status yet; return (run, old status, count) of what moved."""
+        raise NotImplementedError
+
+    def _delete(self, cur: Any, where: str, params: Sequence[Any]) -> Moved:
+        """Delete the rows matching where (rendered); (run, status, count) of them."""
+        raise NotImplementedError
+
+    def vacuum(self) -> None:
+        """Rewrite the storage so that deleted rows leave no trace."""
+        raise NotImplementedError
+
+    # -- queries -----------------------------------------------------------------------
+
+    _rendered: dict[str, str]
+
+    def q(self, sql: str) -> str:
+        """A query of this module with the dialect's fields and placeholders."""
+        cache = self.__dict__.setdefault("_rendered", {})
+        text = cache.get(sql)
+        if text is None:
+            text = sql
+            for name, value in (("s", self.prefix), *self.fields.items()):
+                text = text.replace("{" + name + "}", value)
+            if self.placeholder != "?":
+                text = text.replace("?", self.placeholder)
+            cache[sql] = text
+        return text
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        return self._read(self.q(sql), params)
+
+    # -- enqueue -----------------------------------------------------------------------
+
+    def insert(self, rows: Iterable[NewRow], *, chunk_size: int = CHUNK_ROWS) -> int:
+        added = 0
+        iterator = iter(rows)
+        while chunk := list(islice(iterator, chunk_size)):
+
+            def body(cur: Any, chunk: list[NewRow] = chunk) -> int:
+                deltas = self._insert_chunk(cur, chunk)
+                self._shift(cur, deltas)
+                return sum(deltas.values())
+
+            added += self._tx(body)
+        return added
+
+    # -- claims ------------------------------------------------------------------------
+
+    def claim(self, worker_id: str, *, lease_seconds: float, max_bytes: int,
+              max_messages: int, run: str | None = None) -> list[Row]:
+        token = secrets.token_hex(8)
+
+        def body(cur: Any) -> list[Row]:
+            self._lock_claims(cur)
+            now = cur.execute(self.q("SELECT {clock}")).fetchone()[0]
+            deltas: Deltas = defaultdict(int)
+            # Rows leased by a worker that died come back once their lease has expired.
+            self._transition(cur, deltas, _EXPIRED, (now,), "pending", _DROP_LEASE, ())
+            blocked = {p for (p,) in cur.execute(self.q(_BLOCKED), (now,)).fetchall()}
+            chosen = select(self._candidates(cur, run), blocked, max_bytes=max_bytes,
+                            max_messages=max_messages)
+            chosen = self._lock_chosen(cur, chosen) if chosen else chosen
+            if chosen:
+                cur.execute(self.q(_LEASE), (worker_id, now + lease_seconds, now, token,
+                                             self._id_list([r.id for r in chosen])))
+                for row in chosen:
+                    deltas[(row.run, "pending")] -= 1
+                    deltas[(row.run, "in_flight")] += 1
+            self._shift(cur, deltas)
+            return chosen
+
+        chosen = self._tx(body)
+        if chosen:  # leased to us now: read the payloads outside the write transaction
+            bodies = {r["id"]: r for r in self._query(_PAYLOADS, (self._id_list(
+                [r.id for r in chosen]),))}
+            for row in chosen:
+                row.message_id, row.payload = bodies[row.id]["message_id"], bodies[
+                    row.id]["payload"]
+                row.claim = token
+        return chosen
+
+    def _candidates(self, cur: Any, run: str | None) -> Iterator[Row]:
+        """Pending rows in enqueue order, without their payloads, a page at a time (lazy,
+        so that select reads only as far as it needs)."""
+        if run is None:
+            sql, args = _CANDIDATES + " WHERE status = 'pending' AND id > ? ORDER BY id", ()
+        else:
+            sql = (_CANDIDATES + " {pending_run} WHERE status = 'pending' AND run = ?"
+                   " AND id > ? ORDER BY run, id")
+            args = (run,)
+        sql = self.q(sql + " LIMIT ?")
+        after = 0
+        for _ in range(CANDIDATE_PAGES):
+            page = cur.execute(sql, (*args, after, CANDIDATE_PAGE_SIZE)).fetchall()
+            for row_id, row_run, call_type, person, size, attempts in page:
+                yield Row(row_id, "", row_run, call_type, person, "", size, attempts)
+            if len(page) < CANDIDATE_PAGE_SIZE:
+                return
+            after = page[-1][0]
+
+    # -- fenced changes to claimed rows ------------------------------------------------
+
+    def _fenced(self, cur: Any, rows: Sequence[Row], new_status: str | None,
+                assignments: str, params: Sequence[Any]) -> list[int]:
+        """Change the rows still in flight under their claim token; the ids changed.
+
+        The token is checked in the UPDATE itself (and rechecked by PostgreSQL after a
+        lock wait), so a claim that has lost a row changes nothing."""
+        by_claim: dict[str, list[int]] = defaultdict(list)
+        for row in rows:
+            by_claim[row.claim].append(row.id)
+        status = ("status = ?, ",) if new_status else ()
+        sql = self.q(_FENCED % ("".join(status) + assignments))
+        changed: list[int] = []
+        deltas: Deltas = defaultdict(int)
+        for token, ids in by_claim.items():
+            first = (new_status,) if new_status else ()
+            for row_id, run in cur.execute(
+                sql, (*first, *params, token, self._id_list(ids))
+            ).fetchall():
+                changed.append(row_id)
+                if new_status:
+                    deltas[(run, "in_flight")] -= 1
+                    deltas[(run, new_status)] += 1
+        self._shift(cur, deltas)
+        return sorted(changed)
+
+    def extend_lease(self, rows: Sequence[Row], lease_seconds: float) -> list[int]:
+        return self._tx(lambda cur: self._fenced(
+            cur, rows, None, "lease_expires_at = {now} + ?, updated_at = {now}",
+            (lease_seconds,)))
+
+    def record_attempt(self, attempt: Attempt, *, count: bool, sent: bool = False) -> list[int]:
+        assignments, params = "updated_at = {now}", []
+        if count:
+            assignments += ", attempts = attempts + 1"
+        if sent:
+            assignments += ", " + _SENT
+        elif count:
+            assignments += ", last_error = ?"
+            params.append(attempt.error)
+
+        def body(cur: Any) -> list[int]:
+            # One statement: the audit never says sent for a row still in flight, and a
+            # row another claim holds now is neither counted nor marked.
+            held = self._fenced(cur, attempt.rows, "sent" if sent else None, assignments,
+                                params)
+            kept = set(held)
+            self._audit(cur, attempt, attempt.outcome, [r for r in attempt.rows if r.id in kept])
+            self._audit(cur, attempt, "late", [r for r in attempt.rows if r.id not in kept])
+            return held
+
+        return self._tx(body)
+
+    def _audit(self, cur: Any, attempt: Attempt, outcome: str, rows: Sequence[Row]) -> None:
+        """One audit entry for these rows of an attempt (none when rows is empty)."""
+        if not rows:
+            return
+        ids = [row.id for row in rows]
+        runs = sorted({row.run for row in rows})
+        attempt_id = cur.execute(self.q(_AUDIT), (
+            attempt.worker_id, attempt.endpoint, json.dumps(runs), len(ids), attempt.bytes,
+            attempt.status_code, attempt.latency_ms, outcome, attempt.error,
+            json.dumps(row_ranges(ids)), min(ids), max(ids),
+        )).fetchone()[0]
+        cur.executemany(self.q(_AUDIT_RUN), [(run, attempt_id) for run in runs])
+
+    def mark_sent(self, rows: Sequence[Row]) -> list[int]:
+        return self._tx(lambda cur: self._fenced(
+            cur, rows, "sent", "updated_at = {now}, " + _SENT, ()))
+
+    def dead_letter(self, errors: Sequence[tuple[Row, str]]) -> list[int]:
+        by_error: dict[str, list[Row]] = defaultdict(list)
+        for row, error in errors:
+            by_error[error].append(row)
+
+        def body(cur: Any) -> list[int]:
+            return sorted(row_id for error, rows in by_error.items() for row_id in self._fenced(
+                cur, rows, "failed",
+                "last_error = ?, next_attempt_at = NULL, " + _DROP_LEASE, (error,)))
+
+        return self._tx(body)
+
+    def release(self, rows: Sequence[Row], *, next_attempt_at: float | None = None
+                ) -> list[int]:
+        return self._tx(lambda cur: self._fenced(
+            cur, rows, "pending", "next_attempt_at = ?, " + _DROP_LEASE, (next_attempt_at,)))
+
+    def release_worker(self, worker_id: str) -> int:
+        return self._change("status = 'in_flight' AND worker_id = ?", (worker_id,), "pending",
+                            _DROP_LEASE, ())
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def counts(self, run: str | None = None) -> dict[str, int]:
+        result = {"pending": 0, "in_flight": 0, "sent": 0, "failed": 0}
+        if run is None:
+            rows = self._query("SELECT status, sum(n) AS n FROM {s}counts GROUP BY status")
+        else:
+            rows = self._query("SELECT status, n FROM {s}counts WHERE run = ?", (run,))
+        for row in rows:
+            result[row["status"]] = int(row["n"])
+        return result
+
+    def runs(self) -> list[dict[str, Any]]:
+        by_run: dict[str, dict[str, Any]] = {}
+        for row in self._query("SELECT run, status, n FROM {s}counts ORDER BY run"):
+            entry = by_run.setdefault(row["run"], {"run": row["run"], "pending": 0,
+                                                   "in_flight": 0, "sent": 0, "failed": 0})
+            entry[row["status"]] = int(row["n"])
+        return [e for e in by_run.values() if any(e[s] for s in ("pending", "in_flight",
+                                                                   "sent", "failed"))]
+
+    def oldest_pending(self, run: str | None = None) -> float | None:
+        if run is None:
+            rows = self._query("SELECT created_at FROM {s}messages WHERE status = 'pending'"
+                             " ORDER BY id LIMIT 1")
+        else:
+            rows = self._query("SELECT created_at FROM {s}messages {pending_run}"
+                             " WHERE status = 'pending' AND run = ? ORDER BY run, id LIMIT 1",
+                             (run,))
+        return rows[0]["created_at"] if rows else None
+
+    def _attempts(self, where: str, params: Sequence[Any], run: str | None,
+                  tail: str = "") -> list[dict[str, Any]]:
+        """Audit entries matching where, of one run's requests when run is given."""
+        if run is None:
+            sql, args = f"SELECT a.* FROM {{s}}attempts a WHERE {where}", params
+        else:
+            sql, args = f"SELECT a.* FROM {{s}}attempts a{_BY_RUN} {where}", (run, *params)
+        return [_attempt_dict(row) for row in self._query(sql + tail, args)]
+
+    def last_error(self, run: str | None = None) -> dict[str, Any] | None:
+        rows = self._attempts("a.error IS NOT NULL", (), run, " ORDER BY a.id DESC LIMIT 1")
+        return rows[0] if rows else None
+
+    def sent_since(self, since: float, run: str | None = None) -> int:
+        if run is None:
+            sql, args = "SELECT coalesce(sum(a.messages), 0) AS n FROM {s}attempts a WHERE", ()
+        else:
+            sql, args = "SELECT coalesce(sum(a.messages), 0) AS n FROM {s}attempts a" + _BY_RUN, (
+                run,)
+        return int(self._query(sql + " a.at >= ? AND a.outcome = 'sent'", (*args, since))[0]["n"])
+
+    def failed(self, run: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        return self.rows(run=run, status="failed", limit=limit)
+
+    def rows(self, *, run: str | None = None, status: str | None = None, limit: int = 100
+             ) -> list[dict[str, Any]]:
+        where, params = ["1 = 1"], []
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if run is not None:
+            where.append("run = ?")
+            params.append(run)
+        return self._query(f"SELECT * FROM {{s}}messages WHERE {' AND '.join(where)}"
+                         " ORDER BY id LIMIT ?", (*params, limit))
+
+    def message(self, message_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM {s}messages WHERE message_id = ?", (message_id,))
+        return rows[0] if rows else None
+
+    def attempts_for(self, row_id: int) -> list[dict[str, Any]]:
+        rows = self._attempts("a.max_row_id >= ? AND a.min_row_id <= ?", (row_id, row_id),
+                              None, " ORDER BY a.id")
+        return [row for row in rows if in_ranges(row_id, row["row_ranges"])]
+
+    def attempts(self, run: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        rows = self._attempts("1 = 1", (), run, f" ORDER BY a.id DESC LIMIT {int(limit)}")
+        return list(reversed(rows))
+
+    # -- operator changes --------------------------------------------------------------
+
+    def requeue(self, *, ids: Sequence[int] | None = None, run: str | None = None) -> int:
+        where, params = "status = 'failed'", []
+        if ids is not None:
+            where += " AND {ids}"
+            params.append(self._id_list(list(ids)))
+        if run is not None:
+            where += " AND run = ?"
+            params.append(run)
+        return self._change(where, params, "pending",
+                            "attempts = 0, next_attempt_at = NULL, updated_at = {now}", ())
+
+    def replace_failed(self, row_id: int, *, payload: str, size: int, call_type: str,
+                       person: str) -> bool:
+        return self._change(
+            "id = ? AND status = 'failed'", (row_id,), "pending",
+            "payload = ?, size = ?, call_type = ?, person = ?, attempts = 0,"
+            " next_attempt_at = NULL, updated_at = {now},"
+            " last_error = 'replaced; was: ' || coalesce(last_error, '')",
+            (payload, size, call_type, person),
+        ) == 1
+
+    def purge_sent(self, before: float) -> int:
+        return self._tx(lambda cur: self._removed(cur, "status = 'sent' AND sent_at < ?",
+                                                  (before,))[0])
+
+    def forget(self, person: str) -> dict[str, Any]:
+        """Delete this person's rows and redact the id from the audit text, then vacuum.
+
+        Rows are chosen by the ``person`` column and by an alias's ``previousId``, by
+        exact value; rows in flight go too (a late outcome then finds nothing to change).
+        Audit text is redacted where the id stands as a whole token."""
+        def body(cur: Any) -> dict[str, Any]:
+            deleted, by_status = self._removed(cur, _FORGET, (person, person))
+            redacted = 0
+            pattern = _token_pattern(person)
+            like = "%" + re.sub(r"([\\%_])", r"\\\1", person) + "%"
+            for table, column in _REDACT.items():
+                found = cur.execute(self.q(
+                    f"SELECT id, {column} FROM {{s}}{table} WHERE {column} LIKE ? ESCAPE '\\'"
+                ), (like,)).fetchall()
+                changes = [(pattern.sub("[forgotten]", text), row_id) for row_id, text in found
+                           if pattern.search(text)]
+                if changes:
+                    cur.executemany(self.q(f"UPDATE {{s}}{table} SET {column} = ? WHERE id = ?"),
+                                    changes)
+                redacted += len(changes)
+            cur.execute(self.q("INSERT INTO {s}forgotten (at, rows_deleted) VALUES ({now}, ?)"),
+                        (deleted,))
+            return {"deleted": deleted, "by_status": by_status, "redacted": redacted}
+
+        report = self._tx(body)
+        self.vacuum()
+        return report
+
+    # -- status bookkeeping, in the caller's transaction -------------------------------
+
+    def _shift(self, cur: Any, deltas: Deltas) -> None:
+        """Apply changes to the per-run counts, in a fixed order (no dead-locks)."""
+        items = sorted((key, n) for key, n in deltas.items() if n)
+        if items:
+            cur.executemany(self.q(_SHIFT), [(run, status, n) for (run, status), n in items])
+
+    def _transition(self, cur: Any, deltas: Deltas, where: str, params: Sequence[Any],
+                    new_status: str, assignments: str, assignment_params: Sequence[Any]
+                    ) -> int:
+        moved = self._move(cur, self.q(where), params, new_status, self.q(assignments),
+                           assignment_params)
+        for run, old_status, n in moved:
+            deltas[(run, old_status)] -= n
+            deltas[(run, new_status)] += n
+        return sum(n for _, _, n in moved)
+
+    def _change(self, where: str, params: Sequence[Any], new_status: str, assignments: str,
+                assignment_params: Sequence[Any]) -> int:
+        def body(cur: Any) -> int:
+            deltas: Deltas = defaultdict(int)
+            moved = self._transition(cur, deltas, where, params, new_status, assignments,
+                                     assignment_params)
+            self._shift(cur, deltas)
+            return moved
+
+        return self._tx(body)
+
+    def _removed(self, cur: Any, where: str, params: Sequence[Any]
+                 ) -> tuple[int, dict[str, int]]:
+        gone = self._delete(cur, self.q(where), params)
+        by_status = {"pending": 0, "in_flight": 0, "sent": 0, "failed": 0}
+        for _, status, n in gone:
+            by_status[status] += n
+        self._shift(cur, {(run, status): -n for run, status, n in gone})
+        return sum(by_status.values()), by_status
+
+
+def _attempt_dict(row: dict[str, Any]) -> dict[str, Any]:
+    """An audit entry with its JSON columns decoded (SQLite stores them as text)."""
+    for key in ("runs", "row_ranges"):
+        if isinstance(row[key], str):
+            row[key] = json.loads(row[key])
+    return row
