@@ -348,6 +348,11 @@ def stop_on_signals(worker: Worker, printer: ProgressPrinter) -> Iterator[None]:
               help="Compress request bodies (gzip level 1: about a sixth of the bytes).")
 @click.option("--max-attempts", type=click.IntRange(1), default=10, show_default=True,
               help="HTTP attempts per row before it is dead-lettered.")
+@click.option("--lease", "lease", type=click.FloatRange(1.0), default=120.0, show_default=True,
+              metavar="SECONDS",
+              help="How long a claim holds its rows without news from this worker; a "
+                   "heartbeat renews it every quarter of it while a request is in flight "
+                   "or waiting to be retried.")
 @click.option("--worker-id", metavar="ID",
               help="Name of this worker in the audit trail (default host:pid:random). A "
                    "restarted worker with the same id takes back the rows it held.")
@@ -356,8 +361,8 @@ def stop_on_signals(worker: Worker, printer: ProgressPrinter) -> Iterator[None]:
 @_json_option
 def worker(
     db: str, host: str | None, region: str | None, concurrency: int, max_rps: float | None,
-    until_empty: bool, run: str | None, gzip: bool, max_attempts: int, worker_id: str | None,
-    allow_insecure: bool, as_json: bool,
+    until_empty: bool, run: str | None, gzip: bool, max_attempts: int, lease: float,
+    worker_id: str | None, allow_insecure: bool, as_json: bool,
 ) -> None:
     """Send the outbox to the Pipelines API, until stopped (or with --until-empty).
 
@@ -376,7 +381,8 @@ def worker(
                 the_worker = outbox.worker(
                     host=host, region=region.lower() if region else None, gzip=gzip,
                     allow_insecure=allow_insecure, concurrency=concurrency, max_rps=max_rps,
-                    run=run, max_attempts=max_attempts, worker_id=worker_id,
+                    run=run, max_attempts=max_attempts, lease_seconds=lease,
+                    worker_id=worker_id,
                     on_progress=printer, progress_interval=printer.interval,
                 )
         except ConfigError as exc:

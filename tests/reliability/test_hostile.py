@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -37,6 +38,29 @@ def _start_proc(location: str, url: str, options: dict[str, Any]) -> subprocess.
     return subprocess.Popen(
         [sys.executable, str(WORKER_PROC), location, url, KEY, json.dumps(options)],
         env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _stop_outside_a_write(proc: subprocess.Popen[str], location: str) -> None:
+    """SIGSTOP a worker process, at a moment it holds no SQLite write lock.
+
+    A process stopped inside a write transaction blocks every SQLite writer until it
+    resumes (a property of SQLite's file locks, not of the lease); the zombie scenarios
+    are about a worker that lost its lease, so they stop it between writes."""
+    for _ in range(100):
+        proc.send_signal(signal.SIGSTOP)
+        if location.startswith("postgresql"):
+            return
+        probe = sqlite3.connect(location, timeout=0.05, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.02)
+        finally:
+            probe.close()
+    raise AssertionError("the worker process always held the write lock")
 
 
 def _run(box: Outbox, url: str, *, seconds: float = 30, key: str = KEY,
@@ -77,7 +101,7 @@ def test_a_zombie_paused_past_its_lease_does_not_undo_a_replace(
                                                       **FAST})
         try:
             server.wait_for_requests(1)
-            w1.send_signal(signal.SIGSTOP)
+            _stop_outside_a_write(w1, outbox_location)
             answered.set()  # the 200 waits in W1's socket buffer
             time.sleep(LEASE + 0.5)
             w2 = _run(box, server.url, lease_seconds=LEASE, max_attempts=1)
@@ -120,9 +144,9 @@ def test_a_zombie_resumed_after_its_lease_sends_nothing_stale(
         try:
             server.wait_for_requests(1)
             time.sleep(0.3)  # its 500 is read: W1 is in its backoff
-            w1.send_signal(signal.SIGSTOP)
+            _stop_outside_a_write(w1, outbox_location)
             time.sleep(LEASE + 0.5)
-            _run(box, server.url, lease_seconds=LEASE)
+            w2 = _run(box, server.url, lease_seconds=LEASE)
             before_resume = len(server.arrivals)
         finally:
             w1.send_signal(signal.SIGCONT)
@@ -132,6 +156,7 @@ def test_a_zombie_resumed_after_its_lease_sends_nothing_stale(
         record(request, tmp_path, "zombie_backoff", figures)
         status = box.status()
     assert w1.returncode == 0, err[-2000:]
+    assert w2["exit_code"] == 0 and w2["sent"] == 1200, w2
     assert status["sent"] == 1200 and status["pending"] == status["in_flight"] == 0
     assert figures["lost"] == 0
     assert figures["after_resume"] == 0, "the zombie resent rows it no longer held"
