@@ -19,9 +19,11 @@ from typing import Any
 
 import pytest
 from _rel_support import cli_argv, cli_env, file_bytes, free_port, record, tracks
+from click.testing import CliRunner
 from hostile import Answer, HostileServer, Request
 
 from cio_outbox import Outbox
+from cio_outbox.cli import cli
 
 KEY = "sk_us_Pr1vateSecret9d8e7f"
 LEGACY = "legacyWriteKey-7f3a9c1e5b"
@@ -40,27 +42,46 @@ def _start_proc(location: str, url: str, options: dict[str, Any]) -> subprocess.
         env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _stop_outside_a_write(proc: subprocess.Popen[str], location: str) -> None:
-    """SIGSTOP a worker process, at a moment it holds no SQLite write lock.
+def _holds_a_write(location: str) -> bool:
+    """Whether some process holds a write lock on this outbox right now."""
+    if location.startswith("postgresql"):
+        import psycopg
 
-    A process stopped inside a write transaction blocks every SQLite writer until it
-    resumes (a property of SQLite's file locks, not of the lease); the zombie scenarios
-    are about a worker that lost its lease, so they stop it between writes."""
+        from cio_outbox.storage.postgres import split_location
+
+        plain, schema = split_location(location)
+        with psycopg.connect(plain, autocommit=True, connect_timeout=10) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s"
+                " AND l.mode NOT IN ('AccessShareLock') AND l.pid <> pg_backend_pid()",
+                (schema,)).fetchone()
+        return bool(row and row[0])
+    probe = sqlite3.connect(location, timeout=0.05, isolation_level=None)
+    try:
+        probe.execute("BEGIN IMMEDIATE")
+        probe.execute("ROLLBACK")
+        return False
+    except sqlite3.OperationalError:
+        return True
+    finally:
+        probe.close()
+
+
+def _stop_outside_a_write(proc: subprocess.Popen[str], location: str) -> None:
+    """SIGSTOP a worker process at a moment it holds no write lock.
+
+    A process stopped inside a write transaction blocks the other writers until it
+    resumes (SQLite's file lock; PostgreSQL's row locks, until its idle-in-transaction
+    timeout); the zombie scenarios are about a worker that lost its lease, so they stop
+    it between writes."""
     for _ in range(100):
         proc.send_signal(signal.SIGSTOP)
-        if location.startswith("postgresql"):
+        if not _holds_a_write(location):
             return
-        probe = sqlite3.connect(location, timeout=0.05, isolation_level=None)
-        try:
-            probe.execute("BEGIN IMMEDIATE")
-            probe.execute("ROLLBACK")
-            return
-        except sqlite3.OperationalError:
-            proc.send_signal(signal.SIGCONT)
-            time.sleep(0.02)
-        finally:
-            probe.close()
-    raise AssertionError("the worker process always held the write lock")
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.02)
+    raise AssertionError("the worker process always held a write lock")
 
 
 def _run(box: Outbox, url: str, *, seconds: float = 30, key: str = KEY,
@@ -240,6 +261,24 @@ def test_a_server_that_ingests_and_answers_after_the_read_timeout_is_bounded(
     assert figures["duplicates"] == 100  # 3 sends of 50: what the bound allows, no more
 
 
+def test_a_connection_closed_after_the_body_was_read_may_have_arrived(
+    outbox_location: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The server ingests the batch and closes the connection twice, then answers."""
+    with Outbox(outbox_location) as box, HostileServer() as server:
+        server.script(Answer(close=True, ingest=True), Answer(close=True, ingest=True))
+        box.enqueue_many(tracks(40, 4, pad=""))
+        expected = _ids(box)
+        result = _run(box, server.url, lease_seconds=LEASE, concurrency=1)
+        figures = {**server.figures(expected), "backend": request.node.callspec.id}
+        record(request, tmp_path, "closed_after_body", figures)
+        status = box.status()
+        outcomes = [a["outcome"] for a in box.log(limit=100)]
+    assert result["sent"] == 40 and status["sent"] == 40 and figures["lost"] == 0
+    assert outcomes == ["may have arrived", "may have arrived", "sent"]
+    assert figures["duplicates"] == 80  # resent: the worker could not know
+
+
 def test_refused_connections_never_use_up_the_may_have_arrived_bound(tmp_path: Path) -> None:
     with Outbox(tmp_path / "refused.db") as box:
         box.enqueue_many(tracks(20, 2, pad=""))
@@ -324,10 +363,9 @@ def test_credentials_echoed_by_the_server_are_never_stored_or_printed(
         stored = json.dumps(box.rows(limit=1000)) + json.dumps(box.log(limit=1000))
         outputs = {}
         for command in ("log", "status", "failed"):
-            done = subprocess.run(cli_argv(command, "--json", "--db", outbox_location),
-                                  env=cli_env(), capture_output=True, text=True, timeout=60)
-            assert done.returncode == 0, done.stderr
-            outputs[command] = done.stdout
+            done = CliRunner().invoke(cli, [command, "--json", "--db", outbox_location])
+            assert done.exit_code == 0, done.output
+            outputs[command] = done.output
         errors = [a["error"] for a in box.log(limit=1000) if a["error"]]
     counts = {f"{name}_json": _occurrences(key, text) for name, text in outputs.items()}
     counts["stored_rows_and_audit"] = _occurrences(key, stored)
