@@ -348,6 +348,10 @@ def stop_on_signals(worker: Worker, printer: ProgressPrinter) -> Iterator[None]:
               help="Compress request bodies (gzip level 1: about a sixth of the bytes).")
 @click.option("--max-attempts", type=click.IntRange(1), default=10, show_default=True,
               help="HTTP attempts per row before it is dead-lettered.")
+@click.option("--max-unconfirmed", type=click.IntRange(1), default=5, show_default=True,
+              metavar="N",
+              help="Sends in a row that went out but got no answer (read timeout, connection "
+                   "closed) before the rows are dead-lettered as 'may have arrived'.")
 @click.option("--lease", "lease", type=click.FloatRange(1.0), default=120.0, show_default=True,
               metavar="SECONDS",
               help="How long a claim holds its rows without news from this worker; a "
@@ -361,7 +365,8 @@ def stop_on_signals(worker: Worker, printer: ProgressPrinter) -> Iterator[None]:
 @_json_option
 def worker(
     db: str, host: str | None, region: str | None, concurrency: int, max_rps: float | None,
-    until_empty: bool, run: str | None, gzip: bool, max_attempts: int, lease: float,
+    until_empty: bool, run: str | None, gzip: bool, max_attempts: int, max_unconfirmed: int,
+    lease: float,
     worker_id: str | None, allow_insecure: bool, as_json: bool,
 ) -> None:
     """Send the outbox to the Pipelines API, until stopped (or with --until-empty).
@@ -381,7 +386,8 @@ def worker(
                 the_worker = outbox.worker(
                     host=host, region=region.lower() if region else None, gzip=gzip,
                     allow_insecure=allow_insecure, concurrency=concurrency, max_rps=max_rps,
-                    run=run, max_attempts=max_attempts, lease_seconds=lease,
+                    run=run, max_attempts=max_attempts, max_unconfirmed=max_unconfirmed,
+                    lease_seconds=lease,
                     worker_id=worker_id,
                     on_progress=printer, progress_interval=printer.interval,
                 )

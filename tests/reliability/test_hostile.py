@@ -279,6 +279,22 @@ def test_a_connection_closed_after_the_body_was_read_may_have_arrived(
     assert figures["duplicates"] == 80  # resent: the worker could not know
 
 
+def test_worker_cli_dead_letters_what_may_have_arrived_after_its_bound(tmp_path: Path) -> None:
+    db = str(tmp_path / "cli.db")
+    with Outbox(db) as box:
+        box.enqueue_many(tracks(10, 2, pad=""))
+    with HostileServer(lambda req: Answer(close=True, ingest=True)) as server:
+        done = subprocess.run(
+            cli_argv("worker", "--db", db, "--host", server.url, "--until-empty", "--json",
+                     "--max-unconfirmed", "2", "--lease", "2"),
+            env=cli_env(KEY), capture_output=True, text=True, timeout=60)
+        assert len(server.requests) == 2
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["failed"] == 10
+    with Outbox(db) as box:
+        assert all("may have arrived" in row["error"] for row in box.failed())
+
+
 def test_refused_connections_never_use_up_the_may_have_arrived_bound(tmp_path: Path) -> None:
     with Outbox(tmp_path / "refused.db") as box:
         box.enqueue_many(tracks(20, 2, pad=""))
