@@ -54,16 +54,16 @@ def test_a_write_failure_stops_the_import_and_is_raised(
     from cio_outbox.storage.sqlite import SQLiteStorage
 
     outbox = Outbox(tmp_path / "o.db")
-    real_write = SQLiteStorage._write
+    real_tx = SQLiteStorage._tx
     transactions: list[int] = []
 
-    def failing_write(self):  # type: ignore[no-untyped-def]
+    def failing_tx(self, body):  # type: ignore[no-untyped-def]
         transactions.append(1)
         if len(transactions) == 3:
             raise StorageError("disk full (simulated)")
-        return real_write(self)
+        return real_tx(self, body)
 
-    monkeypatch.setattr(SQLiteStorage, "_write", failing_write)
+    monkeypatch.setattr(SQLiteStorage, "_tx", failing_tx)
     with pytest.raises(StorageError, match="disk full"):
         outbox.enqueue_many(_calls(10_000), chunk_size=1000)
     monkeypatch.undo()

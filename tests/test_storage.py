@@ -763,6 +763,52 @@ def test_an_sqlite_outbox_of_schema_version_1_opens_and_migrates(tmp_path: Path)
     conn.close()
 
 
+def _v1_file(path: Path) -> None:
+    import sqlite3
+
+    from cio_outbox.storage import schema
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(schema.render(0, schema.SQLITE, ""))  # the DDL of release 1
+    conn.executemany("INSERT INTO messages (message_id, run, call_type, person, payload, size,"
+                     " status, attempts, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                     _v1_rows())
+    conn.execute("INSERT INTO counts VALUES ('r', 'pending', 1), ('r', 'sent', 1)")
+    conn.execute("DELETE FROM messages WHERE message_id = 'm2'")  # the sequence says 2
+    conn.execute("UPDATE counts SET n = 0 WHERE status = 'sent'")
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+
+
+def test_sqlite_without_schema_edits_gets_the_check_by_copying_the_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from cio_outbox.storage import sqlite_schema as backend
+
+    def refused(conn: sqlite3.Connection, checked: str) -> None:
+        raise sqlite3.DatabaseError("table sqlite_master may not be modified")
+
+    monkeypatch.setattr(backend, "_edit_table_sql", refused)
+    path = tmp_path / "old.db"
+    _v1_file(path)
+    storage = open_storage(path)
+    assert storage.counts()["pending"] == 1
+    storage.insert([new_row(50)])
+    assert storage.message("m50")["id"] == 3  # deleted row 2's id is not given out again
+    assert [r.message_id for r in claim(storage)] == ["m1", "m50"]
+    storage.close()
+    fresh = tmp_path / "fresh.db"
+    open_storage(fresh).close()
+    assert _sqlite_schema(str(path)) == _sqlite_schema(str(fresh))
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute("UPDATE messages SET status = 'lost'")
+    conn.close()
+
+
 def test_a_postgres_outbox_of_schema_version_1_opens_and_migrates(
     postgres_location: str,
 ) -> None:
@@ -816,6 +862,29 @@ def test_inspection_views_read_with_sqlite_utils(tmp_path: Path) -> None:
     assert re.match(iso, by_run[0]["at"])
     assert set(db.view_names()) >= {"failed_messages", "attempts_by_run"}
     db.close()
+
+
+def test_inspection_views_on_both_backends_show_iso_times(outbox_location: str) -> None:
+    storage = open_storage(outbox_location)
+    storage.insert([new_row(0, "a", run="crm")])
+    taken = claim(storage)
+    storage.record_attempt(Attempt("w1", "batch", taken, 10, 400, 2.0, "rejected", "bad"),
+                           count=True)
+    storage.dead_letter([(taken[0], "bad")])
+    prefix = getattr(storage, "prefix", "")
+    failed = storage._read(f"SELECT * FROM {prefix}failed_messages")  # type: ignore[attr-defined]
+    by_run = storage._read(f"SELECT * FROM {prefix}attempts_by_run")  # type: ignore[attr-defined]
+    row = storage.message("m0")
+    assert row is not None
+    import datetime as dt
+
+    text = failed[0]["failed_at"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", text), text
+    shown = dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
+    assert abs(shown.timestamp() - row["updated_at"]) < 0.002
+    assert [(r["run"], r["outcome"], r["status_code"]) for r in by_run] == [
+        ("crm", "rejected", 400)]
+    storage.close()
 
 
 # -- storage faults: the real cause, the file named, nothing half-written ------------------
@@ -1014,6 +1083,24 @@ def test_postgres_ends_a_transaction_left_open_by_a_paused_process(
     conn = storage.conn  # type: ignore[attr-defined]
     shown = conn.execute("SHOW idle_in_transaction_session_timeout").fetchone()[0]
     assert shown == f"{IDLE_IN_TRANSACTION_MS // 60_000}min" and IDLE_IN_TRANSACTION_MS <= 60_000
+    storage.close()
+
+
+def test_postgres_forget_reports_sessions_whose_snapshots_keep_deleted_rows(
+    postgres_location: str,
+) -> None:
+    import psycopg
+
+    from cio_outbox.storage.postgres import split_location
+
+    storage = open_storage(postgres_location)
+    storage.insert([new_row(0, "gone"), new_row(1, "kept")])
+    with psycopg.connect(split_location(postgres_location)[0]) as other:
+        other.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        other.execute("SELECT 1")  # a transaction holding its snapshot, left open
+        report = storage.forget("gone")
+        assert report["deleted"] == 1 and report["older_snapshots"] >= 1
+        other.rollback()
     storage.close()
 
 

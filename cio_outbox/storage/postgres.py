@@ -35,27 +35,26 @@ Design, in short:
 from __future__ import annotations
 
 import os
-import random
-import re
 import threading
-import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random
 
 from cio_outbox.storage.base import NewRow, Row, StorageError
+from cio_outbox.storage.location import DEFAULT_SCHEMA, redact, split_location
 from cio_outbox.storage.schema import POSTGRES, SCHEMA_VERSION, render
 from cio_outbox.storage.sql import Deltas, Moved, SQLStorage
 
 if TYPE_CHECKING:
     import psycopg
 
+__all__ = ["DEFAULT_SCHEMA", "PostgresStorage", "redact", "split_location"]
+
 T = TypeVar("T")
 
-DEFAULT_SCHEMA = "cio_outbox"
 CONNECT_TIMEOUT_SECONDS = 10
-_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _RETRIES = 8
 IDLE_IN_TRANSACTION_MS = 60_000
 _COPY_FROM = 64  # rows from which an insert goes by COPY
@@ -85,36 +84,6 @@ def _driver() -> Any:
             "install it with: pip install 'cio-outbox[postgres]'"
         ) from None
     return psycopg
-
-
-def split_location(url: str) -> tuple[str, str]:
-    """(URL for libpq without our ``schema`` parameter, schema name)."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    schema = DEFAULT_SCHEMA
-    kept = []
-    for name, value in query:
-        if name == "schema":
-            schema = value
-        else:
-            kept.append((name, value))
-    if not _SCHEMA_NAME.match(schema):
-        raise StorageError(
-            f"schema={schema!r} in the outbox URL is not a plain lower-case name "
-            "(letters, digits, underscore; at most 63)"
-        )
-    return urlunsplit(parts._replace(query=urlencode(kept))), schema
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced by ``***`` (for messages and repr)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc
-    userinfo, _, hostinfo = netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
 
 
 class PostgresStorage(SQLStorage):
@@ -200,31 +169,36 @@ class PostgresStorage(SQLStorage):
         return StorageError(f"outbox {where}: {text}")
 
     def _tx(self, body: Callable[[Any], T]) -> T:
-        """Run body(cursor) in one transaction; retry it after a dead-lock."""
+        """Run body(cursor) in one transaction; run it again after a dead-lock or a
+        serialization failure (a few times, with a short random pause)."""
         psycopg = self._psycopg
-        retryable = (
-            psycopg.errors.DeadlockDetected,
-            psycopg.errors.SerializationFailure,
-            psycopg.errors.LockNotAvailable,
-        )
-        for attempt in range(_RETRIES):
+        retryable = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure,
+                     psycopg.errors.LockNotAvailable)
+
+        def once() -> T:
             conn = self.conn
             try:
                 with conn.transaction(), conn.cursor() as cur:
                     return body(cur)
             except retryable:
-                if attempt == _RETRIES - 1:
-                    raise
-                time.sleep(random.uniform(0.001, 0.01 * (attempt + 1)))
+                raise
             except psycopg.Error as exc:
                 raise self._explain(exc) from None
-        raise AssertionError("unreachable")
 
-    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        from psycopg.rows import dict_row
+        retrying = Retrying(retry=retry_if_exception_type(retryable),
+                            stop=stop_after_attempt(_RETRIES), wait=wait_random(0.001, 0.05),
+                            reraise=True)
+        try:
+            return retrying(once)
+        except retryable as exc:
+            raise self._explain(exc) from None
+
+    def _read(self, sql: str, params: Sequence[Any] = (), *, tuples: bool = False
+              ) -> list[Any]:
+        from psycopg.rows import dict_row, tuple_row
 
         try:
-            with self.conn.cursor(row_factory=dict_row) as cur:
+            with self.conn.cursor(row_factory=tuple_row if tuples else dict_row) as cur:
                 cur.execute(sql, params)
                 return cur.fetchall()
         except self._psycopg.Error as exc:
@@ -339,6 +313,18 @@ class PostgresStorage(SQLStorage):
             params,
         )
         return cur.fetchall()
+
+    def forget(self, person: str) -> dict[str, Any]:
+        """As SQLStorage.forget; the report also says how many other sessions have held a
+        snapshot since before the delete: until they end, VACUUM FULL must keep the
+        deleted rows (run ``vacuum()`` again afterwards)."""
+        started = self._read("SELECT clock_timestamp() AS t")[0]["t"]
+        report = super().forget(person)
+        report["older_snapshots"] = int(self._read(
+            "SELECT count(*) AS n FROM pg_stat_activity"
+            " WHERE (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)"
+            " AND pid <> pg_backend_pid() AND xact_start < %s", (started,))[0]["n"])
+        return report
 
     def vacuum(self) -> None:
         """Rewrite the tables that hold personal data so deleted rows leave no trace.

@@ -20,9 +20,10 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from cio_outbox.storage.base import STATUSES, NewRow, StorageError
-from cio_outbox.storage.schema import SCHEMA_VERSION, SQLITE, STATUS_CHECK, render
+from cio_outbox.storage.base import NewRow, StorageError
+from cio_outbox.storage.schema import SCHEMA_VERSION, SQLITE, render
 from cio_outbox.storage.sql import Deltas, Moved, SQLStorage
+from cio_outbox.storage.sqlite_schema import add_status_check, statements
 
 T = TypeVar("T")
 
@@ -36,7 +37,6 @@ _INSERT = (
     "INSERT OR IGNORE INTO messages (message_id, run, call_type, person, payload, size,"
     " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_STATUS_COLUMN = "status TEXT NOT NULL DEFAULT 'pending',"
 
 
 def _create_private_file(path: Path) -> None:
@@ -179,9 +179,12 @@ class SQLiteStorage(SQLStorage):
             _rollback(conn)
             raise
 
-    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    def _read(self, sql: str, params: Sequence[Any] = (), *, tuples: bool = False
+              ) -> list[Any]:
         try:
             cursor = self.conn.execute(sql, params)
+            if tuples:
+                return cursor.fetchall()
             cursor.row_factory = sqlite3.Row
             return [dict(row) for row in cursor.fetchall()]
         except sqlite3.Error as exc:
@@ -224,10 +227,10 @@ class SQLiteStorage(SQLStorage):
                     f"cio-outbox understands ({SCHEMA_VERSION}); upgrade cio-outbox"
                 )
             for number in range(version, SCHEMA_VERSION):
-                for statement in _statements(render(number, SQLITE, "")):
+                for statement in statements(render(number, SQLITE, "")):
                     conn.execute(statement)
                 if number + 1 == 3:
-                    _add_status_check(conn)
+                    add_status_check(conn)
                 conn.execute(f"PRAGMA user_version = {number + 1}")
 
         self._tx(body)
@@ -298,45 +301,3 @@ def _rollback(conn: sqlite3.Connection) -> None:
     if conn.in_transaction:
         with suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
-
-
-def _add_status_check(conn: sqlite3.Connection) -> None:
-    """Add the status CHECK to an existing messages table (migration 3).
-
-    SQLite cannot add a constraint with ALTER TABLE. Its documented way for a change that
-    leaves the stored rows as they are is to edit the table's SQL in the schema table and
-    bump the schema cookie; copying a 10M-row table instead would take minutes. Every
-    row is checked against the constraint first."""
-    bad = conn.execute(
-        "SELECT count(*) FROM messages WHERE status NOT IN (?, ?, ?, ?)", STATUSES
-    ).fetchone()[0]
-    if bad:
-        raise StorageError(f"{bad} rows have an unknown status; the outbox is damaged")
-    cookie = conn.execute("PRAGMA schema_version").fetchone()[0]
-    conn.execute("PRAGMA writable_schema = ON")
-    try:
-        changed = conn.execute(
-            "UPDATE sqlite_master SET sql = replace(sql, ?, ?)"
-            " WHERE type = 'table' AND name = 'messages' AND instr(sql, ?) > 0"
-            " AND instr(sql, 'CHECK') = 0",
-            (_STATUS_COLUMN, _STATUS_COLUMN[:-1] + " " + STATUS_CHECK + ",", _STATUS_COLUMN),
-        ).rowcount
-        conn.execute(f"PRAGMA schema_version = {cookie + 1}")
-    finally:
-        conn.execute("PRAGMA writable_schema = OFF")
-    if changed != 1:
-        raise StorageError("the messages table does not have the expected status column")
-
-
-def _statements(script: str) -> list[str]:
-    """Split a migration into statements, keeping trigger bodies whole."""
-    statements, current = [], ""
-    for line in script.splitlines(keepends=True):
-        current += line
-        if sqlite3.complete_statement(current):
-            if current.strip():
-                statements.append(current.strip())
-            current = ""
-    if current.strip():
-        statements.append(current.strip())
-    return statements
