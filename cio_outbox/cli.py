@@ -401,6 +401,15 @@ def stop_on_signals(worker: Worker, printer: ProgressPrinter) -> Iterator[None]:
 @click.option("--max-attempts", type=click.IntRange(1), default=DEFAULT_MAX_ATTEMPTS,
               show_default=True,
               help="HTTP attempts per row before it is dead-lettered.")
+@click.option("--max-unconfirmed", type=click.IntRange(1), default=5, show_default=True,
+              metavar="N",
+              help="Sends in a row that went out but got no answer (read timeout, connection "
+                   "closed) before the rows are dead-lettered as 'may have arrived'.")
+@click.option("--lease", "lease", type=click.FloatRange(1.0), default=120.0, show_default=True,
+              metavar="SECONDS",
+              help="How long a claim holds its rows without news from this worker; a "
+                   "heartbeat renews it every quarter of it while a request is in flight "
+                   "or waiting to be retried.")
 @click.option("--worker-id", metavar="ID",
               help="Name of this worker in the audit trail (default host:pid:random). A "
                    "restarted worker with the same id takes back the rows it held.")
@@ -410,7 +419,8 @@ def stop_on_signals(worker: Worker, printer: ProgressPrinter) -> Iterator[None]:
 def worker(
     db: str, host: str | None, region: str | None, concurrency: int, max_rps: float | None,
     until_empty: bool, unreachable_timeout: float, run: str | None, gzip: bool,
-    max_attempts: int, worker_id: str | None, allow_insecure: bool, as_json: bool,
+    max_attempts: int, max_unconfirmed: int, lease: float, worker_id: str | None,
+    allow_insecure: bool, as_json: bool,
 ) -> None:
     """Send the outbox to the Pipelines API, until stopped (or with --until-empty).
 
@@ -429,7 +439,9 @@ def worker(
                 the_worker = outbox.worker(
                     host=host, region=region.lower() if region else None, gzip=gzip,
                     allow_insecure=allow_insecure, concurrency=concurrency, max_rps=max_rps,
-                    run=run, max_attempts=max_attempts, worker_id=worker_id,
+                    run=run, max_attempts=max_attempts, max_unconfirmed=max_unconfirmed,
+                    lease_seconds=lease,
+                    worker_id=worker_id,
                     on_progress=printer, progress_interval=printer.interval,
                     unreachable_timeout=unreachable_timeout,
                 )

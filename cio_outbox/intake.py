@@ -34,9 +34,9 @@ import orjson
 from cio_outbox.messages import (
     LIBRARY,
     MODELS,
-    check_rules,
     Message,
     MessageError,
+    check_rules,
     encode_wire,
     from_wire,
     message_id_for,
