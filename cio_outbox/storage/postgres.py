@@ -784,6 +784,50 @@ class PostgresStorage:
     def __repr__(self) -> str:
         return f"PostgresStorage({self.location!r})"
 
+    # -- recurring syncs (issue 20): the table and its SQL are in storage/sync_state.py --
+
+    def sync_transaction(self, body: Any, *, write: bool = True) -> Any:
+        """``body(tx)`` in one transaction: it reads and writes sync state through
+        ``tx.db`` and adds messages with ``tx.insert(rows)``; all of it commits together
+        or not at all. Retried after a dead-lock. (``write`` matters to SQLite only.)"""
+        from cio_outbox.storage import sync_state
+
+        dialect = sync_state.postgres(self._s)
+        if not getattr(self, "_sync_ready", False):
+            def create(cur: Any) -> None:
+                cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                            (self._migrate_key,))
+                sync_state.create(cur, dialect)
+
+            self._tx(create)
+            self._sync_ready = True
+        s = self._s
+        insert_sql = (
+            f"WITH added AS (INSERT INTO {s}.messages (message_id, run, call_type, person,"
+            f" payload, size, created_at, updated_at)"
+            f" SELECT m, r, c, p, b, z, {_NOW}, {_NOW} FROM unnest(%s::text[], %s::text[],"
+            f" %s::text[], %s::text[], %s::text[], %s::int[]) WITH ORDINALITY"
+            f" AS t(m, r, c, p, b, z, o) ORDER BY o"
+            f" ON CONFLICT (message_id) DO NOTHING RETURNING run)"
+            f" SELECT run, count(*) FROM added GROUP BY run"
+        )
+
+        def run(cur: Any) -> Any:
+            def insert(rows: Sequence[NewRow]) -> int:
+                if not rows:
+                    return 0
+                cur.execute(insert_sql, (
+                    [r.message_id for r in rows], [r.run for r in rows],
+                    [r.call_type for r in rows], [r.person for r in rows],
+                    [r.payload for r in rows], [r.size for r in rows]))
+                deltas: Deltas = {(name, "pending"): n for name, n in cur.fetchall()}
+                self._shift(cur, deltas)
+                return sum(deltas.values())
+
+            return body(sync_state.SyncTransaction(cur, dialect, insert))
+
+        return self._tx(run)
+
     # -- status bookkeeping, in the caller's transaction -------------------------------
 
     def _shift(self, cur: Any, deltas: Deltas) -> None:

@@ -673,6 +673,46 @@ class SQLiteStorage:
     def __repr__(self) -> str:
         return f"SQLiteStorage({self.location!r})"
 
+    # -- recurring syncs (issue 20): the table and its SQL are in storage/sync_state.py --
+
+    def sync_transaction(self, body: Any, *, write: bool = True) -> Any:
+        """``body(tx)`` in one transaction (a write transaction unless ``write=False``, for
+        bodies that write nothing but temporary tables):
+        it reads and writes sync state through ``tx.db`` and adds messages with
+        ``tx.insert(rows)``; all of it commits together or not at all."""
+        from cio_outbox.storage import sync_state
+
+        if not getattr(self, "_sync_ready", False):
+            with self._write() as conn:
+                sync_state.create(conn, sync_state.SQLITE)
+            self._sync_ready = True
+
+        def insert(rows: Sequence[NewRow]) -> int:
+            now = time.time()
+            deltas: dict[tuple[str, str], int] = defaultdict(int)
+            for run, group in groupby(rows, key=lambda r: r.run):
+                deltas[(run, "pending")] += conn.executemany(_INSERT, [
+                    (r.message_id, run, r.call_type, r.person, r.payload, r.size, now, now)
+                    for r in group]).rowcount
+            _shift(conn, deltas)
+            return sum(deltas.values())
+
+        if write:
+            with self._write() as conn:
+                return body(sync_state.SyncTransaction(conn, sync_state.SQLITE, insert))
+        conn = self.conn  # a deferred transaction: reads, and the connection's temp tables
+        try:
+            conn.execute("BEGIN")
+            try:
+                result = body(sync_state.SyncTransaction(conn, sync_state.SQLITE, insert))
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise self._explain(exc) from None
+        return result
+
 
 _IDS = "id IN (SELECT value FROM json_each(?))"
 
