@@ -130,31 +130,31 @@ class _TextFile(Source):
         yield chunk
 
     def _csv(self, size: int) -> Iterator[Chunk]:
-        lines = self._lines()
-        state = {"number": 0}
-        bad: dict[int, str] = {}
+        # Bytes that are not UTF-8 become lone surrogates (surrogateescape), which valid
+        # text never holds: a row holding one is refused by its line, the rest are read.
+        with open(self.path, "rb") as raw:
+            self._raw = raw
+            stream: IO[bytes] = gzip.GzipFile(fileobj=raw) if self.gzipped else raw
+            text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape",
+                                    newline="")
+            try:
+                yield from self._csv_rows(csv.reader(text, delimiter=self.delimiter,
+                                                     strict=True), size)
+            except (OSError, EOFError) as exc:  # a damaged or truncated gzip stream
+                raise SourceError(f"{self.name}: cannot decompress ({exc})") from None
 
-        def text_lines() -> Iterator[str]:
-            for number, raw in lines:
-                state["number"] = number
-                try:
-                    yield raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    bad[number] = _utf8_problem(exc)
-                    yield raw.decode("utf-8", "replace")
-
-        reader = csv.reader(text_lines(), delimiter=self.delimiter, strict=True)
+    def _csv_rows(self, reader: Any, size: int) -> Iterator[Chunk]:
         try:
             header = [name.strip() for name in next(reader)]
         except StopIteration:
             raise SourceError(f"{self.name}: the CSV file is empty (no header line)") from None
         except csv.Error as exc:
             raise SourceError(f"{self.name}: line 1: the header is not valid CSV ({exc})") from None
-        if bad:
+        if any(_has_surrogate(name) for name in header):
             raise SourceError(f"{self.name}: line 1: the header is not valid UTF-8")
         width = len(header)
         chunk = Chunk(header)
-        last = state["number"]
+        last = reader.line_num
         while True:
             first = last + 1
             try:
@@ -162,27 +162,34 @@ class _TextFile(Source):
             except StopIteration:
                 break
             except csv.Error as exc:
-                last = state["number"]
+                last = reader.line_num
                 chunk.problems.append((first, f"invalid CSV: {exc}"))
                 continue
-            last = state["number"]
-            if bad:
-                problem = next((bad.pop(n) for n in range(first, last + 1) if n in bad), None)
-                bad.clear()
-                if problem:
-                    chunk.problems.append((first, problem))
-                    continue
+            last = reader.line_num
             if not row:
                 continue
             if len(row) != width:
                 chunk.problems.append(
                     (first, f"the row has {len(row)} fields, the header {width}"))
                 continue
+            try:
+                "".join(row).encode("utf-8")
+            except UnicodeEncodeError:
+                chunk.problems.append((first, "the line is not valid UTF-8"))
+                continue
             chunk.rows.append((first, row))
             if len(chunk.rows) >= size:
                 yield chunk
                 chunk = Chunk(header)
         yield chunk
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _utf8_problem(exc: UnicodeDecodeError) -> str:

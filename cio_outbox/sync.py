@@ -44,7 +44,7 @@ from cio_outbox.messages import MessageError, build, message_id_for
 from cio_outbox.operations import object_anonymous_id
 from cio_outbox.sources import CHUNK_ROWS, Chunk, Source, SourceError, open_source
 from cio_outbox.storage.base import NewRow
-from cio_outbox.storage.sync_state import KeyState, SyncTransaction
+from cio_outbox.storage.sync_state import SyncTransaction
 
 if TYPE_CHECKING:
     from cio_outbox.storage import Storage
@@ -138,12 +138,7 @@ class SyncResult:
                 f"({what} {self.new + self.changed + self.deleted:,})")
 
 
-@dataclass(frozen=True, slots=True)
-class _Row:
-    line: int
-    key: str
-    traits: dict[str, Any]
-    fingerprint: bytes
+_Row = tuple[int, str, dict[str, Any], bytes]  # line, key, traits, fingerprint
 
 
 class _Kind:
@@ -192,6 +187,14 @@ def _key_text(value: Any) -> str | None:
     return text or None
 
 
+def _digests(state: tuple[Any, ...]) -> dict[str, str] | None:
+    """The per-trait digests of a stored or just written state, if it carries them."""
+    if len(state) < 5:
+        return None
+    value = state[4]
+    return json.loads(value) if isinstance(value, str) else value  # type: ignore[no-any-return]
+
+
 def _digest(value: Any) -> str:
     return hashlib.blake2b(_ENCODER.encode(value).encode(), digest_size=6).hexdigest()
 
@@ -223,9 +226,13 @@ class _Preparer:
 
     def prepare(self, chunk: Chunk, result: SyncResult,
                 seen: list[str]) -> list[_Row]:
+        """(line, key, traits, fingerprint) for each usable row; the rest are rejected.
+
+        The fingerprint hashes the repr of the traits (keys in sorted order, plain JSON
+        values), which is as exact as their JSON and twice as fast to make.
+        """
         rows: list[_Row] = []
         signature = self.signature
-        encode = _ENCODER.encode
         blake2b = hashlib.blake2b
         fixed = self._plan(chunk.header) if chunk.header is not None else None
         for line, values in chunk.rows:
@@ -239,24 +246,21 @@ class _Preparer:
                 values = [mapping.get(name) for name in header + extra]
             else:
                 plan, key_index = fixed
-            key = _key_text(values[key_index])
-            if key is None:
+            key = values[key_index]
+            key = key.strip() if type(key) is str else _key_text(key)
+            if not key:
                 result.reject(SyncRejection(line, f"the key column {self.key!r} is empty",
                                             self.key))
                 continue
             seen.append(key)  # a row refused for a bad value is still present: never delete
             try:
                 traits = plan.traits(values)
-                text = encode(traits)
+                fingerprint = blake2b(signature + repr(traits).encode(),
+                                      digest_size=16).digest()
             except ValueProblem as exc:
                 result.reject(SyncRejection(line, str(exc), exc.field, key))
                 continue
-            except (TypeError, ValueError) as exc:
-                result.reject(SyncRejection(line, f"a value cannot be sent as JSON ({exc})",
-                                            None, key))
-                continue
-            fingerprint = blake2b(signature + text.encode(), digest_size=16).digest()
-            rows.append(_Row(line, key, traits, fingerprint))
+            rows.append((line, key, traits, fingerprint))
         return rows
 
 
@@ -302,33 +306,35 @@ class _Sync:
             db, d = tx.db, tx.dialect
             if self.track_seen:
                 outcome.seen_added = sql.seen_add(db, d, seen)
-            stored = sql.lookup(db, d, self.name, list({row.key for row in rows}),
-                                digests=self.changed_only or self.clear_missing)
-            written: dict[str, KeyState] = {}
+            stored = sql.lookup_raw(db, d, self.name, list({row[1] for row in rows}),
+                                    digests=self.changed_only or self.clear_missing)
+            written: dict[str, tuple[Any, ...]] = {}
             new_rows: list[NewRow] = []
             saves: list[tuple[str, bytes, dict[str, str], int, str]] = []
-            for row in rows:
-                before = written.get(row.key) or stored.get(row.key)
-                fresh = before is None or before.fingerprint == _TOMBSTONE
-                failed = before is not None and before.message_id in self.failed
-                if not fresh and not failed and before.fingerprint == row.fingerprint:
+            failed_ids = self.failed
+            for line, key, row_traits, fingerprint in rows:
+                before = written.get(key) or stored.get(key)
+                if before is not None and before[1] == fingerprint and \
+                        before[3] not in failed_ids:
                     outcome.unchanged += 1
                     continue
-                digests = {name: _digest(value) for name, value in row.traits.items()}
-                traits = self._traits_to_send(row.traits, digests, None if fresh or failed
-                                              else before)
-                if self.clear_missing and before is not None and before.digests:
-                    for name in before.digests:
-                        if name not in row.traits:
+                fresh = before is None or not before[1]  # never synced, or deleted
+                failed = before is not None and before[3] in failed_ids
+                old_digests = _digests(before) if before is not None else None
+                digests = {name: _digest(value) for name, value in row_traits.items()}
+                traits = self._traits_to_send(row_traits, digests,
+                                              None if fresh or failed else old_digests)
+                if self.clear_missing and old_digests:
+                    for name in old_digests:
+                        if name not in row_traits:
                             traits[name] = None
-                version = (before.version if before is not None else 0) + 1
-                message_id = self.message_id(row.key, version)
+                version = (before[2] if before is not None else 0) + 1
+                message_id = self.message_id(key, version)
                 try:
-                    message = self.kind.upsert(row.key, traits, message_id)
+                    message = self.kind.upsert(key, traits, message_id)
                     payload, size = message.encode()
                 except MessageError as exc:
-                    outcome.rejections.append(SyncRejection(row.line, str(exc), exc.field,
-                                                            row.key))
+                    outcome.rejections.append(SyncRejection(line, str(exc), exc.field, key))
                     continue
                 if fresh:
                     outcome.new += 1
@@ -336,13 +342,12 @@ class _Sync:
                     outcome.changed += 1
                 if len(outcome.sample) < sample_room:
                     outcome.sample.append({
-                        "key": row.key, "change": "new" if fresh else "changed",
-                        "line": row.line, "messageId": message_id, "traits": traits})
+                        "key": key, "change": "new" if fresh else "changed",
+                        "line": line, "messageId": message_id, "traits": traits})
                 new_rows.append(NewRow(message_id, self.run, message.call_type,
                                        message.person, payload, size))
-                saves.append((row.key, row.fingerprint, digests, version, message_id))
-                written[row.key] = KeyState(row.key, row.fingerprint, version, message_id,
-                                            digests)
+                saves.append((key, fingerprint, digests, version, message_id))
+                written[key] = (key, fingerprint, version, message_id, digests)
             if not self.dry_run:
                 tx.insert(new_rows)
                 sql.save(db, d, self.name, saves, _now())
@@ -351,13 +356,14 @@ class _Sync:
         return self.transaction(body)  # type: ignore[no-any-return]
 
     def _traits_to_send(self, traits: dict[str, Any], digests: dict[str, str],
-                        before: KeyState | None) -> dict[str, Any]:
-        if not self.changed_only or before is None or before.digests is None:
+                        before: dict[str, str] | None) -> dict[str, Any]:
+        if not self.changed_only or before is None:
             return dict(traits)
         return {name: value for name, value in traits.items()
-                if before.digests.get(name) != digests[name]}
+                if before.get(name) != digests[name]}
 
-    def deletions(self, result: SyncResult, seen_total: int, max_share: float) -> None:
+    def deletions(self, result: SyncResult, seen_total: int, max_share: float,
+                  unreadable: int) -> None:
         from cio_outbox.storage import sync_state as sql
 
         def count(tx: SyncTransaction) -> int:
@@ -369,6 +375,15 @@ class _Sync:
         result.missing = self.storage.sync_transaction(count, write=False)  # type: ignore[attr-defined]
         if not result.missing:
             return
+        if unreadable:
+            # Their keys are unknown: one of them may be a "missing" key.
+            result.deletion_refused = (
+                f"{unreadable:,} row(s) could not be read, so their keys are unknown and "
+                f"the {result.missing:,} missing key(s) may include them; nothing was "
+                "deleted: fix those rows and sync again")
+            if self.dry_run:
+                return
+            raise DeletionRefused(result.deletion_refused, result)
         share = result.missing / max(result.synced_before, 1)
         if share > max_share:
             result.deletion_refused = (
@@ -497,9 +512,11 @@ def sync(
     engine.failed, result.synced_before = storage.sync_transaction(  # type: ignore[attr-defined]
         start, write=False)
     seen_total = 0
+    unreadable = 0
     try:
         for chunk in table.chunks(chunk_rows):
             result.rows_read += len(chunk.rows) + len(chunk.problems)
+            unreadable += len(chunk.problems)
             for line, problem in chunk.problems:
                 result.reject(SyncRejection(line, problem))
             seen: list[str] = []
@@ -518,5 +535,5 @@ def sync(
         raise SyncError(str(exc)) from None
     result.rejections.sort(key=lambda r: r.line)
     if delete_missing:
-        engine.deletions(result, seen_total, max_delete_share)
+        engine.deletions(result, seen_total, max_delete_share, unreadable)
     return result

@@ -283,6 +283,24 @@ def test_gzip_csv_and_jsonl_sources(outbox: Outbox, tmp_path: Path) -> None:
     assert third.rejections[0].line == 31 and "invalid JSON" in third.rejections[0].error
 
 
+def test_unreadable_csv_lines_are_rejected_by_line_and_the_rest_synced(
+        outbox: Outbox, tmp_path: Path) -> None:
+    source = tmp_path / "c.csv"
+    source.write_bytes(b"\xef\xbb\xbfid,name\n1,Ada\n2,B\xe9a\n3,\"Multi\nline\"\n4,x,extra\n5,Eve\n")
+    result = outbox.sync(source, key="id")
+    assert [(r.line, r.error) for r in result.rejections] == [
+        (3, "the line is not valid UTF-8"), (6, "the row has 3 fields, the header 2")]
+    assert result.new == 3
+    sent = {p["userId"]: p["traits"] for p in payloads(outbox, result.run)}
+    assert sent == {"1": {"name": "Ada"}, "3": {"name": "Multi\nline"}, "5": {"name": "Eve"}}
+    good = write_csv(tmp_path / "good.csv", [[str(i), "x"] for i in range(1, 6)],
+                     header=["id", "name"])
+    outbox.sync(good, key="id", name="c.csv")
+    with pytest.raises(DeletionRefused, match="2 row\\(s\\) could not be read") as refused:
+        outbox.sync(source, key="id", delete_missing=True, max_delete_share=1)
+    assert refused.value.result.missing == 2 and refused.value.result.deleted == 0
+
+
 def test_parquet_and_arrow_sources(outbox: Outbox, tmp_path: Path) -> None:
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")

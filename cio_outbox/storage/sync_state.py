@@ -107,9 +107,11 @@ def create(db: Any, d: Dialect) -> None:
         )
 
 
-def lookup(db: Any, d: Dialect, sync: str, keys: Sequence[str], *,
-           digests: bool = False) -> dict[str, KeyState]:
-    """The stored state of these keys (keys never synced are absent)."""
+def lookup_raw(db: Any, d: Dialect, sync: str, keys: Sequence[str], *,
+               digests: bool = False) -> dict[str, tuple[Any, ...]]:
+    """The stored state of these keys (keys never synced are absent), as tuples (key,
+    fingerprint, version, message_id[, digests JSON]): the fast path of a sync that finds
+    most keys unchanged."""
     if not keys:
         return {}
     extra = ", digests" if digests else ""
@@ -118,11 +120,7 @@ def lookup(db: Any, d: Dialect, sync: str, keys: Sequence[str], *,
         f" WHERE sync = {d.p} AND {d.keys_in('key')}",
         (sync, d.keys_param(keys)),
     ).fetchall()
-    return {
-        row[0]: KeyState(row[0], bytes(row[1]), row[2], row[3],
-                         json.loads(row[4]) if digests else None)
-        for row in rows
-    }
+    return {row[0]: row for row in rows}
 
 
 def save(db: Any, d: Dialect, sync: str,
