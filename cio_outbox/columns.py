@@ -227,9 +227,48 @@ class Plan:
         entries.sort(key=lambda entry: entry[0])
         self.header = names
         self.entries = entries
+        self._pairs = [(name, index) for name, index, _, _ in entries]
+        self._converters = {name: (converter, expected, index)
+                            for name, index, converter, expected in entries if converter}
+        #: The typed traits and their types: two rows give equal traits when their
+        #: :meth:`raw` values are equal under the same signature.
+        self.signature = repr([(name, expected)
+                               for name, _, converter, expected in entries if converter])
+
+    def raw(self, values: Sequence[Any]) -> dict[str, Any]:
+        """The present values of one row by trait name, made plain but not typed yet
+        (cheap: a sync compares these, and types only the rows it sends, with
+        :meth:`convert`)."""
+        out: dict[str, Any] = {}
+        for name, index in self._pairs:
+            value = values[index]
+            if type(value) is str:
+                if value != "":
+                    out[name] = value
+            elif present(value):
+                out[name] = plain(value)  # a numpy float and a float are the same value
+        return out
+
+    def convert(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """Traits from :meth:`raw` values: typed and made plain; raises ValueProblem."""
+        out: dict[str, Any] = {}
+        converters = self._converters
+        for name, value in raw.items():
+            typed = converters.get(name)
+            if typed is not None:
+                converter, expected, index = typed
+                try:
+                    value = converter(value)
+                except (ValueError, TypeError, OverflowError):
+                    raise ValueProblem(
+                        f"traits.{name}: {value!r} (column {self.header[index]!r}) is not "
+                        f"{expected}", field=f"traits.{name}") from None
+            out[name] = value
+        return out
 
     def traits(self, values: Sequence[Any]) -> dict[str, Any]:
-        """The traits of one row; raises :class:`ValueProblem` naming the trait."""
+        """The traits of one row; raises :class:`ValueProblem` naming the trait.
+        The same as ``convert(raw(values))``, in one pass."""
         out: dict[str, Any] = {}
         for name, index, converter, expected in self.entries:
             value = values[index]
