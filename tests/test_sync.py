@@ -283,6 +283,19 @@ def test_gzip_csv_and_jsonl_sources(outbox: Outbox, tmp_path: Path) -> None:
     assert third.rejections[0].line == 31 and "invalid JSON" in third.rejections[0].error
 
 
+def test_jsonl_rows_may_differ_in_columns_and_null_is_the_same_as_absent(
+        outbox: Outbox, tmp_path: Path) -> None:
+    source = tmp_path / "people.jsonl"
+    source.write_text('{"id": 1, "plan": "pro", "age": "41"}\n{"id": 2}\n')
+    first = outbox.sync(source, key="id", mapping=["age=:int"])
+    assert {p["userId"]: p.get("traits") for p in payloads(outbox, first.run)} == \
+        {"1": {"plan": "pro", "age": 41}, "2": {}}
+    source.write_text('{"age": "41", "plan": "pro", "id": 1, "extra": null}\n'
+                      '{"id": 2, "plan": null}\n')
+    again = outbox.sync(source, key="id", mapping=["age=:int"])
+    assert (again.new, again.changed, again.unchanged) == (0, 0, 2)
+
+
 def test_unreadable_csv_lines_are_rejected_by_line_and_the_rest_synced(
         outbox: Outbox, tmp_path: Path) -> None:
     source = tmp_path / "c.csv"
