@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -228,6 +229,11 @@ class Plan:
         self.header = names
         self.entries = entries
         self._pairs = [(name, index) for name, index, _, _ in entries]
+        self._names = [name for name, _ in self._pairs]
+        indexes = [index for _, index in self._pairs]
+        self._pick: Callable[[Sequence[Any]], Sequence[Any]] = (
+            (lambda values: [values[i] for i in indexes]) if len(indexes) < 2
+            else operator.itemgetter(*indexes))
         self._converters = {name: (converter, expected, index)
                             for name, index, converter, expected in entries if converter}
         #: The typed traits and their types: two rows give equal traits when their
@@ -248,6 +254,11 @@ class Plan:
             elif present(value):
                 out[name] = plain(value)  # a numpy float and a float are the same value
         return out
+
+    def raw_text(self, values: Sequence[str]) -> dict[str, str]:
+        """:meth:`raw` for a row of strings (CSV), in one comprehension."""
+        return {name: value for name, value in zip(self._names, self._pick(values),
+                                                   strict=True) if value}
 
     def convert(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Traits from :meth:`raw` values: typed and made plain; raises ValueProblem."""

@@ -40,6 +40,7 @@ class Chunk:
     header: list[str] | None
     rows: list[tuple[int, Any]] = field(default_factory=list)
     problems: list[tuple[int, str]] = field(default_factory=list)
+    text: bool = False  # every value is a str (CSV)
 
 
 def _pyarrow() -> Any:
@@ -153,7 +154,7 @@ class _TextFile(Source):
         if any(_has_surrogate(name) for name in header):
             raise SourceError(f"{self.name}: line 1: the header is not valid UTF-8")
         width = len(header)
-        chunk = Chunk(header)
+        chunk = Chunk(header, text=True)
         last = reader.line_num
         while True:
             first = last + 1
@@ -180,7 +181,7 @@ class _TextFile(Source):
             chunk.rows.append((first, row))
             if len(chunk.rows) >= size:
                 yield chunk
-                chunk = Chunk(header)
+                chunk = Chunk(header, text=True)
         yield chunk
 
 

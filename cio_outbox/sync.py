@@ -238,6 +238,7 @@ class _Preparer:
         rows: list[_Row] = []
         blake2b = hashlib.blake2b
         fixed = self._plan(chunk.header) if chunk.header is not None else None
+        text = chunk.text
         for line, values in chunk.rows:
             if fixed is None:
                 mapping: Mapping[str, Any] = values
@@ -256,7 +257,7 @@ class _Preparer:
                                             self.key))
                 continue
             seen.append(key)  # a row refused for a bad value is still present: never delete
-            raw = plan.raw(values)
+            raw = plan.raw_text(values) if text else plan.raw(values)
             fingerprint = blake2b(signature + repr(raw).encode(), digest_size=16).digest()
             rows.append((line, key, raw, fingerprint, plan))
         return rows
