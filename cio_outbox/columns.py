@@ -232,7 +232,7 @@ class Plan:
         self._names = [name for name, _ in self._pairs]
         indexes = [index for _, index in self._pairs]
         self._pick: Callable[[Sequence[Any]], Sequence[Any]] = (
-            (lambda values: [values[i] for i in indexes]) if len(indexes) < 2
+            (lambda values: tuple(values[i] for i in indexes)) if len(indexes) < 2
             else operator.itemgetter(*indexes))
         self._converters = {name: (converter, expected, index)
                             for name, index, converter, expected in entries if converter}
@@ -254,6 +254,11 @@ class Plan:
             elif present(value):
                 out[name] = plain(value)  # a numpy float and a float are the same value
         return out
+
+    def pick(self, values: Sequence[Any]) -> tuple[Any, ...]:
+        """The values that feed traits, in trait-name order ("" and None stand for absent):
+        equal picks under one plan mean equal traits."""
+        return tuple(self._pick(values))
 
     def raw_text(self, values: Sequence[str]) -> dict[str, str]:
         """:meth:`raw` for a row of strings (CSV), in one comprehension."""

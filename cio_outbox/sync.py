@@ -235,10 +235,11 @@ class _Preparer:
         exact as the traits' JSON and much cheaper, as values are converted only for the
         rows that are sent (:meth:`Plan.convert`).
         """
+        if chunk.text and chunk.header is not None:
+            return self._prepare_text(chunk, result, seen)
         rows: list[_Row] = []
         blake2b = hashlib.blake2b
         fixed = self._plan(chunk.header) if chunk.header is not None else None
-        text = chunk.text
         for line, values in chunk.rows:
             if fixed is None:
                 mapping: Mapping[str, Any] = values
@@ -257,9 +258,32 @@ class _Preparer:
                                             self.key))
                 continue
             seen.append(key)  # a row refused for a bad value is still present: never delete
-            raw = plan.raw_text(values) if text else plan.raw(values)
+            raw = plan.raw(values)
             fingerprint = blake2b(signature + repr(raw).encode(), digest_size=16).digest()
             rows.append((line, key, raw, fingerprint, plan))
+        return rows
+
+    def _prepare_text(self, chunk: Chunk, result: SyncResult,
+                      seen: list[str]) -> list[_Row]:
+        """CSV rows: the fingerprint hashes the cells that feed traits (in trait-name order,
+        empty cells included, so reordering columns changes nothing) under the plan's
+        signature; the traits are built later, for the rows that are sent. A column added
+        or removed changes every fingerprint, and so sends every row once."""
+        assert chunk.header is not None
+        plan, key_index, signature = self._plan(chunk.header)
+        blake2b = hashlib.blake2b
+        pick = plan.pick
+        rows: list[_Row] = []
+        for line, values in chunk.rows:
+            key = values[key_index].strip()
+            if not key:
+                result.reject(SyncRejection(line, f"the key column {self.key!r} is empty",
+                                            self.key))
+                continue
+            seen.append(key)
+            rows.append((line, key, values,  # type: ignore[arg-type]
+                         blake2b(signature + repr(pick(values)).encode(),
+                                 digest_size=16).digest(), plan))
         return rows
 
 
@@ -318,7 +342,7 @@ class _Sync:
                     outcome.unchanged += 1
                     continue
                 try:
-                    row_traits = plan.convert(raw)
+                    row_traits = plan.convert(raw if type(raw) is dict else plan.raw_text(raw))
                 except ValueProblem as exc:
                     outcome.rejections.append(SyncRejection(line, str(exc), exc.field, key))
                     continue

@@ -95,15 +95,21 @@ def test_only_changed_and_new_rows_are_enqueued_with_their_full_traits(outbox: O
     assert len(first_ids) == 2  # a change is a new message, never skipped as a duplicate
 
 
-def test_column_order_and_an_added_empty_column_change_nothing(outbox: Outbox,
-                                                               tmp_path: Path) -> None:
-    source = write_csv(tmp_path / "c.csv", people(10))
-    outbox.sync(source, key="id", mapping=MAP)
-    reordered = [[r[3], r[2], r[1], r[0], ""] for r in people(10)]
-    write_csv(source, reordered, header=["Lifetime Value", "plan", " Email Address ", "id",
-                                         "notes"])
-    again = outbox.sync(source, key="id", mapping=MAP)
+def test_reordered_columns_change_nothing_and_an_ignored_column_never_counts(
+        outbox: Outbox, tmp_path: Path) -> None:
+    source = write_csv(tmp_path / "c.csv", [[*r, "2026-01-01"] for r in people(10)],
+                       header=[*HEADER, "exported_at"])
+    outbox.sync(source, key="id", mapping=[*MAP, "exported_at=ignore"])
+    reordered = [["2026-01-02", r[3], r[2], r[1], r[0]] for r in people(10)]
+    write_csv(source, reordered, header=["exported_at", "Lifetime Value", "plan",
+                                         " Email Address ", "id"])
+    again = outbox.sync(source, key="id", mapping=[*MAP, "exported_at=ignore"])
     assert (again.new, again.changed, again.unchanged) == (0, 0, 10)
+    write_csv(source, [[*r, ""] for r in people(10)], header=[*HEADER, "notes"])
+    added = outbox.sync(source, key="id", mapping=MAP)  # a new column: sent once, unchanged
+    assert (added.changed, added.unchanged) == (10, 0)
+    assert {p["traits"]["plan"] for p in payloads(outbox, added.run)} == {"free", "pro"}
+    assert outbox.sync(source, key="id", mapping=MAP).unchanged == 10
 
 
 def test_changed_only_sends_just_the_traits_that_changed(outbox: Outbox,
@@ -278,9 +284,15 @@ def test_gzip_csv_and_jsonl_sources(outbox: Outbox, tmp_path: Path) -> None:
              for i in range(30)]
     jsonl = tmp_path / "c.jsonl.gz"
     jsonl.write_bytes(gzip.compress(("\n".join(lines) + "\nnot json\n").encode()))
-    third = outbox.sync(jsonl, key="id", mapping=MAP, name="people")
-    assert (third.unchanged, third.rejected) == (30, 1)
+    third = outbox.sync(jsonl, key="id", mapping=MAP, name="people-jsonl")
+    assert (third.new, third.rejected) == (30, 1)
     assert third.rejections[0].line == 31 and "invalid JSON" in third.rejections[0].error
+    assert payloads(outbox, third.run) == [
+        {**p, "messageId": q["messageId"]}
+        for p, q in zip(payloads(outbox, first.run), payloads(outbox, third.run), strict=True)]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines))
+    assert outbox.sync(tmp_path / "c.jsonl", key="id", mapping=MAP,
+                       name="people-jsonl").unchanged == 30
 
 
 def test_jsonl_rows_may_differ_in_columns_and_null_is_the_same_as_absent(
