@@ -483,6 +483,26 @@ class Outbox:
             idempotency_key=idempotency_key, run=run, on_invalid=on_invalid, start=start,
             chunk_size=chunk_size)
 
+    def sync(self, source: Any, *, key: str, **options: Any) -> Any:
+        """Make Customer.io match a table, enqueueing only rows whose key is new or whose
+        traits changed since the last sync of the same name (see :mod:`cio_outbox.sync`).
+
+        >>> outbox.sync("customers.csv", key="id")                     # doctest: +SKIP
+        >>> outbox.sync(people_df, key="id", name="crm-people", dry_run=True)  # doctest: +SKIP
+
+        ``source``: a CSV or JSONL file (gzip too), Parquet or Arrow (needs pyarrow), a
+        pandas or polars DataFrame, a pyarrow Table or an iterable of dicts. Options:
+        ``name`` (default: the file name; required for rows from Python), ``mapping``
+        (``["Lifetime Value=traits.ltv:float", ...]``), ``objects=True`` with
+        ``object_type_id``, ``changed_only``, ``clear_missing_traits``,
+        ``delete_missing`` with ``max_delete_share`` (default 0.05), ``dry_run``,
+        ``format``, ``delimiter``, ``on_progress``. Returns a :class:`SyncResult`;
+        raises :class:`DeletionRefused` when too many keys would be deleted.
+        """
+        from cio_outbox.sync import sync
+
+        return sync(self.storage, source, key=key, **options)
+
     # -- draining ----------------------------------------------------------------------
 
     def worker(

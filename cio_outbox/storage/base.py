@@ -181,4 +181,8 @@ class Storage(Protocol):
 
     def forget(self, person: str) -> int: ...
 
+    def sync_transaction(self, body: Any, *, write: bool = True) -> Any:
+        """``body(tx)`` in one transaction with the sync state of
+        :mod:`cio_outbox.storage.sync_state` (see :meth:`SQLStorage.sync_transaction`)."""
+
     def close(self) -> None: ...

@@ -294,6 +294,29 @@ class SQLiteStorage(SQLStorage):
     def __repr__(self) -> str:
         return f"SQLiteStorage({self.location!r})"
 
+    # -- recurring syncs (issue 20): the table and its SQL are in storage/sync_state.py --
+
+    def _sync_dialect(self) -> Any:
+        from cio_outbox.storage import sync_state
+
+        return sync_state.SQLITE
+
+    def _read_tx(self, body: Callable[[Any], T]) -> T:
+        """A deferred transaction: consistent reads (and the connection's temporary tables)
+        without taking the write lock."""
+        conn = self.conn
+        try:
+            conn.execute("BEGIN")
+            result = body(conn)
+            conn.execute("COMMIT")
+            return result
+        except sqlite3.Error as exc:
+            _rollback(conn)
+            raise self._explain(exc) from None
+        except BaseException:
+            _rollback(conn)
+            raise
+
 
 def _rollback(conn: sqlite3.Connection) -> None:
     """Roll back if a transaction is still open. SQLite rolls back by itself on some
