@@ -29,8 +29,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Any
 
-import orjson
-
 from cio_outbox.messages import (
     LIBRARY,
     MODELS,
@@ -39,6 +37,7 @@ from cio_outbox.messages import (
     check_rules,
     encode_wire,
     from_wire,
+    json_form,
     message_id_for,
     new_message_id,
 )
@@ -310,7 +309,7 @@ def prepare(
         wire, payload = _checked(call, idempotency_key, identity, owned)
     call_type = wire["type"]
     # JSON values, as the API will see them (decoded again unless they already are).
-    seen = wire if plain else orjson.loads(payload)
+    seen = wire if plain else json_form(payload)
     if call_type == "track" and wire["event"] in _semantic_names():
         check_semantic(seen)  # first, for its message naming what the event requires
     # The one rule set: the checks the sandbox applies to what arrives (messages.check_rules).

@@ -222,6 +222,15 @@ _ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATAC
 _orjson_dumps = orjson.dumps
 
 
+def json_form(data: bytes) -> Any:
+    """Encoded JSON decoded again, as the API will see it; json when orjson cannot (integers
+    beyond 64 bits, which orjson reads as floats or refuses)."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
 def encode_wire(wire: dict[str, Any], *, fallback: bool = True) -> bytes:
     """The exact bytes sent for one message (compact UTF-8 JSON), checked against 32 KB.
 
@@ -415,7 +424,7 @@ class Message(BaseModel):
         """Compact wire JSON and its size in bytes, checked against the rules and 32 KB."""
         data = encode_wire(self.wire())
         # Checked on the JSON form, as the API sees it: a datetime in traits is a string now.
-        check_rules(orjson.loads(data))
+        check_rules(json_form(data))
         return data.decode("utf-8"), len(data)
 
 

@@ -161,6 +161,16 @@ def test_rerun_with_a_run_adds_nothing(outbox: Outbox) -> None:
     assert other.added == 25  # a different run is a different import
 
 
+def test_other_rows_under_the_same_run_are_new_messages(outbox: Outbox) -> None:
+    # A corrected subset (or the next day's frame) under the same run is not "already there"
+    # because its rows sit at the same positions as earlier ones.
+    first = outbox.enqueue_rows([{"id": f"u{i}", "plan": "free"} for i in range(5)], run="r")
+    fixed = outbox.enqueue_rows([{"id": "u9", "plan": "pro"}], run="r")
+    changed = outbox.enqueue_rows([{"id": "u0", "plan": "pro"}], run="r")
+    assert (first.added, fixed.added, changed.added) == (5, 1, 1)
+    assert outbox.status(run="r")["total"] == 7
+
+
 def test_messageids_differ_by_call_type_and_event_within_a_run(outbox: Outbox) -> None:
     rows = [{"id": "u1"}]
     outbox.enqueue_rows(rows, run="r")
