@@ -62,8 +62,11 @@ from cio_outbox.results import Progress
 from cio_outbox.settings import (
     DEFAULT_CONCURRENCY,
     DEFAULT_GZIP,
+    DEFAULT_LEASE_SECONDS,
     DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_UNCONFIRMED,
     DEFAULT_OUTBOX,
+    DEFAULT_UNREACHABLE_TIMEOUT,
     ENV_OUTBOX,
 )
 from cio_outbox.storage import StorageError
@@ -391,7 +394,8 @@ def stop_on_signals(worker: Worker, printer: ProgressPrinter) -> Iterator[None]:
 @click.option("--until-empty", is_flag=True,
               help="Stop when nothing is pending or in flight (rows leased by a dead worker "
                    "are waited for until their lease expires).")
-@click.option("--unreachable-timeout", type=click.FloatRange(0), default=30.0,
+@click.option("--unreachable-timeout", type=click.FloatRange(0),
+              default=DEFAULT_UNREACHABLE_TIMEOUT,
               show_default=True, metavar="SECONDS",
               help="With --until-empty: give up (exit 1) when the host has not answered "
                    "once in this long (DNS typo, TLS against plain http).")
@@ -401,11 +405,13 @@ def stop_on_signals(worker: Worker, printer: ProgressPrinter) -> Iterator[None]:
 @click.option("--max-attempts", type=click.IntRange(1), default=DEFAULT_MAX_ATTEMPTS,
               show_default=True,
               help="HTTP attempts per row before it is dead-lettered.")
-@click.option("--max-unconfirmed", type=click.IntRange(1), default=5, show_default=True,
+@click.option("--max-unconfirmed", type=click.IntRange(1), default=DEFAULT_MAX_UNCONFIRMED,
+              show_default=True,
               metavar="N",
               help="Sends in a row that went out but got no answer (read timeout, connection "
                    "closed) before the rows are dead-lettered as 'may have arrived'.")
-@click.option("--lease", "lease", type=click.FloatRange(1.0), default=120.0, show_default=True,
+@click.option("--lease", "lease", type=click.FloatRange(1.0), default=DEFAULT_LEASE_SECONDS,
+              show_default=True,
               metavar="SECONDS",
               help="How long a claim holds its rows without news from this worker; a "
                    "heartbeat renews it every quarter of it while a request is in flight "

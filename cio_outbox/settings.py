@@ -34,6 +34,9 @@ DEFAULT_GZIP = True
 DEFAULT_TIMEOUT: tuple[float, float] = (5.0, 30.0)  # connect, read (seconds)
 DEFAULT_STRICT_MODE = True
 DEFAULT_CHUNK_ROWS = 20_000
+DEFAULT_LEASE_SECONDS = 120.0  # a claim's lease; a heartbeat renews it every quarter
+DEFAULT_MAX_UNCONFIRMED = 5  # sends without an answer before "may have arrived"
+DEFAULT_UNREACHABLE_TIMEOUT = 30.0  # --until-empty gives up on a host never answering
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class Settings:
     timeout: tuple[float, float] = DEFAULT_TIMEOUT
     strict_mode: bool = DEFAULT_STRICT_MODE
     chunk_rows: int = DEFAULT_CHUNK_ROWS
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    max_unconfirmed: int = DEFAULT_MAX_UNCONFIRMED
+    unreachable_timeout: float = DEFAULT_UNREACHABLE_TIMEOUT
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

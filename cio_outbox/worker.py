@@ -60,7 +60,13 @@ from cio_outbox.batch import MAX_BATCH_BYTES, Row, batch_body, sent_at_now, sing
 from cio_outbox.client import Client, Reply, TransportError, describe_error
 from cio_outbox.errors import CioOutboxError
 from cio_outbox.results import Progress, WorkerResult
-from cio_outbox.settings import DEFAULT_CONCURRENCY, DEFAULT_MAX_ATTEMPTS
+from cio_outbox.settings import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_UNCONFIRMED,
+    DEFAULT_UNREACHABLE_TIMEOUT,
+)
 from cio_outbox.storage.base import Attempt, Storage, StorageError
 
 log = logging.getLogger("cio_outbox.worker")
@@ -204,9 +210,9 @@ class Worker:
         run: str | None = None,
         max_bytes: int = MAX_BATCH_BYTES,
         max_messages: int = 5000,
-        lease_seconds: float = 120.0,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        max_unconfirmed: int = 5,
+        max_unconfirmed: int = DEFAULT_MAX_UNCONFIRMED,
         max_rps: float | None = None,
         backoff_initial: float = 0.5,
         backoff_max: float = 60.0,
@@ -214,7 +220,7 @@ class Worker:
         worker_id: str | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         progress_interval: float = 1.0,
-        unreachable_timeout: float | None = 30.0,
+        unreachable_timeout: float | None = DEFAULT_UNREACHABLE_TIMEOUT,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
