@@ -166,9 +166,17 @@ class SQLiteStorage(SQLStorage):
 
     def _tx(self, body: Callable[[Any], T]) -> T:
         """One write transaction, taken up front so that it never dead-locks on upgrade."""
+        return self._transaction("BEGIN IMMEDIATE", body)
+
+    def _read_tx(self, body: Callable[[Any], T]) -> T:
+        """A deferred transaction: consistent reads (and the connection's temporary tables)
+        without taking the write lock."""
+        return self._transaction("BEGIN", body)
+
+    def _transaction(self, begin: str, body: Callable[[Any], T]) -> T:
         conn = self.conn
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(begin)
             result = body(conn)
             conn.execute("COMMIT")
             return result
@@ -301,21 +309,6 @@ class SQLiteStorage(SQLStorage):
 
         return sync_state.SQLITE
 
-    def _read_tx(self, body: Callable[[Any], T]) -> T:
-        """A deferred transaction: consistent reads (and the connection's temporary tables)
-        without taking the write lock."""
-        conn = self.conn
-        try:
-            conn.execute("BEGIN")
-            result = body(conn)
-            conn.execute("COMMIT")
-            return result
-        except sqlite3.Error as exc:
-            _rollback(conn)
-            raise self._explain(exc) from None
-        except BaseException:
-            _rollback(conn)
-            raise
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
