@@ -218,6 +218,15 @@ def test_a_json_array_is_named_with_how_to_convert_it(outbox: Outbox, tmp_path: 
     assert outbox.status()["pending"] == 0
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_a_pretty_printed_json_document_is_named(outbox: Outbox, tmp_path: Path,
+                                                 fmt: str) -> None:
+    path = tmp_path / "call.json"
+    path.write_text(json.dumps({"type": "identify", "userId": "u1"}, indent=2) + "\n")
+    with pytest.raises(FormatError, match=r"JSON document over several lines.*jq -c \."):
+        enqueue_file(outbox, path, format=fmt)
+
+
 def test_a_single_bad_first_line_of_jsonl_is_still_one_rejection(outbox: Outbox,
                                                                  tmp_path: Path) -> None:
     path = tmp_path / "calls.jsonl"
