@@ -337,7 +337,8 @@ def _report_enqueue(file: str, result: ImportResult, as_json: bool) -> None:
     click.echo(
         f"{file} (run {result.run!r}): {result.lines:,} lines, {result.added:,} added, "
         f"{result.skipped:,} already in the outbox, {result.rejected:,} rejected"
-        + (f", {result.duplicates:,} repeated rows dropped" if result.duplicates else "")
+        + (f", {result.duplicates:,} repeated row{'s' * (result.duplicates != 1)} dropped"
+           if result.duplicates else "")
     )
 
 

@@ -320,9 +320,9 @@ def _format_message(name: str, found: str, expected: str, head: bytes) -> str:
     shown = lines[0] if len(lines[0]) <= 60 else lines[0][:57] + "..."
     text = f"{name}: this looks like {found}, not {expected} (line 1: {shown!r}); "
     if found == "CSV":
-        return text + "use --format csv (format='csv')"
+        return text + "use --format csv"
     if found == "JSONL":
-        return text + "use --format jsonl (format='jsonl')"
+        return text + "use --format jsonl"
     if found == "a JSON array":
         return text + ("enqueue reads JSONL, one call per line: convert it with "
                        "jq -c '.[]' FILE > FILE.jsonl")
