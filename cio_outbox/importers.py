@@ -232,8 +232,8 @@ class JsonlReader(_Reader):
 
     def _check_format(self, head: bytes, name: str) -> None:
         found = _other_format(head)
-        if found is None and not head.lstrip().startswith((b"{", b"[")):
-            found = "CSV" if _looks_like_csv(head) else None
+        if found is None and _looks_like_csv(head):
+            found = "CSV"
         if found is not None and found != "JSONL":
             raise FormatError(_format_message(name, found, "JSONL", head))
 
@@ -290,27 +290,44 @@ def _first_lines(head: bytes, count: int) -> list[str]:
 
 
 def _other_format(head: bytes) -> str | None:
-    """What the start of a file plainly is: JSONL, a JSON array, Parquet, or None."""
+    """What the start of a file plainly is: JSONL, a JSON array, a JSON document over
+    several lines, Parquet, or None. "Plainly": a line that is merely broken JSON is left
+    to be rejected by its number, so only whole structures count as evidence."""
     if head.startswith(b"PAR1"):
         return "Parquet"
-    start = head.lstrip()
-    if start.startswith(b"["):
-        return "a JSON array"
-    if start.startswith(b"{"):
-        first = _first_lines(start, 1)
-        return "a JSON document over several lines" if first == ["{"] else "JSONL"
+    lines = _first_lines(head, 2)
+    if not lines:
+        return None
+    first = lines[0]
+    second = lines[1] if len(lines) > 1 else ""
+    if first == "[" and (second == "{" or (second.startswith("{") and second.endswith(","))):
+        return "a JSON array"  # pretty-printed, or one element a line
+    if first == "{" and second.startswith('"'):
+        return "a JSON document over several lines"
+    if first[:1] in ("[", "{"):
+        try:
+            value = json.loads(first)
+        except (ValueError, RecursionError):
+            return None
+        if isinstance(value, dict):
+            return "JSONL"
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            return "a JSON array"
     return None
 
 
-def _looks_like_csv(head: bytes) -> bool:
-    """Two first lines of the same number (two or more) of comma, semicolon or tab
-    separated fields."""
-    lines = _first_lines(head, 2)
-    if len(lines) < 2:
+def _looks_like_csv(head: bytes, delimiters: str = ",;\t") -> bool:
+    """A header of two or more short, printable, non-empty names, then two or more lines of
+    as many fields: what a CSV export looks like, and random broken lines do not."""
+    lines = _first_lines(head, 4)
+    if len(lines) < 3 or any(line[:1] in ("{", "[") for line in lines):
         return False
-    for delimiter in (",", ";", "\t"):
-        widths = {len(row) for row in csv.reader(lines, delimiter=delimiter)}
-        if len(widths) == 1 and widths.pop() >= 2:
+    for delimiter in delimiters:
+        rows = list(csv.reader(lines, delimiter=delimiter))
+        header = rows[0]
+        if (len(header) >= 2 and all(0 < len(name.strip()) <= 100 and name.isprintable()
+                                     and "\ufffd" not in name for name in header)
+                and all(len(row) == len(header) for row in rows[1:])):
             return True
     return False
 

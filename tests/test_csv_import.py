@@ -215,6 +215,10 @@ def test_a_json_array_is_named_with_how_to_convert_it(outbox: Outbox, tmp_path: 
                                indent=2))
     with pytest.raises(FormatError, match=r"JSON array.*jq -c"):
         enqueue_file(outbox, path, format=fmt)
+    path.write_text("[\n" + ",\n".join(json.dumps({"type": "identify", "userId": f"u{i}"})
+                                       for i in range(50)) + "\n]\n")  # one element a line
+    with pytest.raises(FormatError, match=r"JSON array.*jq -c"):
+        enqueue_file(outbox, path, format=fmt)
     assert outbox.status()["pending"] == 0
 
 
@@ -266,11 +270,24 @@ def test_gzip_jsonl_and_csv_are_read_directly(outbox: Outbox, tmp_path: Path) ->
 
 
 def test_gzip_from_a_stream_and_its_content_is_sniffed(outbox: Outbox) -> None:
-    data = gzip.compress(b"userId,plan\nu1,pro\n")
+    data = gzip.compress(b"userId,plan\nu1,pro\nu2,free\n")
     with pytest.raises(FormatError, match="looks like CSV"):
         list(reader_for(io.BytesIO(data), run="r", format="jsonl"))
-    (record,) = list(CsvReader(io.BytesIO(data), "r"))
-    assert record.call is not None and record.call["traits"] == {"plan": "pro"}
+    first, _ = list(CsvReader(io.BytesIO(data), "r"))
+    assert first.call is not None and first.call["traits"] == {"plan": "pro"}
+
+
+@pytest.mark.parametrize("text", [
+    "[\n" + '{"type": "identify", "userId": "u1"}\n',  # a broken line, then a call
+    "a,b\n" + '{"type": "identify", "userId": "u1"}\n',
+    "[]\n" + '{"type": "identify", "userId": "u1"}\n',
+    "id,email\nu1,a@example.com\n",  # too little to call it CSV
+])
+def test_broken_lines_are_rejected_by_number_not_taken_for_another_format(
+        outbox: Outbox, text: str) -> None:
+    records = read_text(text, run="r")
+    assert all(record.error is not None for record in records if record.line == 1)
+    assert len(records) == 2
 
 
 def test_a_damaged_gzip_file_is_named(outbox: Outbox, tmp_path: Path) -> None:
