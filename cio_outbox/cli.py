@@ -49,10 +49,13 @@ from cio_outbox import views
 from cio_outbox.config import ConfigError
 from cio_outbox.importers import (
     CsvMapping,
+    CsvReader,
+    FormatError,
     ImportResult,
     MappingError,
     default_run,
     enqueue_records,
+    format_for,
     reader_for,
 )
 from cio_outbox.inspection import UnknownRunError
@@ -182,13 +185,14 @@ def cli() -> None:
 
 def _csv_mapping(
     call_type: str | None, maps: tuple[str, ...], named: dict[str, str | None],
-    event: str | None, delimiter: str,
+    event: str | None, delimiter: str, key: str | None, dedupe: bool,
 ) -> CsvMapping:
     columns: dict[str, str] = {}
     for item in maps:
         column, sep, target = item.partition("=")
-        if not sep or not column or not target:
-            raise click.BadParameter(f"{item!r} is not COLUMN=TARGET", param_hint="--map")
+        if not sep or not column.strip() or not target.strip():
+            raise click.BadParameter(f"{item!r} is not COLUMN=TARGET[:TYPE]",
+                                     param_hint="--map")
         columns[column] = target
     for target, column in named.items():
         if column:
@@ -196,7 +200,8 @@ def _csv_mapping(
     if call_type is None:
         call_type = "track" if event or "event" in columns.values() else "identify"
     try:
-        return CsvMapping(call_type, columns=columns, event=event, delimiter=delimiter)
+        return CsvMapping(call_type, columns=columns, event=event, delimiter=delimiter,
+                          key=key, dedupe=dedupe)
     except MappingError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -210,9 +215,11 @@ def _csv_mapping(
 @click.option("--type", "call_type", type=click.Choice(["identify", "track"]),
               help="CSV: the call each row becomes (default: track when an event column "
                    "or --event is given, else identify).")
-@click.option("--map", "maps", multiple=True, metavar="COLUMN=TARGET",
+@click.option("--map", "maps", multiple=True, metavar="COLUMN=TARGET[:TYPE]",
               help="CSV: map a column to userId, anonymousId, event, timestamp, messageId, "
-                   "key, ignore, traits.NAME or properties.NAME (repeatable).")
+                   "key, ignore, traits.NAME or properties.NAME, optionally typed (:int, "
+                   ":float, :bool, :date; 'Age=:int' keeps the name) as in sync --map "
+                   "(repeatable).")
 @click.option("--user-id-column", metavar="COLUMN", help="CSV: the column holding userId.")
 @click.option("--anonymous-id-column", metavar="COLUMN",
               help="CSV: the column holding anonymousId.")
@@ -223,14 +230,18 @@ def _csv_mapping(
               help="CSV: the column holding an ISO-8601 timestamp.")
 @click.option("--key-column", metavar="COLUMN",
               help="CSV: a unique column whose value makes the messageId (instead of the "
-                   "line number).")
+                   "line number); may be the --user-id-column. Exact repeats of a row are "
+                   "dropped, a repeated key with other values is rejected.")
+@click.option("--dedupe", is_flag=True,
+              help="CSV: drop rows that repeat an earlier row exactly (the key column does "
+                   "this already).")
 @click.option("--delimiter", default=",", show_default=True, help="CSV: field delimiter.")
 @_json_option
 def enqueue(
     file: str, db: str, run: str | None, fmt: str | None, call_type: str | None,
     maps: tuple[str, ...], user_id_column: str | None, anonymous_id_column: str | None,
     event_column: str | None, event_name: str | None, timestamp_column: str | None,
-    key_column: str | None, delimiter: str, as_json: bool,
+    key_column: str | None, dedupe: bool, delimiter: str, as_json: bool,
 ) -> None:
     """Enqueue the calls of a JSONL or CSV FILE ('-' for stdin, with --run).
 
@@ -242,7 +253,10 @@ def enqueue(
     anonymousId, event, timestamp or messageId map to those fields; name others with
     --user-id-column, --event-column, --timestamp-column, ... or --map COLUMN=TARGET.
     Every other column becomes a trait (identify) or a property (track); empty cells are
-    left out; values stay strings.
+    left out; values stay strings unless typed (--map "Lifetime Value=traits.ltv:float").
+    Headers are trimmed; a header that looks like a Customer.io attribute (Email Address)
+    gets a --map suggestion on stderr. A gzip file is read directly (either format), and a
+    file that looks like another format than it is read as is refused, naming the format.
 
     Safe to stop and run again: a line without a messageId gets a stable one made from
     the run name, its line number and its content (or the --key-column value), so a rerun
@@ -259,22 +273,29 @@ def enqueue(
           --event-column event --timestamp-column ts --key-column order_id
     """
     named = {"userId": user_id_column, "anonymousId": anonymous_id_column,
-             "event": event_column, "timestamp": timestamp_column, "key": key_column}
+             "event": event_column, "timestamp": timestamp_column}
     if file == "-" and not run:
         raise click.UsageError("reading stdin needs --run NAME (the ids are made from it)")
     run = run or default_run(file)
-    fmt = fmt or ("csv" if file.lower().endswith(".csv") else "jsonl")
-    csv_given = bool(call_type or maps or event_name or any(named.values())
-                     or delimiter != ",")
+    fmt = fmt or format_for(file)
+    csv_given = bool(call_type or maps or event_name or any(named.values()) or key_column
+                     or dedupe or delimiter != ",")
     mapping: CsvMapping | None = None
     if fmt == "csv":
-        mapping = _csv_mapping(call_type, maps, named, event_name, delimiter)
+        mapping = _csv_mapping(call_type, maps, named, event_name, delimiter, key_column,
+                               dedupe)
     elif csv_given:
         raise click.UsageError("--type, --map, --event, --delimiter and the --*-column "
                                "options apply to CSV files only")
     source: str | IO[bytes] = sys.stdin.buffer if file == "-" else file
     size = os.path.getsize(file) if file != "-" else 0
     reader = reader_for(source, run=run, format=fmt, mapping=mapping)
+    if isinstance(reader, CsvReader) and mapping is not None:
+        reader.on_header = lambda header: _suggest_map(mapping, header)
+    try:
+        reader.check()  # a file in another format is refused before the outbox is made
+    except FormatError as exc:
+        raise click.UsageError(str(exc)) from None
     show_bar = size > 0 and sys.stderr.isatty()
     with _opened(db, create=True) as outbox, click.progressbar(
         length=size, label=f"enqueue {os.path.basename(file)}", file=sys.stderr,
@@ -289,7 +310,7 @@ def enqueue(
 
         try:
             result = enqueue_records(outbox, reader, run=run, on_chunk=advance)
-        except MappingError as exc:
+        except (MappingError, FormatError) as exc:
             raise click.UsageError(str(exc)) from None
     _report_enqueue(file, result, as_json)
     if result.changed:
@@ -299,6 +320,12 @@ def enqueue(
              "--run to keep them apart)")
     if result.rejected:
         sys.exit(EXIT_USAGE)
+
+
+def _suggest_map(mapping: CsvMapping, header: list[str]) -> None:
+    for column, trait in mapping.suggestions(header):
+        _err(f"hint: column {column!r} becomes the trait {column!r}; Customer.io's "
+             f"attribute is {trait!r}: --map \"{column}=traits.{trait}\"")
 
 
 def _report_enqueue(file: str, result: ImportResult, as_json: bool) -> None:
@@ -313,6 +340,8 @@ def _report_enqueue(file: str, result: ImportResult, as_json: bool) -> None:
     click.echo(
         f"{file} (run {result.run!r}): {result.lines:,} lines, {result.added:,} added, "
         f"{result.skipped:,} already in the outbox, {result.rejected:,} rejected"
+        + (f", {result.duplicates:,} repeated row{'s' * (result.duplicates != 1)} dropped"
+           if result.duplicates else "")
     )
 
 

@@ -12,8 +12,8 @@ date-time, sent as an ISO-8601 string; a date-time without a zone is taken as UT
 Headers and column names in rules are trimmed of surrounding spaces. Empty cells and
 missing values (None, NaN, NaT) are left out: an empty cell never overwrites a trait.
 
-Used by :mod:`cio_outbox.sync`; kept free of any source format so that the CSV importer can
-use it too.
+Used by :mod:`cio_outbox.sync` and by the CSV importer (:mod:`cio_outbox.importers`, where
+the target may also be ``properties.NAME`` for track rows): one syntax for both commands.
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ class Plan:
     """
 
     def __init__(self, header: Sequence[str], rules: Sequence[ColumnRule],
-                 exclude: Iterable[str] = ()) -> None:
+                 exclude: Iterable[str] = (), *, prefix: str = "traits") -> None:
         names = [str(name).strip() for name in header]
         seen: set[str] = set()
         for name in names:
@@ -227,6 +227,7 @@ class Plan:
             entries.append((rule.name, index, converter, expected))
         entries.sort(key=lambda entry: entry[0])
         self.header = names
+        self.prefix = prefix  # names the field in a ValueProblem: traits.NAME, properties.NAME
         self.entries = entries
         self._pairs = [(name, index) for name, index, _, _ in entries]
         self._names = [name for name, _ in self._pairs]
@@ -260,6 +261,11 @@ class Plan:
         equal picks under one plan mean equal traits."""
         return tuple(self._pick(values))
 
+    @property
+    def typed(self) -> bool:
+        """Whether any column is converted (else :meth:`raw_text` gives the traits)."""
+        return bool(self._converters)
+
     def raw_text(self, values: Sequence[str]) -> dict[str, str]:
         """:meth:`raw` for a row of strings (CSV), in one comprehension."""
         return {name: value for name, value in zip(self._names, self._pick(values),
@@ -277,8 +283,8 @@ class Plan:
                     value = converter(value)
                 except (ValueError, TypeError, OverflowError):
                     raise ValueProblem(
-                        f"traits.{name}: {value!r} (column {self.header[index]!r}) is not "
-                        f"{expected}", field=f"traits.{name}") from None
+                        f"{self.prefix}.{name}: {value!r} (column {self.header[index]!r}) is "
+                        f"not {expected}", field=f"{self.prefix}.{name}") from None
             out[name] = value
         return out
 
@@ -299,8 +305,8 @@ class Plan:
                     value = converter(value)
                 except (ValueError, TypeError, OverflowError):
                     raise ValueProblem(
-                        f"traits.{name}: {value!r} (column {self.header[index]!r}) is not "
-                        f"{expected}", field=f"traits.{name}") from None
+                        f"{self.prefix}.{name}: {value!r} (column {self.header[index]!r}) is "
+                        f"not {expected}", field=f"{self.prefix}.{name}") from None
             elif kind is not str:
                 value = plain(value)
             out[name] = value

@@ -80,6 +80,7 @@ class ImportResult:
     rejected: int = 0
     rejections: list[LineRejection] = field(default_factory=list)
     changed: int = 0
+    duplicates: int = 0  # CSV rows repeating an earlier row of the file, dropped
 
     @property
     def rejections_not_listed(self) -> int:
@@ -100,6 +101,7 @@ class ImportResult:
             "rejections": [r.as_dict() for r in self.rejections],
             "rejections_not_listed": self.rejections_not_listed,
             "changed": self.changed,
+            "duplicates": self.duplicates,
         }
 
 

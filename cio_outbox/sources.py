@@ -328,6 +328,11 @@ class _Dicts(Source):
             yield chunk
 
 
+def gzipped(head: bytes) -> bool:
+    """Whether a file starting with ``head`` is gzip-compressed (by its magic bytes)."""
+    return head.startswith(_GZIP_MAGIC)
+
+
 def _sniff(path: str) -> bytes:
     with open(path, "rb") as handle:
         return handle.read(8)
@@ -375,7 +380,7 @@ def _open_path(path: str, format: str | None, delimiter: str) -> Source:
         raise SourceError(f"{path}: no such file")
     head = _sniff(path)
     base = os.path.basename(path)
-    if head.startswith(_GZIP_MAGIC):
+    if gzipped(head):
         inner = base[:-3] if base.lower().endswith(".gz") else base
         fmt = format or _text_format(inner) or _gzip_guess(path)
         if fmt not in ("csv", "jsonl"):
