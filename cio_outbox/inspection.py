@@ -76,7 +76,9 @@ def timeline(outbox: Outbox, run: str) -> list[dict[str, Any]]:
     check_run(storage, run)
     counts = storage.counts(run)
     total = sum(counts.values())
-    attempts = storage.attempts(run, 10_000_000)
+    # By time: with several senders, audit ids follow insert order, which need not be the
+    # order of the attempts' times (PostgreSQL stamps a transaction's start).
+    attempts = sorted(storage.attempts(run, 10_000_000), key=lambda a: (a["at"], a["id"]))
     if not attempts:
         return []
     dead_at = sorted(row["updated_at"] for row in storage.failed(run, max(counts["failed"], 1)))
