@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import drain, enqueue, faults, gzip_bench, lanes, scale
+from benchmarks import drain, enqueue, faults, gzip_bench, intake, lanes, scale
 from benchmarks.common import machine
 
-SECTIONS = ("enqueue", "drain", "scale", "faults", "gzip", "lanes")
+SECTIONS = ("intake", "enqueue", "drain", "scale", "faults", "gzip", "lanes")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
 
 
@@ -266,6 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     table = Table()
     try:
+        if "intake" in only:
+            log("0. intake (issue 16 targets)")
+            sized = ({"lines": 20_000, "small": 10_000, "big": 100_000, "single": 1_000}
+                     if args.quick else {})
+            results["intake"] = intake.run(base / "intake", reps=reps, log=log, **sized)
+            table.section("intake: enqueue against lean_import.py and raw SQLite")
+            for figure, value, target, met in intake.rows(results["intake"]):
+                table.add(figure, None, ratio=value, target=target, met=met)
         if "enqueue" in only:
             log("1. enqueue")
             results["enqueue"] = enqueue.run(base, n_single=sizes.single, n_bulk=sizes.bulk,

@@ -41,7 +41,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
@@ -49,20 +49,44 @@ from cio_outbox import views
 from cio_outbox.config import ConfigError
 from cio_outbox.importers import (
     CsvMapping,
+    CsvReader,
+    FormatError,
     ImportResult,
     MappingError,
     default_run,
     enqueue_records,
+    format_for,
     reader_for,
 )
 from cio_outbox.inspection import UnknownRunError
 from cio_outbox.locations import open_existing
-from cio_outbox.outbox import DEFAULT_PATH, Outbox
+from cio_outbox.outbox import Outbox
+from cio_outbox.results import Progress
+from cio_outbox.settings import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_GZIP,
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_UNCONFIRMED,
+    DEFAULT_OUTBOX,
+    DEFAULT_UNREACHABLE_TIMEOUT,
+    ENV_OUTBOX,
+)
 from cio_outbox.storage import StorageError
-from cio_outbox.worker import EXIT_AUTH, EXIT_FATAL, EXIT_OK, Progress, Worker
 
+if TYPE_CHECKING:
+    from cio_outbox.worker import Worker
+
+# Process exit codes belong to the command line; the library reports outcomes.
+EXIT_OK = 0
+"""Done, or stopped cleanly."""
+EXIT_FATAL = 1
+"""Fatal error: bad host, storage error, message not found."""
 EXIT_USAGE = 2
 """Usage or configuration error (click's code for usage errors); also: enqueue rejected lines."""
+EXIT_AUTH = 3
+"""The API refused the key (HTTP 401/403)."""
+DEFAULT_PATH = DEFAULT_OUTBOX
 
 EXIT_CODES_HELP = f"""\b
 Exit codes:
@@ -83,7 +107,7 @@ class Failure(click.ClickException):
 
 def _db_option(function: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
-        "--db", envvar="CIO_OUTBOX", default=DEFAULT_PATH, show_default=True, metavar="PATH",
+        "--db", envvar=ENV_OUTBOX, default=DEFAULT_OUTBOX, show_default=True, metavar="PATH",
         help="The outbox file (env CIO_OUTBOX).",
     )(function)
 
@@ -95,7 +119,7 @@ def _json_option(function: Callable[..., Any]) -> Callable[..., Any]:
 
 @contextmanager
 def _opened(db: str, *, create: bool = False) -> Iterator[Outbox]:
-    """The outbox at ``db`` (created only when ``create``: enqueue and worker); storage
+    """The outbox at ``db`` (created only when ``create``: enqueue, worker and sync); storage
     errors, a missing outbox and an unknown run become exit code 1 with their message."""
     try:
         outbox = Outbox(db) if create else open_existing(db)
@@ -161,13 +185,14 @@ def cli() -> None:
 
 def _csv_mapping(
     call_type: str | None, maps: tuple[str, ...], named: dict[str, str | None],
-    event: str | None, delimiter: str,
+    event: str | None, delimiter: str, key: str | None, dedupe: bool,
 ) -> CsvMapping:
     columns: dict[str, str] = {}
     for item in maps:
         column, sep, target = item.partition("=")
-        if not sep or not column or not target:
-            raise click.BadParameter(f"{item!r} is not COLUMN=TARGET", param_hint="--map")
+        if not sep or not column.strip() or not target.strip():
+            raise click.BadParameter(f"{item!r} is not COLUMN=TARGET[:TYPE]",
+                                     param_hint="--map")
         columns[column] = target
     for target, column in named.items():
         if column:
@@ -175,7 +200,8 @@ def _csv_mapping(
     if call_type is None:
         call_type = "track" if event or "event" in columns.values() else "identify"
     try:
-        return CsvMapping(call_type, columns=columns, event=event, delimiter=delimiter)
+        return CsvMapping(call_type, columns=columns, event=event, delimiter=delimiter,
+                          key=key, dedupe=dedupe)
     except MappingError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -189,9 +215,11 @@ def _csv_mapping(
 @click.option("--type", "call_type", type=click.Choice(["identify", "track"]),
               help="CSV: the call each row becomes (default: track when an event column "
                    "or --event is given, else identify).")
-@click.option("--map", "maps", multiple=True, metavar="COLUMN=TARGET",
+@click.option("--map", "maps", multiple=True, metavar="COLUMN=TARGET[:TYPE]",
               help="CSV: map a column to userId, anonymousId, event, timestamp, messageId, "
-                   "key, ignore, traits.NAME or properties.NAME (repeatable).")
+                   "key, ignore, traits.NAME or properties.NAME, optionally typed (:int, "
+                   ":float, :bool, :date; 'Age=:int' keeps the name) as in sync --map "
+                   "(repeatable).")
 @click.option("--user-id-column", metavar="COLUMN", help="CSV: the column holding userId.")
 @click.option("--anonymous-id-column", metavar="COLUMN",
               help="CSV: the column holding anonymousId.")
@@ -202,14 +230,18 @@ def _csv_mapping(
               help="CSV: the column holding an ISO-8601 timestamp.")
 @click.option("--key-column", metavar="COLUMN",
               help="CSV: a unique column whose value makes the messageId (instead of the "
-                   "line number).")
+                   "line number); may be the --user-id-column. Exact repeats of a row are "
+                   "dropped, a repeated key with other values is rejected.")
+@click.option("--dedupe", is_flag=True,
+              help="CSV: drop rows that repeat an earlier row exactly (the key column does "
+                   "this already).")
 @click.option("--delimiter", default=",", show_default=True, help="CSV: field delimiter.")
 @_json_option
 def enqueue(
     file: str, db: str, run: str | None, fmt: str | None, call_type: str | None,
     maps: tuple[str, ...], user_id_column: str | None, anonymous_id_column: str | None,
     event_column: str | None, event_name: str | None, timestamp_column: str | None,
-    key_column: str | None, delimiter: str, as_json: bool,
+    key_column: str | None, dedupe: bool, delimiter: str, as_json: bool,
 ) -> None:
     """Enqueue the calls of a JSONL or CSV FILE ('-' for stdin, with --run).
 
@@ -221,11 +253,17 @@ def enqueue(
     anonymousId, event, timestamp or messageId map to those fields; name others with
     --user-id-column, --event-column, --timestamp-column, ... or --map COLUMN=TARGET.
     Every other column becomes a trait (identify) or a property (track); empty cells are
-    left out; values stay strings.
+    left out; values stay strings unless typed (--map "Lifetime Value=traits.ltv:float").
+    Headers are trimmed; a header that looks like a Customer.io attribute (Email Address)
+    gets a --map suggestion on stderr. A gzip file is read directly (either format), and a
+    file that looks like another format than it is read as is refused, naming the format.
 
     Safe to stop and run again: a line without a messageId gets a stable one made from
-    the run name and its line number (or the --key-column value), so a rerun adds no
-    duplicates and misses nothing. Invalid lines are reported with their line numbers on
+    the run name, its line number and its content (or the --key-column value), so a rerun
+    adds no duplicates and misses nothing, while a different file under the same name (or
+    an edited line) adds its lines as new messages, with a warning on stderr. A line's own
+    messageId and timestamp (an event archive's) are kept; a line without a timestamp is
+    stamped with the time of enqueue. Invalid lines are reported with their line numbers on
     stderr (or in the --json output), valid lines are kept, and the exit code is 2.
 
     \b
@@ -235,22 +273,29 @@ def enqueue(
           --event-column event --timestamp-column ts --key-column order_id
     """
     named = {"userId": user_id_column, "anonymousId": anonymous_id_column,
-             "event": event_column, "timestamp": timestamp_column, "key": key_column}
+             "event": event_column, "timestamp": timestamp_column}
     if file == "-" and not run:
         raise click.UsageError("reading stdin needs --run NAME (the ids are made from it)")
     run = run or default_run(file)
-    fmt = fmt or ("csv" if file.lower().endswith(".csv") else "jsonl")
-    csv_given = bool(call_type or maps or event_name or any(named.values())
-                     or delimiter != ",")
+    fmt = fmt or format_for(file)
+    csv_given = bool(call_type or maps or event_name or any(named.values()) or key_column
+                     or dedupe or delimiter != ",")
     mapping: CsvMapping | None = None
     if fmt == "csv":
-        mapping = _csv_mapping(call_type, maps, named, event_name, delimiter)
+        mapping = _csv_mapping(call_type, maps, named, event_name, delimiter, key_column,
+                               dedupe)
     elif csv_given:
         raise click.UsageError("--type, --map, --event, --delimiter and the --*-column "
                                "options apply to CSV files only")
     source: str | IO[bytes] = sys.stdin.buffer if file == "-" else file
     size = os.path.getsize(file) if file != "-" else 0
     reader = reader_for(source, run=run, format=fmt, mapping=mapping)
+    if isinstance(reader, CsvReader) and mapping is not None:
+        reader.on_header = lambda header: _suggest_map(mapping, header)
+    try:
+        reader.check()  # a file in another format is refused before the outbox is made
+    except FormatError as exc:
+        raise click.UsageError(str(exc)) from None
     show_bar = size > 0 and sys.stderr.isatty()
     with _opened(db, create=True) as outbox, click.progressbar(
         length=size, label=f"enqueue {os.path.basename(file)}", file=sys.stderr,
@@ -265,11 +310,22 @@ def enqueue(
 
         try:
             result = enqueue_records(outbox, reader, run=run, on_chunk=advance)
-        except MappingError as exc:
+        except (MappingError, FormatError) as exc:
             raise click.UsageError(str(exc)) from None
     _report_enqueue(file, result, as_json)
+    if result.changed:
+        _err(f"warning: run {run!r} was used before for different content: "
+             f"{result.changed:,} line(s) differ from what the earlier import held at the "
+             "same line numbers and were added as new messages (name each import with "
+             "--run to keep them apart)")
     if result.rejected:
         sys.exit(EXIT_USAGE)
+
+
+def _suggest_map(mapping: CsvMapping, header: list[str]) -> None:
+    for column, trait in mapping.suggestions(header):
+        _err(f"hint: column {column!r} becomes the trait {column!r}; Customer.io's "
+             f"attribute is {trait!r}: --map \"{column}=traits.{trait}\"")
 
 
 def _report_enqueue(file: str, result: ImportResult, as_json: bool) -> None:
@@ -284,6 +340,8 @@ def _report_enqueue(file: str, result: ImportResult, as_json: bool) -> None:
     click.echo(
         f"{file} (run {result.run!r}): {result.lines:,} lines, {result.added:,} added, "
         f"{result.skipped:,} already in the outbox, {result.rejected:,} rejected"
+        + (f", {result.duplicates:,} repeated row{'s' * (result.duplicates != 1)} dropped"
+           if result.duplicates else "")
     )
 
 
@@ -357,22 +415,36 @@ def stop_on_signals(worker: Worker, printer: ProgressPrinter) -> Iterator[None]:
 @click.option("--region", envvar="CIO_REGION", type=click.Choice(["us", "eu"],
               case_sensitive=False), help="Customer.io region when no host is given "
               "(env CIO_REGION; default: the key's region, else us).")
-@click.option("--concurrency", type=click.IntRange(1, 64), default=2, show_default=True,
+@click.option("--concurrency", type=click.IntRange(1, 64), default=DEFAULT_CONCURRENCY,
+              show_default=True,
               help="Requests in flight at once.")
 @click.option("--max-rps", type=click.FloatRange(0, min_open=True), metavar="R",
               help="At most R requests per second.")
 @click.option("--until-empty", is_flag=True,
               help="Stop when nothing is pending or in flight (rows leased by a dead worker "
                    "are waited for until their lease expires).")
-@click.option("--unreachable-timeout", type=click.FloatRange(0), default=30.0,
+@click.option("--unreachable-timeout", type=click.FloatRange(0),
+              default=DEFAULT_UNREACHABLE_TIMEOUT,
               show_default=True, metavar="SECONDS",
               help="With --until-empty: give up (exit 1) when the host has not answered "
                    "once in this long (DNS typo, TLS against plain http).")
 @click.option("--run", help="Only send the rows of this run.")
-@click.option("--gzip/--no-gzip", default=True, show_default=True,
+@click.option("--gzip/--no-gzip", default=DEFAULT_GZIP, show_default=True,
               help="Compress request bodies (gzip level 1: about a sixth of the bytes).")
-@click.option("--max-attempts", type=click.IntRange(1), default=10, show_default=True,
+@click.option("--max-attempts", type=click.IntRange(1), default=DEFAULT_MAX_ATTEMPTS,
+              show_default=True,
               help="HTTP attempts per row before it is dead-lettered.")
+@click.option("--max-unconfirmed", type=click.IntRange(1), default=DEFAULT_MAX_UNCONFIRMED,
+              show_default=True,
+              metavar="N",
+              help="Sends in a row that went out but got no answer (read timeout, connection "
+                   "closed) before the rows are dead-lettered as 'may have arrived'.")
+@click.option("--lease", "lease", type=click.FloatRange(1.0), default=DEFAULT_LEASE_SECONDS,
+              show_default=True,
+              metavar="SECONDS",
+              help="How long a claim holds its rows without news from this worker; a "
+                   "heartbeat renews it every quarter of it while a request is in flight "
+                   "or waiting to be retried.")
 @click.option("--worker-id", metavar="ID",
               help="Name of this worker in the audit trail (default host:pid:random). A "
                    "restarted worker with the same id takes back the rows it held.")
@@ -382,7 +454,8 @@ def stop_on_signals(worker: Worker, printer: ProgressPrinter) -> Iterator[None]:
 def worker(
     db: str, host: str | None, region: str | None, concurrency: int, max_rps: float | None,
     until_empty: bool, unreachable_timeout: float, run: str | None, gzip: bool,
-    max_attempts: int, worker_id: str | None, allow_insecure: bool, as_json: bool,
+    max_attempts: int, max_unconfirmed: int, lease: float, worker_id: str | None,
+    allow_insecure: bool, as_json: bool,
 ) -> None:
     """Send the outbox to the Pipelines API, until stopped (or with --until-empty).
 
@@ -401,7 +474,9 @@ def worker(
                 the_worker = outbox.worker(
                     host=host, region=region.lower() if region else None, gzip=gzip,
                     allow_insecure=allow_insecure, concurrency=concurrency, max_rps=max_rps,
-                    run=run, max_attempts=max_attempts, worker_id=worker_id,
+                    run=run, max_attempts=max_attempts, max_unconfirmed=max_unconfirmed,
+                    lease_seconds=lease,
+                    worker_id=worker_id,
                     on_progress=printer, progress_interval=printer.interval,
                     unreachable_timeout=unreachable_timeout,
                 )
@@ -860,6 +935,129 @@ def demo(db: str | None, rows: int) -> None:
     except StorageError as exc:
         raise Failure(str(exc)) from None
 
+
+# -- sync ------------------------------------------------------------------------------
+
+
+@cli.command("sync", epilog=EXIT_CODES_HELP,
+             short_help="Send only the rows that changed since the last sync.")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.option("--key", "key_column", required=True, metavar="COLUMN",
+              help="The column that identifies each row (the userId, or the object id).")
+@_db_option
+@click.option("--name", help="The sync's name, under which fingerprints are kept "
+                             "(default: the file name).")
+@click.option("--objects", is_flag=True, help="Rows are objects (group calls), not people.")
+@click.option("--object-type-id", metavar="N", help="With --objects: the object type id.")
+@click.option("--map", "maps", multiple=True, metavar="COLUMN=TARGET[:TYPE]",
+              help="Rename, type or leave out a column: 'Lifetime Value=traits.ltv:float', "
+                   "'Age=:int', 'Notes=ignore'; types str, int, float, bool, date "
+                   "(repeatable).")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet", "arrow"]),
+              help="Input format (default: from the file name and its first bytes).")
+@click.option("--delimiter", default=",", show_default=True, help="CSV: field delimiter.")
+@click.option("--changed-only", is_flag=True,
+              help="Send only the traits whose values changed (new keys get all).")
+@click.option("--clear-missing-traits", is_flag=True,
+              help="Send a trait that disappeared from a row as null (clears it).")
+@click.option("--delete-missing", is_flag=True,
+              help="Delete keys synced before and absent now (delete_person, or the object).")
+@click.option("--max-delete-share", type=click.FloatRange(0, 1), default=0.05,
+              show_default=True, metavar="SHARE",
+              help="With --delete-missing: refuse when more than this share of the synced "
+                   "keys would be deleted.")
+@click.option("--dry-run", is_flag=True, help="Count new, changed, unchanged and deleted "
+                                               "rows and show a sample; enqueue nothing.")
+@_json_option
+def sync_command(
+    source: str, key_column: str, db: str, name: str | None, objects: bool,
+    object_type_id: str | None, maps: tuple[str, ...], fmt: str | None, delimiter: str,
+    changed_only: bool, clear_missing_traits: bool, delete_missing: bool,
+    max_delete_share: float, dry_run: bool, as_json: bool,
+) -> None:
+    """Make Customer.io match SOURCE, enqueueing only what changed since the last sync.
+
+    SOURCE is a CSV or JSONL file (gzip-compressed too), or Parquet or Arrow (needs
+    'cio-outbox[parquet]'). Each row is a person (an identify: userId is the --key column,
+    traits are the other columns) or, with --objects, an object. The outbox keeps a
+    fingerprint per key under the sync's name; a row is enqueued only when its key is new,
+    its traits changed, or its last message was dead-lettered. Safe to kill and rerun:
+    each change is enqueued once.
+
+    \b
+    Exit codes: 0 done; 2 some rows were rejected (reported with their lines);
+    1 --delete-missing refused (too many deletions) or another error.
+
+    \b
+    Examples:
+      cio-outbox sync customers.csv --key id --map "Lifetime Value=traits.ltv:float"
+      cio-outbox sync customers.parquet --key id --delete-missing --dry-run
+      cio-outbox sync accounts.csv --key account_id --objects --object-type-id 1
+    """
+    from cio_outbox.sources import SourceError
+    from cio_outbox.sync import DeletionRefused, SyncError, SyncResult
+
+    show_bar = sys.stderr.isatty() and not as_json
+    refused: str | None = None
+    with _opened(db, create=True) as outbox, click.progressbar(
+        length=os.path.getsize(source), label=f"sync {os.path.basename(source)}",
+        file=sys.stderr, hidden=not show_bar,
+    ) as bar:
+        done = 0
+
+        def advance(_: SyncResult, table: Any) -> None:
+            nonlocal done
+            if table.total:
+                bar.length = table.total
+            position = table.position()
+            bar.update(position - done)
+            done = position
+
+        try:
+            result = outbox.sync(
+                source, key=key_column, name=name, objects=objects,
+                object_type_id=object_type_id, mapping=list(maps), changed_only=changed_only,
+                clear_missing_traits=clear_missing_traits, delete_missing=delete_missing,
+                max_delete_share=max_delete_share, dry_run=dry_run, format=fmt,
+                delimiter=delimiter, on_progress=advance)
+        except DeletionRefused as exc:
+            result, refused = exc.result, str(exc)
+        except (SyncError, SourceError) as exc:
+            raise click.UsageError(str(exc)) from None
+    _report_sync(source, result, as_json)
+    if refused:
+        raise Failure(refused)
+    if result.rejected:
+        sys.exit(EXIT_USAGE)
+
+
+def _report_sync(source: str, result: Any, as_json: bool) -> None:
+    if as_json:
+        _print_json({"source": source, **result.as_dict()})
+        return
+    for rejection in result.rejections:
+        where = f" ({rejection.field})" if rejection.field else ""
+        _err(f"line {rejection.line}{where}: {rejection.error}")
+    listed = result.rejected - len(result.rejections)
+    if listed:
+        _err(f"... and {listed:,} more rejected rows not listed")
+    if result.missing:
+        _err(f"{result.missing:,} of {result.synced_before:,} synced keys are missing from "
+             f"{source}")
+    if result.dry_run and result.deletion_refused:
+        _err(f"the deletions would be refused: {result.deletion_refused}")
+    verb = "would enqueue" if result.dry_run else "enqueued"
+    click.echo(
+        f"{source} (sync {result.name!r}, run {result.run!r}): {result.rows_read:,} rows, "
+        f"{result.new:,} new, {result.changed:,} changed, {result.unchanged:,} unchanged, "
+        f"{result.deleted:,} deleted, {result.rejected:,} rejected; {verb} "
+        f"{result.new + result.changed + result.deleted:,}")
+    if result.dry_run and result.sample:
+        click.echo("sample:")
+        for entry in result.sample:
+            shown = json.dumps(entry.get("traits"), ensure_ascii=False) \
+                if "traits" in entry else ""
+            click.echo(f"  {entry['change']:<8} {entry['key']}  {shown}".rstrip())
 
 def main() -> None:
     cli()

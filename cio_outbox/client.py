@@ -2,7 +2,9 @@
 
 The client never raises for an HTTP status: the worker decides what a status
 means. Transport failures (refused, reset, timeout) raise :class:`TransportError`
-with a text that names the host, never the key.
+with a text that names the host, never the key. Every text that came from the network
+(error bodies, reason phrases, exception messages) is scrubbed of the key here, at the
+boundary, before anything else sees it.
 """
 
 from __future__ import annotations
@@ -19,13 +21,22 @@ import requests
 
 from cio_outbox._version import __version__
 from cio_outbox.config import ApiKey, Target
+from cio_outbox.scrub import Scrubber
+from cio_outbox.settings import DEFAULT_GZIP, DEFAULT_TIMEOUT
 
 USER_AGENT = f"cio-outbox/{__version__} python-requests/{requests.__version__}"
-DEFAULT_TIMEOUT = (5.0, 30.0)  # connect, read (seconds)
 
 
 class TransportError(RuntimeError):
-    """No HTTP answer: connection refused or reset, DNS failure, or a timeout."""
+    """No HTTP answer: connection refused or reset, DNS failure, or a timeout.
+
+    ``may_have_arrived`` is True when the request body was sent before the failure (a
+    read timeout, a connection closed or reset while waiting for the answer): the server
+    may have ingested it. A refused connection or a connect timeout sent nothing."""
+
+    def __init__(self, text: str, *, may_have_arrived: bool = False) -> None:
+        super().__init__(text)
+        self.may_have_arrived = may_have_arrived
 
 
 class _KeyAuth(requests.auth.AuthBase):
@@ -68,6 +79,13 @@ class Reply:
         return f"HTTP {self.status_code}: {self.text[:300]}".rstrip(": ")
 
 
+def _documented_error(data: Any) -> str | None:
+    """The text of Customer.io's documented error body ``{"meta": {"error": "..."}}``."""
+    meta = data.get("meta") if isinstance(data, dict) else None
+    error = meta.get("error") if isinstance(meta, dict) else None
+    return error if isinstance(error, str) and error else None
+
+
 def describe_error(error: dict[str, Any]) -> str:
     """``field: reason: message`` from one ``meta.errors`` item, without saying a thing twice:
     the reason is left out when the message already says it."""
@@ -98,11 +116,14 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def _errors_of(response: requests.Response) -> list[dict[str, Any]]:
+def _json_of(response: requests.Response) -> Any:
     try:
-        data = response.json()
+        return response.json()
     except ValueError:
-        return []
+        return None
+
+
+def _errors_of(data: Any) -> list[dict[str, Any]]:
     meta = data.get("meta") if isinstance(data, dict) else None
     errors = meta.get("errors") if isinstance(meta, dict) else None
     if isinstance(errors, list):
@@ -118,13 +139,14 @@ class Client:
         key: ApiKey,
         target: Target,
         *,
-        gzip: bool = False,
+        gzip: bool = DEFAULT_GZIP,
         timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
         session: requests.Session | None = None,
         strict_mode: bool = True,
     ) -> None:
         self.key = key
         self.target = target
+        self.scrub = Scrubber(key.reveal())
         self.gzip = gzip
         self.timeout = timeout
         self.session = session or requests.Session()
@@ -147,19 +169,33 @@ class Client:
         started = time.perf_counter()
         try:
             response = self.session.post(url, data=body, headers=headers, timeout=self.timeout)
+        except requests.ConnectTimeout:
+            raise TransportError(f"timed out connecting to {self.target.base_url}") from None
         except requests.Timeout:
-            raise TransportError(f"timed out waiting for {self.target.base_url}") from None
-        except requests.ConnectionError as exc:
             raise TransportError(
-                f"cannot reach {self.target.base_url}: {_short_reason(exc)}"
+                f"timed out waiting for {self.target.base_url} after sending the request",
+                may_have_arrived=True,
+            ) from None
+        except requests.ConnectionError as exc:
+            reason = _short_reason(exc)
+            raise TransportError(
+                self.scrub(f"cannot reach {self.target.base_url}: {reason}"),
+                may_have_arrived=reason in _AFTER_SEND,
             ) from None
         except requests.RequestException as exc:
-            raise TransportError(f"request to {self.target.base_url} failed: {exc}") from None
+            raise TransportError(
+                self.scrub(f"request to {self.target.base_url} failed: {exc}")
+            ) from None
         latency_ms = (time.perf_counter() - started) * 1000
         reply = Reply(status_code=response.status_code, latency_ms=latency_ms)
         if not reply.ok:
-            reply.errors = _errors_of(response)
-            reply.text = response.text[:1000]
+            data = _json_of(response)
+            reply.errors = self.scrub.value(_errors_of(data))
+            documented = _documented_error(data)
+            if not reply.errors and documented:
+                reply.text = self.scrub(documented[:1000])
+            else:
+                reply.text = self.scrub(response.text[:1000] or str(response.reason or ""))
             reply.retry_after = parse_retry_after(response.headers.get("Retry-After"))
         return reply
 
@@ -168,6 +204,11 @@ class Client:
 
     def __repr__(self) -> str:
         return f"Client(target={self.target.base_url!r}, key={self.key!r}, gzip={self.gzip})"
+
+
+#: Connection failures that happen while waiting for the answer, after the body went out.
+_AFTER_SEND = frozenset({"connection reset", "remote end closed connection",
+                         "connection aborted"})
 
 
 def _short_reason(exc: BaseException) -> str:

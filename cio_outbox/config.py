@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-import os
 import re
 import warnings
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from cio_outbox.errors import CioOutboxError
+from cio_outbox.settings import ENV_API_KEY, Settings, environment
 
 REGION_HOSTS = {
     "us": "https://cdp.customer.io",
@@ -26,7 +28,7 @@ _PREFIXED_KEY = re.compile(r"^(?:pk|sk)_(us|eu)_")
 _BAD_KEY_CHARS = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
-class ConfigError(ValueError):
+class ConfigError(CioOutboxError, ValueError):
     """The configuration cannot work: a key, region or host is wrong. Never contains the key."""
 
 
@@ -60,8 +62,9 @@ class ApiKey:
         self._value = value
 
     @classmethod
-    def from_env(cls, name: str = "CIO_API_KEY") -> ApiKey:
-        raw = os.environ.get(name)
+    def from_env(cls, name: str = ENV_API_KEY) -> ApiKey:
+        """The key in ``CIO_API_KEY`` (or the variable named), read through settings."""
+        raw = Settings.from_env().api_key if name == ENV_API_KEY else environment(name)
         if raw is None:
             raise ConfigError(f"{name} is not set")
         return cls(raw)
@@ -197,8 +200,5 @@ def resolve_target(
 
 def target_from_env(key: ApiKey | None) -> Target:
     """Resolve the target from ``CIO_HOST`` and ``CIO_REGION``."""
-    return resolve_target(
-        key,
-        host=os.environ.get("CIO_HOST") or None,
-        region=os.environ.get("CIO_REGION") or None,
-    )
+    settings = Settings.from_env()
+    return resolve_target(key, host=settings.host, region=settings.region)

@@ -76,8 +76,8 @@ def timeline(outbox: Outbox, run: str) -> list[dict[str, Any]]:
     check_run(storage, run)
     counts = storage.counts(run)
     total = sum(counts.values())
-    # By time: with requests in flight at once (lanes), audit ids are given in insert
-    # order, which need not be the order of the transactions' clocks.
+    # By time: with several senders, audit ids follow insert order, which need not be the
+    # order of the attempts' times (PostgreSQL stamps a transaction's start).
     attempts = sorted(storage.attempts(run, 10_000_000), key=lambda a: (a["at"], a["id"]))
     if not attempts:
         return []

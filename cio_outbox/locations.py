@@ -62,6 +62,6 @@ def open_existing(location: str | os.PathLike[str], **options: Any) -> Outbox:
         where = redact(text) if _is_postgres(text) else text
         raise OutboxNotFound(
             f"no outbox at {where}: check --db (or CIO_OUTBOX); "
-            "only enqueue and worker create a new outbox"
+            "only enqueue, worker and sync create a new outbox"
         )
     return Outbox(text, **options)

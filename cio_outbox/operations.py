@@ -1,7 +1,8 @@
 """Calls built on the six basic ones: people, semantic events, devices, objects, bulk rows.
 
-Kept apart from outbox.py so the core stays small; :class:`cio_outbox.Outbox`
-inherits these methods, so users find every operation on the Outbox.
+Each operation is a plain function that builds one call in wire shape (it writes nothing);
+:class:`cio_outbox.Outbox` has a method of the same name and signature (plus ``run``) that
+enqueues what the function builds, so users find every operation on the Outbox.
 
 Every operation of Customer.io's Data Pipelines API is one call here or in outbox.py:
 
@@ -46,27 +47,33 @@ Choices made where the upstream document leaves room (each is documented on its 
 
 from __future__ import annotations
 
-import hashlib
 import html
-import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from cio_outbox import intake
 from cio_outbox.messages import (
     IDEMPOTENCY_NAMESPACE,
-    Message,
     MessageError,
-    build,
-    dumps,
     message_id_for,
 )
-from cio_outbox.storage.base import CHUNK_ROWS
+from cio_outbox.results import EnqueueResult, Rejection
+from cio_outbox.storage.base import CHUNK_ROWS, NewRow
 
 if TYPE_CHECKING:
-    from cio_outbox.outbox import EnqueueResult, Rejection
+    from cio_outbox.storage.base import Storage
 
-__all__ = ["DEVICE_TYPES", "InvalidRowsError", "Operations", "SemanticEventTable",
-           "object_anonymous_id"]
+__all__ = [
+    "CALLS", "DEVICE_TYPES", "InvalidRowsError", "SemanticEventTable", "add_device", "alias",
+    "delete_device", "delete_object", "delete_person", "enqueue_rows", "group", "identify",
+    "object_anonymous_id", "page", "relate", "screen", "semantic_events", "suppress_person",
+    "track", "track_semantic", "unrelate", "unsuppress_person", "upsert_object",
+    "wire_call"]
+
+CALLS = ("identify", "track", "page", "screen", "group", "alias", "track_semantic",
+         "delete_person", "suppress_person", "unsuppress_person", "add_device",
+         "delete_device", "upsert_object", "relate", "delete_object", "unrelate")
+"""The operations that build one wire call each; Outbox has a method of the same name."""
 
 DEVICE_TYPES = ("ios", "android")
 ROW_CALL_TYPES = ("identify", "track")
@@ -198,7 +205,6 @@ class _Columns:
         self.message_id = message_id
         self.idempotency_key = idempotency_key
         self.target = "traits" if call_type == "identify" else "properties"
-        self._prefix: dict[str, str] = {}
         self.reserved = frozenset(
             c for c in (user_id, anonymous_id, event_column, timestamp, message_id,
                         idempotency_key) if c is not None
@@ -280,28 +286,12 @@ class _Columns:
                 )
             fields["messageId"] = message_id_for(str(value))
         elif run is not None:
-            if event is self.event:
-                prefix = self._prefix.get(run)
-                if prefix is None:
-                    prefix = self._prefix[run] = _row_key_prefix(run, self.call_type, event)
-            else:
-                prefix = _row_key_prefix(run, self.call_type, event)
-            fields["messageId"] = _fast_message_id(f"{prefix}{position}]")
+            # Identity from place and content, as for a file's lines: the same rows again
+            # add nothing, other rows under the same run (a corrected subset, the next
+            # day's frame) are new messages, not skipped as "already there".
+            content = repr((self.call_type, fields)).encode("utf-8", "surrogatepass")
+            fields["messageId"] = intake.line_message_id(run, position, content)
         return fields
-
-
-def _row_key_prefix(run: str, call_type: str, event: Any) -> str:
-    """``json.dumps(["rows", run, call_type, event, position])`` without its position."""
-    return json.dumps(["rows", run, call_type, event, 0])[:-2]
-
-
-def _fast_message_id(key: str) -> str:
-    """``message_id_for(key)`` (a UUID5 in the idempotency namespace), three times faster."""
-    digest = bytearray(hashlib.sha1(_NAMESPACE + key.encode("utf-8")).digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x50
-    digest[8] = (digest[8] & 0x3F) | 0x80
-    h = digest.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _rows_of(rows: Any, columns: _Columns, chunk_size: int) -> Iterator[Mapping[Any, Any]]:
@@ -330,417 +320,357 @@ def _semantic() -> Any:
     return semantic
 
 
-def _plain(value: Any, name: str) -> Any:
-    """JSON-ready copy of a value (datetimes, numpy scalars, ... converted) for schema checks;
-    ``name`` is the field it is, so that a value JSON cannot carry is named by its path."""
-    return json.loads(dumps({name: value}))[name] if value is not None else None
-
-
-class Operations:
-    """Mixin for :class:`cio_outbox.outbox.Outbox`; relies on its ``enqueue`` and ``_call``."""
-
-    if TYPE_CHECKING:
-        def enqueue(self, call: Mapping[str, Any] | Message, *, run: str | None = None,
-                    idempotency_key: str | None = None) -> EnqueueResult: ...
-
-        def enqueue_many(self, calls: Iterable[Mapping[str, Any] | Message], *,
-                         run: str | None = None, idempotency_keys: Any = None,
-                         on_invalid: str = "skip", chunk_size: int = CHUNK_ROWS,
-                         start: int = 0) -> EnqueueResult: ...
-
-        def _call(self, call_type: str, run: str | None, idempotency_key: str | None,
-                  fields: dict[str, Any]) -> EnqueueResult: ...
-
-    # -- semantic events -----------------------------------------------------------------
-
-    def track_semantic(
-        self, name: str, user_id: str | None = None, *, anonymous_id: str | None = None,
-        properties: Mapping[str, Any] | None = None, context: Mapping[str, Any] | None = None,
-        timestamp: Any = None, integrations: Mapping[str, bool] | None = None,
-        message_id: str | None = None, run: str | None = None,
-        idempotency_key: str | None = None,
-    ) -> EnqueueResult:
-        """Send a semantic event (a track call whose name means something to Customer.io).
-
-        >>> outbox.track_semantic("Email Bounced", "u1", properties={"email_id": "e-42"})
-
-        ``name`` must be in the catalogue (``outbox.semantic_events()``); the call is checked
-        against that event's schema before it is written, and a :class:`MessageError` names
-        the event and the missing field, e.g. ``Email Bounced: properties.email_id is
-        required (Email Bounced requires userId or anonymousId, properties.email_id)``.
-        Custom events go through :meth:`track`.
-        """
-        try:
-            _semantic().lookup(name)
-        except KeyError as exc:
-            raise MessageError(f"{exc.args[0]}; custom events go through track()",
-                               field="event") from None
-        fields = dict(userId=user_id, anonymousId=anonymous_id, event=name,
-                      properties=properties, context=context, timestamp=timestamp,
-                      integrations=integrations)
-        message = self._message_for("track", fields, message_id, idempotency_key)
-        # enqueue checks the event's required fields, as it does for every track call.
-        return self.enqueue(message, run=run)
-
-    def semantic_events(self, category: str | None = None) -> SemanticEventTable:
-        """The catalogue of semantic events, one row per event, for browsing in a notebook.
-
-        >>> outbox.semantic_events("device")
-        [{'name': 'Device Created or Updated', 'category': 'device', 'requires': (...), ...}]
-
-        Each row has ``name``, ``category``, ``requires`` (the field paths the event needs)
-        and ``description``. ``category`` is one of ``semantic.CATEGORIES``.
-        """
-        semantic = _semantic()
-        if category is not None and category not in semantic.CATEGORIES:
-            raise ValueError(f"category {category!r} is not one of: "
-                             f"{', '.join(semantic.CATEGORIES)}")
-        return SemanticEventTable(
-            {"name": event.name, "category": event.category,
-             "requires": event.required_fields, "description": event.description}
-            for event in semantic.SEMANTIC_EVENTS.values()
-            if category is None or event.category == category
-        )
-
-    # -- people --------------------------------------------------------------------------
-
-    def delete_person(
-        self, user_id: str, *, properties: Mapping[str, Any] | None = None,
-        timestamp: Any = None, context: Mapping[str, Any] | None = None,
-        integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
-        run: str | None = None, idempotency_key: str | None = None,
-    ) -> EnqueueResult:
-        """Delete a person from the workspace (track "User Deleted").
-
-        >>> outbox.delete_person("u1", run="cleanup")
-
-        ``user_id`` may also be the person's email address: Customer.io then looks the
-        person up by email.
-        """
-        return self.track_semantic(
-            "User Deleted", user_id, properties=properties, timestamp=timestamp,
-            context=context, integrations=integrations, message_id=message_id, run=run,
-            idempotency_key=idempotency_key)
-
-    def suppress_person(
-        self, user_id: str, *, properties: Mapping[str, Any] | None = None,
-        timestamp: Any = None, context: Mapping[str, Any] | None = None,
-        integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
-        run: str | None = None, idempotency_key: str | None = None,
-    ) -> EnqueueResult:
-        """Delete a person and keep the id from being added again (track "User Suppressed").
-
-        >>> outbox.suppress_person("u1")
-
-        Meant for compliance requests (GDPR right to be forgotten); see also
-        :meth:`forget`, which removes the person from this outbox file.
-        """
-        return self.track_semantic(
-            "User Suppressed", user_id, properties=properties, timestamp=timestamp,
-            context=context, integrations=integrations, message_id=message_id, run=run,
-            idempotency_key=idempotency_key)
-
-    def unsuppress_person(
-        self, user_id: str, *, properties: Mapping[str, Any] | None = None,
-        timestamp: Any = None, context: Mapping[str, Any] | None = None,
-        integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
-        run: str | None = None, idempotency_key: str | None = None,
-    ) -> EnqueueResult:
-        """Allow a suppressed id to be added again (track "User Unsuppressed").
-
-        >>> outbox.unsuppress_person("u1")
-
-        Nothing of the suppressed person comes back; the id can simply be identified anew.
-        """
-        return self.track_semantic(
-            "User Unsuppressed", user_id, properties=properties, timestamp=timestamp,
-            context=context, integrations=integrations, message_id=message_id, run=run,
-            idempotency_key=idempotency_key)
-
-    # -- devices -------------------------------------------------------------------------
-
-    def add_device(
-        self, user_id: str, token: str, *, device_type: str | None = None,
-        attributes: Mapping[str, Any] | None = None, timestamp: Any = None,
-        context: Mapping[str, Any] | None = None,
-        integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
-        run: str | None = None, idempotency_key: str | None = None,
-    ) -> EnqueueResult:
-        """Add a push device to a person, or update it (track "Device Created or Updated").
-
-        >>> outbox.add_device("u1", "fcm-token-abc", device_type="android",
-        ...                   attributes={"app_version": "2.4.0"})
-
-        ``token`` goes to ``context.device.token`` and ``device_type`` ("ios" or "android")
-        to ``context.device.type``; ``attributes`` are sent as the event's ``properties``.
-        Other ``context`` keys are kept.
-        """
-        return self.track_semantic(
-            "Device Created or Updated", user_id, properties=attributes,
-            context=_device_context(context, token, device_type), timestamp=timestamp,
-            integrations=integrations, message_id=message_id, run=run,
-            idempotency_key=idempotency_key)
-
-    def delete_device(
-        self, user_id: str, token: str, *, device_type: str | None = None,
-        timestamp: Any = None, context: Mapping[str, Any] | None = None,
-        integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
-        run: str | None = None, idempotency_key: str | None = None,
-    ) -> EnqueueResult:
-        """Remove a push device from a person (track "Device Deleted").
-
-        >>> outbox.delete_device("u1", "fcm-token-abc")
-        """
-        return self.track_semantic(
-            "Device Deleted", user_id, context=_device_context(context, token, device_type),
-            timestamp=timestamp, integrations=integrations, message_id=message_id, run=run,
-            idempotency_key=idempotency_key)
-
-    # -- objects and relationships -------------------------------------------------------
-
-    def upsert_object(
-        self, object_id: str, object_type_id: str | int = "1", *,
-        traits: Mapping[str, Any] | None = None, user_id: str | None = None,
-        anonymous_id: str | None = None, timestamp: Any = None,
-        context: Mapping[str, Any] | None = None,
-        integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
-        run: str | None = None, idempotency_key: str | None = None,
-    ) -> EnqueueResult:
-        """Create or update an object (a group call), optionally relating a person to it.
-
-        >>> outbox.upsert_object("acme", traits={"name": "Acme", "plan": "pro"})
-        >>> outbox.upsert_object("acme", "2", traits={"name": "Acme"}, user_id="u1")
-
-        ``traits`` are the object's attributes; ``traits.object_type_id`` is set to
-        ``object_type_id`` as a string of digits. With neither ``user_id`` nor
-        ``anonymous_id`` the call carries ``anonymousId`` ``object:<type>:<id>`` (see
-        :func:`object_anonymous_id`), so that no real person is related to the object.
-        """
-        type_id = _type_id(object_type_id, "traits.object_type_id")
-        object_id = _object_id(object_id, "groupId")
-        if user_id is None and anonymous_id is None:
-            anonymous_id = object_anonymous_id(object_id, type_id)
-        return self._call("group", run, idempotency_key, dict(
-            userId=user_id, anonymousId=anonymous_id, groupId=object_id,
-            traits={**(traits or {}), "object_type_id": type_id}, timestamp=timestamp,
-            context=context, integrations=integrations, messageId=message_id))
-
-    def relate(
-        self, user_id: str, object_id: str, object_type_id: str | int = "1", *,
-        traits: Mapping[str, Any] | None = None, timestamp: Any = None,
-        context: Mapping[str, Any] | None = None,
-        integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
-        run: str | None = None, idempotency_key: str | None = None,
-    ) -> EnqueueResult:
-        """Relate a person to an object, creating the object if needed (a group call).
-
-        >>> outbox.relate("u1", "acme")
-        >>> outbox.relate("u1", "course-7", 2, traits={"title": "Statistics"})
-
-        ``traits`` update the object's attributes. Relationship attributes are not sent:
-        the API document defines no field for them in group calls.
-        """
-        if user_id is None:
-            raise MessageError("group: userId is required to relate a person", field="userId")
-        return self.upsert_object(
-            object_id, object_type_id, traits=traits, user_id=user_id, timestamp=timestamp,
-            context=context, integrations=integrations, message_id=message_id, run=run,
-            idempotency_key=idempotency_key)
-
-    def delete_object(
-        self, object_id: str, object_type_id: str | int = "1", *,
-        anonymous_id: str | None = None, timestamp: Any = None,
-        context: Mapping[str, Any] | None = None,
-        integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
-        run: str | None = None, idempotency_key: str | None = None,
-    ) -> EnqueueResult:
-        """Delete an object (track "Object Deleted" with properties objectId, objectTypeId).
-
-        >>> outbox.delete_object("acme")
-
-        ``objectTypeId`` is sent as an integer, the type the API document gives it. The event
-        needs an ``anonymousId`` whose value Customer.io ignores: by default the same
-        ``object:<type>:<id>`` that :meth:`upsert_object` uses, which keeps an object's
-        upserts and its deletion in order.
-        """
-        type_id = _type_id(object_type_id, "properties.objectTypeId")
-        object_id = _object_id(object_id, "properties.objectId")
-        if anonymous_id is None:
-            anonymous_id = object_anonymous_id(object_id, type_id)
-        return self.track_semantic(
-            "Object Deleted", anonymous_id=anonymous_id,
-            properties={"objectId": object_id, "objectTypeId": int(type_id)},
-            timestamp=timestamp, context=context, integrations=integrations,
-            message_id=message_id, run=run, idempotency_key=idempotency_key)
-
-    def unrelate(
-        self, user_id: str, object_id: str, object_type_id: str | int = "1", *,
-        timestamp: Any = None, context: Mapping[str, Any] | None = None,
-        integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
-        run: str | None = None, idempotency_key: str | None = None,
-    ) -> EnqueueResult:
-        """Remove the relationship between a person and an object (track "Relationship Deleted").
-
-        >>> outbox.unrelate("u1", "acme")
-
-        The object itself stays; ``objectTypeId`` is sent as an integer.
-        """
-        type_id = _type_id(object_type_id, "properties.objectTypeId")
-        object_id = _object_id(object_id, "properties.objectId")
-        return self.track_semantic(
-            "Relationship Deleted", user_id,
-            properties={"objectId": object_id, "objectTypeId": int(type_id)},
-            timestamp=timestamp, context=context, integrations=integrations,
-            message_id=message_id, run=run, idempotency_key=idempotency_key)
-
-    # -- bulk ----------------------------------------------------------------------------
-
-    def enqueue_rows(
-        self, rows: Any, *, call_type: str = "identify", user_id: str | None = "id",
-        anonymous_id: str | None = None, event: str | None = None,
-        event_column: str | None = None,
-        traits: Sequence[str] | Mapping[str, str] | None = None,
-        properties: Sequence[str] | Mapping[str, str] | None = None,
-        timestamp: str | None = None, message_id: str | None = None,
-        idempotency_key: str | None = None, run: str | None = None,
-        on_invalid: str = "skip", start: int = 0, chunk_size: int = DEFAULT_ROWS_CHUNK,
-    ) -> EnqueueResult:
-        """Enqueue one identify or track call per row of a DataFrame or an iterable of dicts.
-
-        >>> outbox.enqueue_rows(people_df, user_id="id", traits=["email", "plan"],
-        ...                     run="import-2024-05")
-        >>> outbox.enqueue_rows(orders, call_type="track", event="Order Completed",
-        ...                     user_id="customer_id", timestamp="ordered_at", run="orders")
-
-        Columns: ``user_id`` / ``anonymous_id`` name the id columns; ``traits`` (identify) or
-        ``properties`` (track) list the columns to send (a ``{field: column}`` mapping
-        renames), and by default every other column is sent. A track needs ``event`` (one
-        name for all rows) or ``event_column``. ``timestamp`` names a column of datetimes or
-        ISO-8601 strings.
-
-        Values: missing values (None, NaN, NaT, pandas NA) are left out of traits and
-        properties, never sent as null (a trait you want to clear needs an explicit call).
-        numpy scalars become numbers, datetimes and pandas Timestamps ISO-8601 UTC strings.
-        Integral float ids (42.0, from an int column with gaps) are sent as "42".
-
-        Reruns: with ``run``, each row's messageId derives from the run, the call type, the
-        event and the row number (from ``start``), so enqueueing the same rows again adds
-        nothing; keep one run name per source table. ``idempotency_key`` names a column whose
-        value is the idempotency key instead, ``message_id`` a column holding messageIds.
-        Without any of them every row gets a random messageId.
-
-        Invalid rows: ``on_invalid="skip"`` (default) enqueues the valid rows and lists the
-        others in ``result.rejected`` (``index`` is the row number, counted from ``start``,
-        with the reason and field). ``"raise"`` checks every row first and writes nothing if
-        any is invalid, raising :class:`InvalidRowsError` (a MessageError) that lists them.
-        Track rows whose event is a semantic event are checked against its schema too.
-
-        A DataFrame is read ``chunk_size`` rows at a time; pandas is not needed otherwise.
-        """
-        if on_invalid not in ("skip", "raise"):
-            raise ValueError("on_invalid must be 'skip' or 'raise'")
-        if call_type not in ROW_CALL_TYPES:
-            raise ValueError(f"call_type must be one of {', '.join(ROW_CALL_TYPES)}")
-        if chunk_size < 1:
-            raise ValueError("chunk_size must be at least 1")
-        if user_id is None and anonymous_id is None:
-            raise ValueError("name a user_id or anonymous_id column")
-        if message_id is not None and idempotency_key is not None:
-            raise ValueError("give either message_id or idempotency_key, not both")
-        if call_type == "identify":
-            if event is not None or event_column is not None or properties is not None:
-                raise ValueError("identify rows take traits=, not event or properties")
-            fields = traits
-        else:
-            if traits is not None:
-                raise ValueError("track rows take properties=, not traits")
-            if (event is None) == (event_column is None):
-                raise ValueError("track rows need exactly one of event= or event_column=")
-            fields = properties
-        columns = _Columns(
-            call_type=call_type, user_id=user_id, anonymous_id=anonymous_id, event=event,
-            event_column=event_column, fields=fields, timestamp=timestamp,
-            message_id=message_id, idempotency_key=idempotency_key)
-        checked = call_type == "track"
-        source = _rows_of(rows, columns, chunk_size)
-        if on_invalid == "raise":
-            return self._rows_or_raise(source, columns, run, start, checked)
-        return self._rows_skipping(source, columns, run, start, checked, chunk_size)
-
-    # -- helpers -------------------------------------------------------------------------
-
-    def _message_for(self, call_type: str, fields: dict[str, Any], message_id: str | None,
-                     idempotency_key: str | None) -> Message:
-        """Validate one call given by wire fields (None values dropped), as ``_call`` does."""
-        clean = {k: v for k, v in fields.items() if v is not None}
-        if message_id is not None and idempotency_key is not None:
+def wire_call(call_type: str, fields: Mapping[str, Any], idempotency_key: str | None = None,
+              message_id: str | None = None) -> dict[str, Any]:
+    """A call in wire shape from keyword fields: None values left out, the messageId taken
+    from ``message_id`` (or ``fields["messageId"]``) or the idempotency key, never both."""
+    wire: dict[str, Any] = {"type": call_type}
+    for name, value in fields.items():
+        if value is not None:
+            wire[name] = value
+    if message_id is not None:
+        wire["messageId"] = message_id
+    if idempotency_key is not None:
+        if "messageId" in wire:
             raise MessageError("give either message_id or idempotency_key, not both",
                                field="messageId")
-        if message_id is not None:
-            clean["messageId"] = message_id
-        elif idempotency_key is not None:
-            clean["messageId"] = message_id_for(idempotency_key)
-        return build(call_type, clean)
+        wire["messageId"] = message_id_for(idempotency_key)
+    return wire
 
-    def _row_message(self, row: Mapping[Any, Any], columns: _Columns, position: int,
-                     run: str | None, checked: bool) -> Message:
-        message = build(columns.call_type, columns.fields(row, position, run))
-        if checked and message.event in _semantic().SEMANTIC_EVENTS:  # type: ignore[attr-defined]
-            _check_semantic(message.event, message.userId,  # type: ignore[attr-defined]
-                            message.anonymousId, message.properties,  # type: ignore[attr-defined]
-                            message.context)
-        return message
 
-    def _rows_skipping(self, source: Iterable[Mapping[Any, Any]], columns: _Columns,
-                       run: str | None, start: int, checked: bool,
-                       chunk_size: int) -> EnqueueResult:
-        from cio_outbox.outbox import EnqueueResult, Rejection
+# -- the calls ----------------------------------------------------------------------------
 
-        total = EnqueueResult()
-        messages: list[Message] = []
-        positions: list[int] = []
 
-        def flush() -> None:
-            if not messages:
-                return
-            done = self.enqueue_many(messages, run=run, chunk_size=len(messages))
-            total.added += done.added
-            total.skipped += done.skipped
-            for rejection in done.rejected:  # errors found while encoding (size, JSON)
-                rejection.index = positions[rejection.index]
-                total.rejected.append(rejection)
-            messages.clear()
-            positions.clear()
+def identify(
+    user_id: str | None = None, *, anonymous_id: str | None = None,
+    traits: Mapping[str, Any] | None = None, timestamp: Any = None,
+    context: Mapping[str, Any] | None = None, integrations: Mapping[str, bool] | None = None,
+    message_id: str | None = None, idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """The wire call of :meth:`cio_outbox.Outbox.identify` (see there)."""
+    return wire_call("identify", idempotency_key=idempotency_key,
+                     fields=dict(
+        userId=user_id, anonymousId=anonymous_id, traits=traits, timestamp=timestamp,
+        context=context, integrations=integrations, messageId=message_id))
 
+
+def track(
+    user_id: str | None, event: str, *, properties: Mapping[str, Any] | None = None,
+    anonymous_id: str | None = None, timestamp: Any = None,
+    context: Mapping[str, Any] | None = None, integrations: Mapping[str, bool] | None = None,
+    message_id: str | None = None, idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """The wire call of :meth:`cio_outbox.Outbox.track` (see there)."""
+    return wire_call("track", idempotency_key=idempotency_key,
+                     fields=dict(
+        userId=user_id, anonymousId=anonymous_id, event=event, properties=properties,
+        timestamp=timestamp, context=context, integrations=integrations,
+        messageId=message_id))
+
+
+def page(
+    user_id: str | None = None, name: str | None = None, *,
+    properties: Mapping[str, Any] | None = None, anonymous_id: str | None = None,
+    timestamp: Any = None, context: Mapping[str, Any] | None = None,
+    integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """The wire call of :meth:`cio_outbox.Outbox.page` (see there)."""
+    return wire_call("page", idempotency_key=idempotency_key,
+                     fields=dict(
+        userId=user_id, anonymousId=anonymous_id, name=name, properties=properties,
+        timestamp=timestamp, context=context, integrations=integrations,
+        messageId=message_id))
+
+
+def screen(
+    user_id: str | None = None, name: str | None = None, *,
+    properties: Mapping[str, Any] | None = None, anonymous_id: str | None = None,
+    timestamp: Any = None, context: Mapping[str, Any] | None = None,
+    integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """The wire call of :meth:`cio_outbox.Outbox.screen` (see there)."""
+    return wire_call("screen", idempotency_key=idempotency_key,
+                     fields=dict(
+        userId=user_id, anonymousId=anonymous_id, name=name, properties=properties,
+        timestamp=timestamp, context=context, integrations=integrations,
+        messageId=message_id))
+
+
+def group(
+    user_id: str | None, group_id: str, *, traits: Mapping[str, Any] | None = None,
+    anonymous_id: str | None = None, timestamp: Any = None,
+    context: Mapping[str, Any] | None = None, integrations: Mapping[str, bool] | None = None,
+    message_id: str | None = None, idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """The wire call of :meth:`cio_outbox.Outbox.group` (see there)."""
+    return wire_call("group", idempotency_key=idempotency_key,
+                     fields=dict(
+        userId=user_id, anonymousId=anonymous_id, groupId=group_id, traits=traits,
+        timestamp=timestamp, context=context, integrations=integrations,
+        messageId=message_id))
+
+
+def alias(
+    user_id: str, previous_id: str, *, timestamp: Any = None,
+    context: Mapping[str, Any] | None = None, integrations: Mapping[str, bool] | None = None,
+    message_id: str | None = None, idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """The wire call of :meth:`cio_outbox.Outbox.alias` (see there)."""
+    return wire_call("alias", idempotency_key=idempotency_key,
+                     fields=dict(
+        userId=user_id, previousId=previous_id, timestamp=timestamp, context=context,
+        integrations=integrations, messageId=message_id))
+
+
+def track_semantic(
+    name: str, user_id: str | None = None, *, anonymous_id: str | None = None,
+    properties: Mapping[str, Any] | None = None, context: Mapping[str, Any] | None = None,
+    timestamp: Any = None, integrations: Mapping[str, bool] | None = None,
+    message_id: str | None = None, idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """The wire call of :meth:`cio_outbox.Outbox.track_semantic` (see there)."""
+    try:
+        _semantic().lookup(name)
+    except KeyError as exc:
+        raise MessageError(f"{exc.args[0]}; custom events go through track()",
+                           field="event") from None
+    fields = dict(userId=user_id, anonymousId=anonymous_id, event=name,
+                  properties=properties, context=context, timestamp=timestamp,
+                  integrations=integrations)
+    # enqueue checks the event's required fields, as it does for every track call.
+    return wire_call("track", fields, idempotency_key, message_id)
+
+
+def delete_person(
+    user_id: str, *, properties: Mapping[str, Any] | None = None,
+    timestamp: Any = None, context: Mapping[str, Any] | None = None,
+    integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """The wire call of :meth:`cio_outbox.Outbox.delete_person` (see there)."""
+    return track_semantic(
+        "User Deleted", user_id, properties=properties, timestamp=timestamp,
+        context=context, integrations=integrations,
+        message_id=message_id, idempotency_key=idempotency_key)
+
+
+def suppress_person(
+    user_id: str, *, properties: Mapping[str, Any] | None = None,
+    timestamp: Any = None, context: Mapping[str, Any] | None = None,
+    integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """The wire call of :meth:`cio_outbox.Outbox.suppress_person` (see there)."""
+    return track_semantic(
+        "User Suppressed", user_id, properties=properties, timestamp=timestamp,
+        context=context, integrations=integrations,
+        message_id=message_id, idempotency_key=idempotency_key)
+
+
+def unsuppress_person(
+    user_id: str, *, properties: Mapping[str, Any] | None = None,
+    timestamp: Any = None, context: Mapping[str, Any] | None = None,
+    integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """The wire call of :meth:`cio_outbox.Outbox.unsuppress_person` (see there)."""
+    return track_semantic(
+        "User Unsuppressed", user_id, properties=properties, timestamp=timestamp,
+        context=context, integrations=integrations,
+        message_id=message_id, idempotency_key=idempotency_key)
+
+
+def add_device(
+    user_id: str, token: str, *, device_type: str | None = None,
+    attributes: Mapping[str, Any] | None = None, timestamp: Any = None,
+    context: Mapping[str, Any] | None = None,
+    integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """The wire call of :meth:`cio_outbox.Outbox.add_device` (see there)."""
+    return track_semantic(
+        "Device Created or Updated", user_id, properties=attributes,
+        context=_device_context(context, token, device_type), timestamp=timestamp,
+        integrations=integrations,
+        message_id=message_id, idempotency_key=idempotency_key)
+
+
+def delete_device(
+    user_id: str, token: str, *, device_type: str | None = None,
+    timestamp: Any = None, context: Mapping[str, Any] | None = None,
+    integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """The wire call of :meth:`cio_outbox.Outbox.delete_device` (see there)."""
+    return track_semantic(
+        "Device Deleted", user_id, context=_device_context(context, token, device_type),
+        timestamp=timestamp, integrations=integrations,
+        message_id=message_id, idempotency_key=idempotency_key)
+
+
+def upsert_object(
+    object_id: str, object_type_id: str | int = "1", *,
+    traits: Mapping[str, Any] | None = None, user_id: str | None = None,
+    anonymous_id: str | None = None, timestamp: Any = None,
+    context: Mapping[str, Any] | None = None,
+    integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """The wire call of :meth:`cio_outbox.Outbox.upsert_object` (see there)."""
+    type_id = _type_id(object_type_id, "traits.object_type_id")
+    object_id = _object_id(object_id, "groupId")
+    if user_id is None and anonymous_id is None:
+        anonymous_id = object_anonymous_id(object_id, type_id)
+    return wire_call("group", idempotency_key=idempotency_key,
+                     fields=dict(
+        userId=user_id, anonymousId=anonymous_id, groupId=object_id,
+        traits={**(traits or {}), "object_type_id": type_id}, timestamp=timestamp,
+        context=context, integrations=integrations, messageId=message_id))
+
+
+def relate(
+    user_id: str, object_id: str, object_type_id: str | int = "1", *,
+    traits: Mapping[str, Any] | None = None, timestamp: Any = None,
+    context: Mapping[str, Any] | None = None,
+    integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """The wire call of :meth:`cio_outbox.Outbox.relate` (see there)."""
+    if user_id is None:
+        raise MessageError("group: userId is required to relate a person", field="userId")
+    return upsert_object(
+        object_id, object_type_id, traits=traits, user_id=user_id, timestamp=timestamp,
+        context=context, integrations=integrations,
+        message_id=message_id, idempotency_key=idempotency_key)
+
+
+def delete_object(
+    object_id: str, object_type_id: str | int = "1", *,
+    anonymous_id: str | None = None, timestamp: Any = None,
+    context: Mapping[str, Any] | None = None,
+    integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """The wire call of :meth:`cio_outbox.Outbox.delete_object` (see there)."""
+    type_id = _type_id(object_type_id, "properties.objectTypeId")
+    object_id = _object_id(object_id, "properties.objectId")
+    if anonymous_id is None:
+        anonymous_id = object_anonymous_id(object_id, type_id)
+    return track_semantic(
+        "Object Deleted", anonymous_id=anonymous_id,
+        properties={"objectId": object_id, "objectTypeId": int(type_id)},
+        timestamp=timestamp, context=context, integrations=integrations,
+        message_id=message_id, idempotency_key=idempotency_key)
+
+
+def unrelate(
+    user_id: str, object_id: str, object_type_id: str | int = "1", *,
+    timestamp: Any = None, context: Mapping[str, Any] | None = None,
+    integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """The wire call of :meth:`cio_outbox.Outbox.unrelate` (see there)."""
+    type_id = _type_id(object_type_id, "properties.objectTypeId")
+    object_id = _object_id(object_id, "properties.objectId")
+    return track_semantic(
+        "Relationship Deleted", user_id,
+        properties={"objectId": object_id, "objectTypeId": int(type_id)},
+        timestamp=timestamp, context=context, integrations=integrations,
+        message_id=message_id, idempotency_key=idempotency_key)
+
+
+# -- semantic events and bulk rows ------------------------------------------------------
+
+
+def semantic_events(category: str | None = None) -> SemanticEventTable:
+    """The semantic event catalogue as a table (see :meth:`cio_outbox.Outbox.semantic_events`)."""
+    semantic = _semantic()
+    if category is not None and category not in semantic.CATEGORIES:
+        raise ValueError(f"category {category!r} is not one of: "
+                         f"{', '.join(semantic.CATEGORIES)}")
+    return SemanticEventTable(
+        {"name": event.name, "category": event.category,
+         "requires": event.required_fields, "description": event.description}
+        for event in semantic.SEMANTIC_EVENTS.values()
+        if category is None or event.category == category
+    )
+
+
+def enqueue_rows(
+    storage: Storage, rows: Any, *, call_type: str = "identify", user_id: str | None = "id",
+    anonymous_id: str | None = None, event: str | None = None,
+    event_column: str | None = None,
+    traits: Sequence[str] | Mapping[str, str] | None = None,
+    properties: Sequence[str] | Mapping[str, str] | None = None,
+    timestamp: str | None = None, message_id: str | None = None,
+    idempotency_key: str | None = None, run: str | None = None,
+    on_invalid: str = "skip", start: int = 0, chunk_size: int = DEFAULT_ROWS_CHUNK,
+) -> EnqueueResult:
+    """Enqueue one call per row into ``storage`` (see :meth:`cio_outbox.Outbox.enqueue_rows`)."""
+    intake.check_on_invalid(on_invalid)
+    if call_type not in ROW_CALL_TYPES:
+        raise ValueError(f"call_type must be one of {', '.join(ROW_CALL_TYPES)}")
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be at least 1")
+    if user_id is None and anonymous_id is None:
+        raise ValueError("name a user_id or anonymous_id column")
+    if message_id is not None and idempotency_key is not None:
+        raise ValueError("give either message_id or idempotency_key, not both")
+    if call_type == "identify":
+        if event is not None or event_column is not None or properties is not None:
+            raise ValueError("identify rows take traits=, not event or properties")
+        fields = traits
+    else:
+        if traits is not None:
+            raise ValueError("track rows take properties=, not traits")
+        if (event is None) == (event_column is None):
+            raise ValueError("track rows need exactly one of event= or event_column=")
+        fields = properties
+    columns = _Columns(
+        call_type=call_type, user_id=user_id, anonymous_id=anonymous_id, event=event,
+        event_column=event_column, fields=fields, timestamp=timestamp,
+        message_id=message_id, idempotency_key=idempotency_key)
+    source = _rows_of(rows, columns, chunk_size)
+    if on_invalid == "raise":
+        return _rows_or_raise(storage, source, columns, run, start, chunk_size)
+    return _rows_skipping(storage, source, columns, run, start, chunk_size)
+
+
+def _row(row: Mapping[Any, Any], columns: _Columns, position: int,
+         run: str | None) -> NewRow:
+    fields = columns.fields(row, position, run)
+    fields["type"] = columns.call_type
+    return intake.prepare(fields, run, owned=True)
+
+def _rows_skipping(storage: Storage, source: Iterable[Mapping[Any, Any]], columns: _Columns,
+                   run: str | None, start: int, chunk_size: int) -> EnqueueResult:
+    total = EnqueueResult()
+
+    def rows() -> Iterator[NewRow]:
         for position, row in enumerate(source, start):
             try:
-                messages.append(self._row_message(row, columns, position, run, checked))
-                positions.append(position)
+                yield _row(row, columns, position, run)
             except MessageError as exc:
                 total.rejected.append(Rejection(position, str(exc), exc.field))
-            if len(messages) >= chunk_size:
-                flush()
-        flush()
-        total.rejected.sort(key=lambda r: r.index)
-        return total
 
-    def _rows_or_raise(self, source: Iterable[Mapping[Any, Any]], columns: _Columns,
-                       run: str | None, start: int, checked: bool) -> EnqueueResult:
-        from cio_outbox.outbox import Rejection
+    total.added, total.skipped = intake.write(storage, rows(), chunk_size)
+    return total
 
-        rejected: list[Rejection] = []
-        messages: list[Message] = []
-        for position, row in enumerate(source, start):
-            try:
-                message = self._row_message(row, columns, position, run, checked)
-                message.encode()  # size and JSON problems too, before anything is written
-                messages.append(message)
-            except MessageError as exc:
-                rejected.append(Rejection(position, str(exc), exc.field))
-        if rejected:
-            raise InvalidRowsError(rejected)
-        return self.enqueue_many(messages, run=run, on_invalid="raise", start=start,
-                                 chunk_size=max(len(messages), 1))
+def _rows_or_raise(storage: Storage, source: Iterable[Mapping[Any, Any]], columns: _Columns,
+                   run: str | None, start: int, chunk_size: int) -> EnqueueResult:
+    rejected: list[Rejection] = []
+    prepared: list[NewRow] = []
+    for position, row in enumerate(source, start):
+        try:
+            prepared.append(_row(row, columns, position, run))
+        except MessageError as exc:
+            rejected.append(Rejection(position, str(exc), exc.field))
+    if rejected:
+        raise InvalidRowsError(rejected)
+    added, skipped = intake.write(storage, prepared, chunk_size)
+    return EnqueueResult(added=added, skipped=skipped)
 
 
 def _device_context(context: Mapping[str, Any] | None, token: str,
@@ -759,24 +689,3 @@ def _device_context(context: Mapping[str, Any] | None, token: str,
         device["type"] = device_type
     merged["device"] = device
     return merged
-
-
-def _check_semantic(name: str, user_id: str | None, anonymous_id: str | None,
-                    properties: Mapping[str, Any] | None,
-                    context: Mapping[str, Any] | None) -> None:
-    """semantic.check_semantic on JSON-ready values; MessageError naming event and field."""
-    plain_properties = _plain(properties, "properties")
-    plain_context = _plain(context, "context")
-    try:
-        _semantic().check_semantic(name, plain_properties, user_id=user_id,
-                                anonymous_id=anonymous_id, context=plain_context)
-    except ValueError as exc:
-        from cio_outbox.spec import check_call
-
-        message: dict[str, Any] = {"type": "track", "event": name}
-        for key, value in (("userId", user_id), ("anonymousId", anonymous_id),
-                           ("properties", plain_properties), ("context", plain_context)):
-            if value is not None:
-                message[key] = value
-        found = check_call("track", message)
-        raise MessageError(str(exc), field=found[0].field if found else None) from None

@@ -12,75 +12,42 @@ survives a crash of this process (and, with ``synchronous="FULL"``, a power loss
 from __future__ import annotations
 
 import datetime as _dt
-import functools
-import gc
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from itertools import islice
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from cio_outbox.client import DEFAULT_TIMEOUT, Client
+from cio_outbox import intake, operations
 from cio_outbox.config import ApiKey, Target, resolve_target
-from cio_outbox.messages import Message, MessageError, build, from_wire, message_id_for
-from cio_outbox.operations import Operations, _check_semantic
+from cio_outbox.messages import Message
+from cio_outbox.results import EnqueueResult, Progress, Rejection, WorkerResult
 from cio_outbox.retention import parse_age as parse_age  # where it used to live
-from cio_outbox.storage import NewRow, Storage, open_storage
+from cio_outbox.settings import (
+    DEFAULT_GZIP,
+    DEFAULT_OUTBOX,
+    DEFAULT_STRICT_MODE,
+    DEFAULT_TIMEOUT,
+    Settings,
+)
+from cio_outbox.storage import Storage, open_storage
 from cio_outbox.storage.base import CHUNK_ROWS
-from cio_outbox.worker import Progress, Worker, WorkerResult
 
 if TYPE_CHECKING:
     from cio_outbox.inspection import FailedPage
     from cio_outbox.repair import FixResult
     from cio_outbox.retention import PurgePlan
+    from cio_outbox.worker import Worker
 
-DEFAULT_PATH = "outbox.db"
+__all__ = ["DEFAULT_PATH", "EnqueueResult", "Outbox", "Rejection", "default_location",
+           "parse_age"]
+
+DEFAULT_PATH = DEFAULT_OUTBOX
 
 
 def default_location() -> str:
     """``CIO_OUTBOX`` if set, else ``./outbox.db``."""
-    return os.environ.get("CIO_OUTBOX") or DEFAULT_PATH
-
-
-@dataclass
-class Rejection:
-    """One input that was not enqueued: where it was, which field, and why."""
-
-    index: int
-    error: str
-    field: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "field": self.field, "error": self.error}
-
-
-@dataclass
-class EnqueueResult:
-    """What an enqueue did: rows added, rows skipped (their messageId existed), rows refused."""
-
-    added: int = 0
-    skipped: int = 0
-    rejected: list[Rejection] = field(default_factory=list)
-    message_ids: list[str] = field(default_factory=list)
-
-    @property
-    def message_id(self) -> str | None:
-        return self.message_ids[0] if len(self.message_ids) == 1 else None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "added": self.added,
-            "skipped": self.skipped,
-            "rejected": [r.as_dict() for r in self.rejected],
-        }
-
-    def _repr_html_(self) -> str:  # a readable cell output in notebooks
-        return (
-            f"<b>added</b> {self.added:,} &nbsp; <b>skipped</b> {self.skipped:,} &nbsp; "
-            f"<b>rejected</b> {len(self.rejected):,}"
-        )
+    return Settings.from_env().outbox
 
 
 def _iso(ts: float | None) -> str | None:
@@ -89,7 +56,7 @@ def _iso(ts: float | None) -> str | None:
     return _dt.datetime.fromtimestamp(ts, _dt.UTC).isoformat(timespec="milliseconds")
 
 
-class Outbox(Operations):
+class Outbox:
     """A durable outbox of Pipelines API calls, in an SQLite file (or PostgreSQL URL).
 
     ``location`` defaults to ``CIO_OUTBOX`` or ``./outbox.db``. ``synchronous="FULL"``
@@ -127,35 +94,6 @@ class Outbox(Operations):
 
     # -- enqueue -----------------------------------------------------------------------
 
-    @staticmethod
-    def _row(message: Message, run: str | None) -> NewRow:
-        if message.call_type == "track" and message.event in _semantic_names():  # type: ignore[attr-defined]
-            # A track call named like a semantic event must carry what that event needs,
-            # whichever call wrote it: the API would refuse it at send time otherwise.
-            _check_semantic(message.event, message.userId,  # type: ignore[attr-defined]
-                            message.anonymousId, message.properties,  # type: ignore[attr-defined]
-                            message.context)
-        payload, size = message.encode()
-        return NewRow(message.messageId, run or "", message.call_type, message.person,
-                      payload, size)
-
-    @staticmethod
-    def _message(call: Mapping[str, Any] | Message, idempotency_key: str | None) -> Message:
-        if isinstance(call, Message):
-            message = call
-            if idempotency_key is not None:
-                message = message.model_copy(
-                    update={"messageId": message_id_for(idempotency_key)}
-                )
-            return message
-        if idempotency_key is not None:
-            if call.get("messageId") is not None:
-                raise MessageError(
-                    "give either messageId or idempotency_key, not both", field="messageId"
-                )
-            call = {**call, "messageId": message_id_for(idempotency_key)}
-        return from_wire(call)
-
     def enqueue(
         self,
         call: Mapping[str, Any] | Message,
@@ -167,12 +105,11 @@ class Outbox(Operations):
 
         >>> outbox.enqueue({"type": "track", "userId": "u1", "event": "Paid"})
 
-        Raises :class:`MessageError` (naming the field) when the call is invalid;
-        nothing is written then.
+        A call without ``timestamp`` is stamped with the time of this call. Raises
+        :class:`MessageError` (naming the field) when the call is invalid; nothing is
+        written then.
         """
-        message = self._message(call, idempotency_key)
-        added = self.storage.insert([self._row(message, run)])
-        return EnqueueResult(added=added, skipped=1 - added, message_ids=[message.messageId])
+        return intake.enqueue_one(self.storage, call, run=run, idempotency_key=idempotency_key)
 
     def enqueue_many(
         self,
@@ -186,59 +123,19 @@ class Outbox(Operations):
     ) -> EnqueueResult:
         """Write many calls in chunked transactions (each chunk is durable once written).
 
+        >>> outbox.enqueue_many(calls, run="import", idempotency_keys=lambda i, call: call["id"])
+
         ``on_invalid="skip"`` (default) enqueues the valid calls and reports each invalid
         one in ``result.rejected`` with its index and reason; ``"raise"`` validates
         everything first and writes nothing if any call is invalid.
         ``idempotency_keys``: one key per call, or a function ``(index, call) -> key``,
-        so that re-running an interrupted import adds no duplicates.
+        so that re-running an interrupted import adds no duplicates. Calls without a
+        messageId or key get time-ordered ids, calls without ``timestamp`` the time of
+        enqueue.
         """
-        if on_invalid not in ("skip", "raise"):
-            raise ValueError("on_invalid must be 'skip' or 'raise'")
-        result = EnqueueResult()
-        keys: Iterator[str] | None = None
-        key_of: Callable[[int, Any], str] | None = None
-        if callable(idempotency_keys):
-            key_of = idempotency_keys
-        elif idempotency_keys is not None:
-            keys = iter(idempotency_keys)
-
-        def rows() -> Iterator[NewRow]:
-            for index, call in enumerate(calls, start):
-                key = key_of(index, call) if key_of else (next(keys) if keys else None)
-                try:
-                    yield self._row(self._message(call, key), run)
-                except MessageError as exc:
-                    result.rejected.append(Rejection(index, str(exc), exc.field))
-
-        if on_invalid == "raise":
-            checked = list(rows())
-            if result.rejected:
-                first = result.rejected[0]
-                raise MessageError(
-                    f"{len(result.rejected)} call(s) invalid, nothing written; "
-                    f"first at index {first.index}: {first.error}",
-                    field=first.field,
-                )
-            source: Iterable[NewRow] = checked
-        else:
-            source = rows()
-        counted = _Counted(_built_in_chunks(source, chunk_size))
-        result.added = self.storage.insert(counted, chunk_size=chunk_size)
-        result.skipped = counted.count - result.added
-        return result
-
-    def _call(self, call_type: str, run: str | None, idempotency_key: str | None,
-              fields: dict[str, Any]) -> EnqueueResult:
-        message_id = fields.pop("messageId", None)
-        if message_id is not None:
-            fields["messageId"] = message_id
-        clean = {k: v for k, v in fields.items() if v is not None}
-        if idempotency_key is not None and "messageId" in clean:
-            raise MessageError("give either message_id or idempotency_key, not both",
-                               field="messageId")
-        if idempotency_key is not None:
-            clean["messageId"] = message_id_for(idempotency_key)
-        return self.enqueue(build(call_type, clean), run=run)
+        return intake.enqueue_many(
+            self.storage, calls, run=run, idempotency_keys=idempotency_keys,
+            on_invalid=on_invalid, chunk_size=chunk_size, start=start)
 
     def identify(
         self, user_id: str | None = None, *, anonymous_id: str | None = None,
@@ -250,9 +147,10 @@ class Outbox(Operations):
 
         >>> outbox.identify("u1", traits={"email": "ada@example.com"}, run="import")
         """
-        return self._call("identify", run, idempotency_key, dict(
-            userId=user_id, anonymousId=anonymous_id, traits=traits, timestamp=timestamp,
-            context=context, integrations=integrations, messageId=message_id))
+        return self.enqueue(operations.identify(
+            user_id, anonymous_id=anonymous_id, traits=traits, timestamp=timestamp,
+            context=context, integrations=integrations, message_id=message_id,
+            idempotency_key=idempotency_key), run=run)
 
     def track(
         self, user_id: str | None, event: str, *, properties: Mapping[str, Any] | None = None,
@@ -264,10 +162,10 @@ class Outbox(Operations):
 
         >>> outbox.track("u1", "Order Placed", properties={"total": 42.5})
         """
-        return self._call("track", run, idempotency_key, dict(
-            userId=user_id, anonymousId=anonymous_id, event=event, properties=properties,
+        return self.enqueue(operations.track(
+            user_id, event, properties=properties, anonymous_id=anonymous_id,
             timestamp=timestamp, context=context, integrations=integrations,
-            messageId=message_id))
+            message_id=message_id, idempotency_key=idempotency_key), run=run)
 
     def page(
         self, user_id: str | None = None, name: str | None = None, *,
@@ -280,10 +178,10 @@ class Outbox(Operations):
 
         >>> outbox.page("u1", "Pricing", properties={"url": "https://example.com/pricing"})
         """
-        return self._call("page", run, idempotency_key, dict(
-            userId=user_id, anonymousId=anonymous_id, name=name, properties=properties,
+        return self.enqueue(operations.page(
+            user_id, name, properties=properties, anonymous_id=anonymous_id,
             timestamp=timestamp, context=context, integrations=integrations,
-            messageId=message_id))
+            message_id=message_id, idempotency_key=idempotency_key), run=run)
 
     def screen(
         self, user_id: str | None = None, name: str | None = None, *,
@@ -296,10 +194,10 @@ class Outbox(Operations):
 
         >>> outbox.screen("u1", "Settings")
         """
-        return self._call("screen", run, idempotency_key, dict(
-            userId=user_id, anonymousId=anonymous_id, name=name, properties=properties,
+        return self.enqueue(operations.screen(
+            user_id, name, properties=properties, anonymous_id=anonymous_id,
             timestamp=timestamp, context=context, integrations=integrations,
-            messageId=message_id))
+            message_id=message_id, idempotency_key=idempotency_key), run=run)
 
     def group(
         self, user_id: str | None, group_id: str, *, traits: Mapping[str, Any] | None = None,
@@ -311,10 +209,10 @@ class Outbox(Operations):
 
         >>> outbox.group("u1", "acme", traits={"object_type_id": "1", "name": "Acme"})
         """
-        return self._call("group", run, idempotency_key, dict(
-            userId=user_id, anonymousId=anonymous_id, groupId=group_id, traits=traits,
+        return self.enqueue(operations.group(
+            user_id, group_id, traits=traits, anonymous_id=anonymous_id,
             timestamp=timestamp, context=context, integrations=integrations,
-            messageId=message_id))
+            message_id=message_id, idempotency_key=idempotency_key), run=run)
 
     def alias(
         self, user_id: str, previous_id: str, *, timestamp: Any = None,
@@ -325,9 +223,285 @@ class Outbox(Operations):
 
         >>> outbox.alias("u1", "old-anon-id")
         """
-        return self._call("alias", run, idempotency_key, dict(
-            userId=user_id, previousId=previous_id, timestamp=timestamp, context=context,
-            integrations=integrations, messageId=message_id))
+        return self.enqueue(operations.alias(
+            user_id, previous_id, timestamp=timestamp, context=context,
+            integrations=integrations, message_id=message_id,
+            idempotency_key=idempotency_key), run=run)
+
+    # -- semantic events, people, devices, objects ------------------------------------
+
+    def track_semantic(
+        self, name: str, user_id: str | None = None, *, anonymous_id: str | None = None,
+        properties: Mapping[str, Any] | None = None, context: Mapping[str, Any] | None = None,
+        timestamp: Any = None, integrations: Mapping[str, bool] | None = None,
+        message_id: str | None = None, run: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> EnqueueResult:
+        """Send a semantic event (a track call whose name means something to Customer.io).
+
+        >>> outbox.track_semantic("Email Bounced", "u1", properties={"email_id": "e-42"})
+
+        ``name`` must be in the catalogue (``outbox.semantic_events()``); the call is checked
+        against that event's schema before it is written, and a :class:`MessageError` names
+        the event and the missing field, e.g. ``Email Bounced: properties.email_id is
+        required (Email Bounced requires userId or anonymousId, properties.email_id)``.
+        Custom events go through :meth:`track`.
+        """
+        return self.enqueue(operations.track_semantic(
+            name, user_id, anonymous_id=anonymous_id, properties=properties,
+            context=context, timestamp=timestamp, integrations=integrations,
+            message_id=message_id, idempotency_key=idempotency_key), run=run)
+
+    def delete_person(
+        self, user_id: str, *, properties: Mapping[str, Any] | None = None,
+        timestamp: Any = None, context: Mapping[str, Any] | None = None,
+        integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
+        run: str | None = None, idempotency_key: str | None = None,
+    ) -> EnqueueResult:
+        """Delete a person from the workspace (track "User Deleted").
+
+        >>> outbox.delete_person("u1", run="cleanup")
+
+        ``user_id`` may also be the person's email address: Customer.io then looks the
+        person up by email.
+        """
+        return self.enqueue(operations.delete_person(
+            user_id, properties=properties, timestamp=timestamp, context=context,
+            integrations=integrations, message_id=message_id,
+            idempotency_key=idempotency_key), run=run)
+
+    def suppress_person(
+        self, user_id: str, *, properties: Mapping[str, Any] | None = None,
+        timestamp: Any = None, context: Mapping[str, Any] | None = None,
+        integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
+        run: str | None = None, idempotency_key: str | None = None,
+    ) -> EnqueueResult:
+        """Delete a person and keep the id from being added again (track "User Suppressed").
+
+        >>> outbox.suppress_person("u1")
+
+        Meant for compliance requests (GDPR right to be forgotten); see also
+        :meth:`forget`, which removes the person from this outbox file.
+        """
+        return self.enqueue(operations.suppress_person(
+            user_id, properties=properties, timestamp=timestamp, context=context,
+            integrations=integrations, message_id=message_id,
+            idempotency_key=idempotency_key), run=run)
+
+    def unsuppress_person(
+        self, user_id: str, *, properties: Mapping[str, Any] | None = None,
+        timestamp: Any = None, context: Mapping[str, Any] | None = None,
+        integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
+        run: str | None = None, idempotency_key: str | None = None,
+    ) -> EnqueueResult:
+        """Allow a suppressed id to be added again (track "User Unsuppressed").
+
+        >>> outbox.unsuppress_person("u1")
+
+        Nothing of the suppressed person comes back; the id can simply be identified anew.
+        """
+        return self.enqueue(operations.unsuppress_person(
+            user_id, properties=properties, timestamp=timestamp, context=context,
+            integrations=integrations, message_id=message_id,
+            idempotency_key=idempotency_key), run=run)
+
+    def add_device(
+        self, user_id: str, token: str, *, device_type: str | None = None,
+        attributes: Mapping[str, Any] | None = None, timestamp: Any = None,
+        context: Mapping[str, Any] | None = None,
+        integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
+        run: str | None = None, idempotency_key: str | None = None,
+    ) -> EnqueueResult:
+        """Add a push device to a person, or update it (track "Device Created or Updated").
+
+        >>> outbox.add_device("u1", "fcm-token-abc", device_type="android",
+        ...                   attributes={"app_version": "2.4.0"})
+
+        ``token`` goes to ``context.device.token`` and ``device_type`` ("ios" or "android")
+        to ``context.device.type``; ``attributes`` are sent as the event's ``properties``.
+        Other ``context`` keys are kept.
+        """
+        return self.enqueue(operations.add_device(
+            user_id, token, device_type=device_type, attributes=attributes,
+            timestamp=timestamp, context=context, integrations=integrations,
+            message_id=message_id, idempotency_key=idempotency_key), run=run)
+
+    def delete_device(
+        self, user_id: str, token: str, *, device_type: str | None = None,
+        timestamp: Any = None, context: Mapping[str, Any] | None = None,
+        integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
+        run: str | None = None, idempotency_key: str | None = None,
+    ) -> EnqueueResult:
+        """Remove a push device from a person (track "Device Deleted").
+
+        >>> outbox.delete_device("u1", "fcm-token-abc")
+        """
+        return self.enqueue(operations.delete_device(
+            user_id, token, device_type=device_type, timestamp=timestamp,
+            context=context, integrations=integrations, message_id=message_id,
+            idempotency_key=idempotency_key), run=run)
+
+    def upsert_object(
+        self, object_id: str, object_type_id: str | int = "1", *,
+        traits: Mapping[str, Any] | None = None, user_id: str | None = None,
+        anonymous_id: str | None = None, timestamp: Any = None,
+        context: Mapping[str, Any] | None = None,
+        integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
+        run: str | None = None, idempotency_key: str | None = None,
+    ) -> EnqueueResult:
+        """Create or update an object (a group call), optionally relating a person to it.
+
+        >>> outbox.upsert_object("acme", traits={"name": "Acme", "plan": "pro"})
+        >>> outbox.upsert_object("acme", "2", traits={"name": "Acme"}, user_id="u1")
+
+        ``traits`` are the object's attributes; ``traits.object_type_id`` is set to
+        ``object_type_id`` as a string of digits. With neither ``user_id`` nor
+        ``anonymous_id`` the call carries ``anonymousId`` ``object:<type>:<id>`` (see
+        :func:`object_anonymous_id`), so that no real person is related to the object.
+        """
+        return self.enqueue(operations.upsert_object(
+            object_id, object_type_id, traits=traits, user_id=user_id,
+            anonymous_id=anonymous_id, timestamp=timestamp, context=context,
+            integrations=integrations, message_id=message_id,
+            idempotency_key=idempotency_key), run=run)
+
+    def relate(
+        self, user_id: str, object_id: str, object_type_id: str | int = "1", *,
+        traits: Mapping[str, Any] | None = None, timestamp: Any = None,
+        context: Mapping[str, Any] | None = None,
+        integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
+        run: str | None = None, idempotency_key: str | None = None,
+    ) -> EnqueueResult:
+        """Relate a person to an object, creating the object if needed (a group call).
+
+        >>> outbox.relate("u1", "acme")
+        >>> outbox.relate("u1", "course-7", 2, traits={"title": "Statistics"})
+
+        ``traits`` update the object's attributes. Relationship attributes are not sent:
+        the API document defines no field for them in group calls.
+        """
+        return self.enqueue(operations.relate(
+            user_id, object_id, object_type_id, traits=traits, timestamp=timestamp,
+            context=context, integrations=integrations, message_id=message_id,
+            idempotency_key=idempotency_key), run=run)
+
+    def delete_object(
+        self, object_id: str, object_type_id: str | int = "1", *,
+        anonymous_id: str | None = None, timestamp: Any = None,
+        context: Mapping[str, Any] | None = None,
+        integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
+        run: str | None = None, idempotency_key: str | None = None,
+    ) -> EnqueueResult:
+        """Delete an object (track "Object Deleted" with properties objectId, objectTypeId).
+
+        >>> outbox.delete_object("acme")
+
+        ``objectTypeId`` is sent as an integer, the type the API document gives it. The event
+        needs an ``anonymousId`` whose value Customer.io ignores: by default the same
+        ``object:<type>:<id>`` that :meth:`upsert_object` uses, which keeps an object's
+        upserts and its deletion in order.
+        """
+        return self.enqueue(operations.delete_object(
+            object_id, object_type_id, anonymous_id=anonymous_id, timestamp=timestamp,
+            context=context, integrations=integrations, message_id=message_id,
+            idempotency_key=idempotency_key), run=run)
+
+    def unrelate(
+        self, user_id: str, object_id: str, object_type_id: str | int = "1", *,
+        timestamp: Any = None, context: Mapping[str, Any] | None = None,
+        integrations: Mapping[str, bool] | None = None, message_id: str | None = None,
+        run: str | None = None, idempotency_key: str | None = None,
+    ) -> EnqueueResult:
+        """Remove the relationship between a person and an object (track "Relationship Deleted").
+
+        >>> outbox.unrelate("u1", "acme")
+
+        The object itself stays; ``objectTypeId`` is sent as an integer.
+        """
+        return self.enqueue(operations.unrelate(
+            user_id, object_id, object_type_id, timestamp=timestamp, context=context,
+            integrations=integrations, message_id=message_id,
+            idempotency_key=idempotency_key), run=run)
+
+    def semantic_events(self, category: str | None = None) -> operations.SemanticEventTable:
+        """The catalogue of semantic events, one row per event, for browsing in a notebook.
+
+        >>> outbox.semantic_events("device")
+        [{'name': 'Device Created or Updated', 'category': 'device', 'requires': (...), ...}]
+
+        Each row has ``name``, ``category``, ``requires`` (the field paths the event needs)
+        and ``description``. ``category`` is one of ``semantic.CATEGORIES``.
+        """
+        return operations.semantic_events(category)
+
+    def enqueue_rows(
+        self, rows: Any, *, call_type: str = "identify", user_id: str | None = "id",
+        anonymous_id: str | None = None, event: str | None = None,
+        event_column: str | None = None,
+        traits: Sequence[str] | Mapping[str, str] | None = None,
+        properties: Sequence[str] | Mapping[str, str] | None = None,
+        timestamp: str | None = None, message_id: str | None = None,
+        idempotency_key: str | None = None, run: str | None = None,
+        on_invalid: str = "skip", start: int = 0, chunk_size: int = CHUNK_ROWS,
+    ) -> EnqueueResult:
+        """Enqueue one identify or track call per row of a DataFrame or an iterable of dicts.
+
+        >>> outbox.enqueue_rows(people_df, user_id="id", traits=["email", "plan"],
+        ...                     run="import-2024-05")
+        >>> outbox.enqueue_rows(orders, call_type="track", event="Order Completed",
+        ...                     user_id="customer_id", timestamp="ordered_at", run="orders")
+
+        Columns: ``user_id`` / ``anonymous_id`` name the id columns; ``traits`` (identify) or
+        ``properties`` (track) list the columns to send (a ``{field: column}`` mapping
+        renames), and by default every other column is sent. A track needs ``event`` (one
+        name for all rows) or ``event_column``. ``timestamp`` names a column of datetimes or
+        ISO-8601 strings.
+
+        Values: missing values (None, NaN, NaT, pandas NA) are left out of traits and
+        properties, never sent as null (a trait you want to clear needs an explicit call).
+        numpy scalars become numbers, datetimes and pandas Timestamps ISO-8601 UTC strings.
+        Integral float ids (42.0, from an int column with gaps) are sent as "42".
+
+        Reruns: with ``run``, each row's messageId derives from the run, the call type, the
+        event and the row number (from ``start``), so enqueueing the same rows again adds
+        nothing; keep one run name per source table. ``idempotency_key`` names a column whose
+        value is the idempotency key instead, ``message_id`` a column holding messageIds.
+        Without any of them every row gets a random messageId.
+
+        Invalid rows: ``on_invalid="skip"`` (default) enqueues the valid rows and lists the
+        others in ``result.rejected`` (``index`` is the row number, counted from ``start``,
+        with the reason and field). ``"raise"`` checks every row first and writes nothing if
+        any is invalid, raising :class:`InvalidRowsError` (a MessageError) that lists them.
+        Track rows whose event is a semantic event are checked against its schema too.
+
+        A DataFrame is read ``chunk_size`` rows at a time; pandas is not needed otherwise.
+        """
+        return operations.enqueue_rows(
+            self.storage, rows, call_type=call_type, user_id=user_id,
+            anonymous_id=anonymous_id, event=event, event_column=event_column, traits=traits,
+            properties=properties, timestamp=timestamp, message_id=message_id,
+            idempotency_key=idempotency_key, run=run, on_invalid=on_invalid, start=start,
+            chunk_size=chunk_size)
+
+    def sync(self, source: Any, *, key: str, **options: Any) -> Any:
+        """Make Customer.io match a table, enqueueing only rows whose key is new or whose
+        traits changed since the last sync of the same name (see :mod:`cio_outbox.sync`).
+
+        >>> outbox.sync("customers.csv", key="id")                     # doctest: +SKIP
+        >>> outbox.sync(people_df, key="id", name="crm-people", dry_run=True)  # doctest: +SKIP
+
+        ``source``: a CSV or JSONL file (gzip too), Parquet or Arrow (needs pyarrow), a
+        pandas or polars DataFrame, a pyarrow Table or an iterable of dicts. Options:
+        ``name`` (default: the file name; required for rows from Python), ``mapping``
+        (``["Lifetime Value=traits.ltv:float", ...]``), ``objects=True`` with
+        ``object_type_id``, ``changed_only``, ``clear_missing_traits``,
+        ``delete_missing`` with ``max_delete_share`` (default 0.05), ``dry_run``,
+        ``format``, ``delimiter``, ``on_progress``. Returns a :class:`SyncResult`;
+        raises :class:`DeletionRefused` when too many keys would be deleted.
+        """
+        from cio_outbox.sync import sync
+
+        return sync(self.storage, source, key=key, **options)
 
     # -- draining ----------------------------------------------------------------------
 
@@ -337,21 +511,24 @@ class Outbox(Operations):
         key: str | ApiKey | None = None,
         host: str | None = None,
         region: str | None = None,
-        gzip: bool = True,
+        gzip: bool = DEFAULT_GZIP,
         allow_insecure: bool = False,
         timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
-        strict_mode: bool = True,
+        strict_mode: bool = DEFAULT_STRICT_MODE,
         **options: Any,
     ) -> Worker:
         """A :class:`Worker` for this outbox. The key defaults to ``CIO_API_KEY``, the host
-        to ``CIO_HOST``, the region to ``CIO_REGION`` (see README "Configuration")."""
+        to ``CIO_HOST``, the region to ``CIO_REGION`` (see README "Configuration"); the
+        other defaults are in :mod:`cio_outbox.settings`."""
+        from cio_outbox.client import Client  # requests and tenacity load only to send
+        from cio_outbox.worker import Worker
+
+        env = Settings.from_env()
         api_key = key if isinstance(key, ApiKey) else (
             ApiKey(key) if key is not None else ApiKey.from_env()
         )
         target: Target = resolve_target(
-            api_key,
-            host=host or os.environ.get("CIO_HOST") or None,
-            region=region or os.environ.get("CIO_REGION") or None,
+            api_key, host=host or env.host, region=region or env.region,
             allow_insecure=allow_insecure,
         )
         client = Client(api_key, target, gzip=gzip, timeout=timeout, strict_mode=strict_mode)
@@ -530,48 +707,6 @@ class Outbox(Operations):
         from cio_outbox import inspection
 
         return inspection.timeline(self, run)
-
-
-@functools.cache
-def _semantic_names() -> frozenset[str]:
-    from cio_outbox.semantic import SEMANTIC_EVENTS
-
-    return frozenset(SEMANTIC_EVENTS)
-
-
-def _built_in_chunks(rows: Iterable[NewRow], size: int) -> Iterator[NewRow]:
-    """The same rows, each chunk built with the cyclic garbage collector paused.
-
-    Building a chunk allocates a few objects per call, none in a cycle, yet each burst of
-    allocations makes the collector walk every live container (for a caller holding a
-    list of a million dicts, all of them); pausing it measured 5-13% faster bulk enqueue.
-    It runs again between chunks, so a caller's cyclic garbage stays bounded by a chunk.
-    """
-    iterator = iter(rows)
-    while True:
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            chunk = list(islice(iterator, size))
-        finally:
-            if enabled:
-                gc.enable()
-        if not chunk:
-            return
-        yield from chunk
-
-
-class _Counted:
-    """Counts what passes through an iterable (rows offered to insert)."""
-
-    def __init__(self, source: Iterable[NewRow]) -> None:
-        self.source = source
-        self.count = 0
-
-    def __iter__(self) -> Iterator[NewRow]:
-        for item in self.source:
-            self.count += 1
-            yield item
 
 
 def _print_progress(progress: Progress) -> None:

@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cio_outbox.messages import MessageError, from_wire
+from cio_outbox import intake
+from cio_outbox.messages import MessageError
 
 if TYPE_CHECKING:
     from cio_outbox.outbox import Outbox
@@ -64,7 +65,14 @@ def _corrected(outbox: Outbox, row: Mapping[str, Any], call: Mapping[str, Any],
     if given is not None and given != message_id:
         raise MessageError("the corrected call must keep the same messageId",
                            field="messageId")
-    fixed = outbox._row(from_wire({**call, "messageId": message_id}), row["run"])
+    corrected = {**call, "messageId": message_id}
+    if corrected.get("timestamp") is None:
+        # The event happened when it was first enqueued, not when it was repaired.
+        payload = row.get("payload")
+        original = json.loads(payload) if isinstance(payload, str) else payload or {}
+        if original.get("timestamp"):
+            corrected["timestamp"] = original["timestamp"]
+    fixed = intake.prepare(corrected, row["run"])
     if fixed.person != row["person"] and not allow_person_change:
         raise PersonChangeError(
             f"the corrected call is for {fixed.person!r}, the failed row for "

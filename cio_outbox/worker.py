@@ -10,12 +10,26 @@ Retry policy, declared with tenacity:
   names the batch is split in halves until the bad ones stand alone;
 - 401, 403: stop at once; rows go back to pending with no attempt counted;
 - after ``max_attempts`` answered HTTP attempts a row is dead-lettered with its last
-  error. Attempts that got no answer at all (refused, reset, timed out) are audited
+  error. Attempts that never reached the server (refused, connect timeout) are audited
   but do not count: a network outage never dead-letters a row, it waits and retries.
+- Attempts whose body went out but got no answer (read timeout, connection closed or
+  reset while waiting) "may have arrived": audited as such, retried, and after
+  ``max_unconfirmed`` of them in a row the rows are dead-lettered with a reason saying
+  that they may have arrived (a resend could duplicate them).
 
-While a request is being retried its rows stay leased (the lease is extended),
-so no other sender can take a later message of the same person: one person's
-messages reach the API in the order they were enqueued.
+Fencing: every change to a claimed row goes through the storage's fenced calls, which
+apply only while this worker's claim still holds the row; an outcome for rows no longer
+held is audited as ``late`` and changes nothing. Before each send and each retry the
+worker checks that it still holds its rows (``extend_lease``) and sends only those.
+
+Live leases: a heartbeat thread extends the leases of every row a sender holds, at most a
+quarter of the lease apart, while its request is in flight and while it waits out a
+``Retry-After`` or a backoff. So no other sender can take a later message of the same
+person while an earlier one is unresolved: one person's messages reach the API in the
+order they were enqueued, including when a refused batch is split to isolate a bad one.
+
+A busy or failing database (:class:`StorageError`) does not stop the worker: it backs off
+and tries again, with the error in its progress line.
 """
 
 from __future__ import annotations
@@ -30,7 +44,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from tenacity import (
@@ -38,12 +52,22 @@ from tenacity import (
     RetryError,
     Retrying,
     retry_if_exception_type,
+    stop_after_delay,
     wait_exponential_jitter,
 )
 
 from cio_outbox.batch import MAX_BATCH_BYTES, Row, batch_body, sent_at_now, single_body
 from cio_outbox.client import Client, Reply, TransportError, describe_error
-from cio_outbox.storage.base import Attempt, Storage
+from cio_outbox.errors import CioOutboxError
+from cio_outbox.results import Progress, WorkerResult
+from cio_outbox.settings import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_UNCONFIRMED,
+    DEFAULT_UNREACHABLE_TIMEOUT,
+)
+from cio_outbox.storage.base import Attempt, Storage, StorageError
 
 log = logging.getLogger("cio_outbox.worker")
 
@@ -54,7 +78,7 @@ EXIT_AUTH = 3
 _ITEM_INDEX = re.compile(r"^batch\[(\d+)\]")
 
 
-class WorkerError(RuntimeError):
+class WorkerError(CioOutboxError, RuntimeError):
     """The worker stopped because it cannot go on (bad host, bad key)."""
 
     exit_code = EXIT_FATAL
@@ -79,73 +103,29 @@ class _Stopped(Exception):
     """The worker was asked to stop while this request waited for a retry."""
 
 
-@dataclass
-class Progress:
-    """A snapshot of the worker for a progress line or a notebook."""
+class _Unconfirmed(Exception):
+    """The request went out ``max_unconfirmed`` times without an answer: give up on it."""
 
-    sent: int = 0
-    failed: int = 0
-    requests: int = 0
-    retries: int = 0
-    rejected_requests: int = 0
-    pending: int = 0
-    in_flight: int = 0
-    rate: float = 0.0
-    elapsed: float = 0.0
-    state: str = "starting"
-    last_error: str | None = None
-    # The work of this run: rows done (sent or dead-lettered) plus rows left.
-    total: int = 0
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
 
-    @property
-    def percent(self) -> float | None:
-        """Share of the run's rows done (sent or dead-lettered), 0-100."""
-        if not self.total:
-            return None
-        return 100.0 * min(self.sent + self.failed, self.total) / self.total
 
-    @property
-    def eta_seconds(self) -> float | None:
-        """Seconds until the rows left are sent at the current rate."""
-        left = self.pending + self.in_flight
-        if self.rate <= 0 or not left:
-            return None
-        return left / self.rate
-
-    def line(self) -> str:
-        done = f" ({self.percent:.0f}%)" if self.percent is not None else ""
-        text = (
-            f"sent {self.sent:,}{done}  {self.failed:,} dead-lettered  "
-            f"pending {self.pending:,}  in flight {self.in_flight:,}  {self.rate:,.0f} msg/s"
-        )
-        eta = self.eta_seconds
-        if eta is not None:
-            minutes, seconds = divmod(round(eta), 60)
-            text += f"  ETA {minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 \
-                else f"  ETA {minutes}:{seconds:02d}"
-        if self.state not in ("sending", "done"):
-            text += f"  [{self.state}]"
-        return text
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+class _Lost(Exception):
+    """No row of the request is held any more (its lease lapsed): send nothing."""
 
 
 @dataclass
-class WorkerResult:
-    """How a run ended. ``exit_code`` is what the CLI exits with."""
+class _Claim:
+    """The rows one sender holds for one request, and its unanswered sends so far."""
 
-    sent: int
-    failed: int
-    requests: int
-    retries: int
-    elapsed: float
-    stopped: bool
-    exit_code: int = EXIT_OK
-    error: str | None = None
+    rows: list[Row]
+    unconfirmed: int = 0
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+#: How long an outcome is retried against a busy database before the rows are left to
+#: come back by lease (and be sent again: never lost).
+STORE_PATIENCE = 60.0
 
 
 class Throttle:
@@ -226,12 +206,13 @@ class Worker:
         storage: Storage,
         client: Client,
         *,
-        concurrency: int = 2,
+        concurrency: int = DEFAULT_CONCURRENCY,
         run: str | None = None,
         max_bytes: int = MAX_BATCH_BYTES,
         max_messages: int = 5000,
-        lease_seconds: float = 120.0,
-        max_attempts: int = 10,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        max_unconfirmed: int = DEFAULT_MAX_UNCONFIRMED,
         max_rps: float | None = None,
         backoff_initial: float = 0.5,
         backoff_max: float = 60.0,
@@ -239,12 +220,16 @@ class Worker:
         worker_id: str | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         progress_interval: float = 1.0,
-        unreachable_timeout: float | None = 30.0,
+        unreachable_timeout: float | None = DEFAULT_UNREACHABLE_TIMEOUT,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if max_unconfirmed < 1:
+            raise ValueError("max_unconfirmed must be at least 1")
+        if lease_seconds <= 0:
+            raise ValueError("lease_seconds must be positive")
         if not 0 < max_bytes <= MAX_BATCH_BYTES:
             raise ValueError(f"max_bytes must be between 1 and {MAX_BATCH_BYTES}")
         self.storage = storage
@@ -255,6 +240,7 @@ class Worker:
         self.max_messages = max_messages
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
+        self.max_unconfirmed = max_unconfirmed
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.idle_interval = idle_interval
@@ -277,6 +263,10 @@ class Worker:
         self._counters = _Counters()
         self._state = "starting"
         self._started = 0.0
+        # Rows each sender holds, by sender thread: what the heartbeat keeps leased.
+        self._held: dict[int, _Claim] = {}
+        self._held_lock = threading.Lock()
+        self._last_counts: dict[str, int] = {"pending": 0, "in_flight": 0, "sent": 0, "failed": 0}
 
     # -- control -----------------------------------------------------------------------
 
@@ -303,7 +293,12 @@ class Worker:
         self._started = time.monotonic()
         self._state = "sending"
         self._until_empty = until_empty
-        released = self.storage.release_worker(self.worker_id)
+        try:
+            released = self._store(self.storage.release_worker, self.worker_id)
+        except StorageError as exc:  # those rows come back by lease instead
+            log.warning("could not take back this worker id's rows: %s", exc)
+            self._counters.error(str(exc))
+            released = 0
         if released:
             log.info("took back %d rows this worker id held before a restart", released)
         threads = [
@@ -314,6 +309,10 @@ class Worker:
         ]
         for thread in threads:
             thread.start()
+        senders_done = threading.Event()
+        heartbeat = threading.Thread(target=self._heartbeat, args=(senders_done,),
+                                     name="cio-heartbeat", daemon=True)
+        heartbeat.start()
         deadline = None if timeout is None else time.monotonic() + timeout
         last_report = 0.0
         last_sent = 0
@@ -332,6 +331,8 @@ class Worker:
             self.stop()
             for thread in threads:
                 thread.join()
+        senders_done.set()
+        heartbeat.join(timeout=5)
         self._state = "done" if self._fatal is None else "stopped: " + str(self._fatal)
         if self.on_progress:
             self.on_progress(self._snapshot(None, 0))
@@ -353,7 +354,12 @@ class Worker:
         return self._snapshot(None, 0)
 
     def _snapshot(self, interval: float | None, last_sent: int) -> Progress:
-        counts = self.storage.counts(self.run_filter)
+        try:
+            counts = self.storage.counts(self.run_filter)
+            self._last_counts = counts
+        except StorageError as exc:  # a busy database: show the last counts and the error
+            self._counters.error(str(exc))
+            counts = self._last_counts
         counters = self._counters
         now = time.monotonic()
         elapsed = now - self._started
@@ -412,11 +418,62 @@ class Worker:
         since, sent_then = window[0] if len(window) > 1 else (self._started, 0)
         return (sent - sent_then) / (now - since) if now > since else 0.0
 
+    # -- live leases ------------------------------------------------------------------
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """Seconds between lease extensions: a quarter of the lease, at most 30 s."""
+        return min(self.lease_seconds / 4, 30.0)
+
+    def _heartbeat(self, done: threading.Event) -> None:
+        """Extend the leases of every row a sender holds, a quarter of the lease apart."""
+        while not done.wait(self.heartbeat_interval):
+            with self._held_lock:
+                claims = list(self._held.values())
+            rows = [row for claim in claims for row in claim.rows]
+            if not rows:
+                continue
+            try:
+                self.storage.extend_lease(rows, self.lease_seconds)
+            except StorageError as exc:  # the next beat tries again; the lease has slack
+                log.warning("could not extend leases: %s", exc)
+                self._counters.error(str(exc))
+
+    def _hold(self, claim: _Claim | None) -> None:
+        with self._held_lock:
+            if claim is None:
+                self._held.pop(threading.get_ident(), None)
+            else:
+                self._held[threading.get_ident()] = claim
+
+    def _still_held(self, claim: _Claim) -> None:
+        """Keep only the rows this claim still holds, leasing them anew; _Lost if none."""
+        held = set(self._store(self.storage.extend_lease, claim.rows, self.lease_seconds))
+        lost = [row for row in claim.rows if row.id not in held]
+        if lost:
+            log.info("%d row(s) no longer held (lease lapsed): not sending them", len(lost))
+            claim.rows = [row for row in claim.rows if row.id in held]
+        if not claim.rows:
+            raise _Lost()
+
+    def _store(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A storage write, retried with backoff while the database is busy or failing."""
+        retrying = Retrying(
+            retry=retry_if_exception_type(StorageError),
+            stop=stop_after_delay(STORE_PATIENCE),
+            wait=wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.1),
+            before_sleep=lambda state: self._counters.error(
+                str(state.outcome.exception()) if state.outcome else "storage error"),
+            reraise=True,
+        )
+        return retrying(call, *args, **kwargs)
+
     # -- the sender loop ---------------------------------------------------------------
 
     def _sender(self, until_empty: bool) -> None:
-        try:
-            while not self._stop.is_set():
+        storage_failures = 0
+        while not self._stop.is_set():
+            try:
                 seen = self._changes()
                 rows = self.storage.claim(
                     self.worker_id,
@@ -432,14 +489,30 @@ class Worker:
                         return
                     self._idle(seen)
                     continue
-                self._deliver(rows)
-        except WorkerError as exc:
-            self._fatal = self._fatal or exc
-            self.stop()
-        except Exception as exc:  # a bug or a storage failure: stop, rows come back by lease
-            log.exception("sender stopped")
-            self._fatal = self._fatal or WorkerError(f"worker stopped: {exc}")
-            self.stop()
+                claim = _Claim(list(rows))
+                self._hold(claim)
+                try:
+                    self._deliver(claim.rows)
+                finally:
+                    self._hold(None)
+                storage_failures = 0
+            except WorkerError as exc:
+                self._fatal = self._fatal or exc
+                self.stop()
+                return
+            except StorageError as exc:
+                # A busy or failing database: back off and go on. Rows whose outcome could
+                # not be written come back by lease and are sent again: never lost.
+                storage_failures += 1
+                wait = min(self.backoff_max, self.backoff_initial * 2 ** min(storage_failures, 10))
+                log.warning("storage error, retrying in %.1f s: %s", wait, exc)
+                self._counters.error(str(exc))
+                self._stop.wait(wait)
+            except Exception as exc:  # a bug: stop, rows come back by lease
+                log.exception("sender stopped")
+                self._fatal = self._fatal or WorkerError(f"worker stopped: {exc}")
+                self.stop()
+                return
 
     # Idle senders wait for the storage's signal (rows added, sent, released) rather than
     # polling: claims of lanes other senders of this process hold would find nothing.
@@ -465,29 +538,40 @@ class Worker:
         counts = self.storage.counts(self.run_filter)
         return counts["pending"] == 0 and counts["in_flight"] == 0
 
-    def _deliver(self, rows: Sequence[Row]) -> None:
-        """Send rows as one request, with retries; isolate bad messages on rejection."""
+    def _deliver(self, rows: Sequence[Row]) -> set[str]:
+        """Send rows as one request, with retries; isolate bad messages on rejection.
+
+        Returns the persons with a row released for a later retry: no later row of theirs
+        may go out before it."""
+        # The sender's whole claim is on the heartbeat already; this one tracks the part
+        # being sent (rows lost on the way drop out of it) and its unanswered sends.
+        claim = _Claim(list(rows))
         endpoint = rows[0].endpoint
         try:
-            reply, body_size = self._send_with_retries(rows, endpoint)
+            reply, body_size = self._send_with_retries(claim, endpoint)
+        except _Lost:
+            return set()
         except _Stopped:
-            self.storage.release(rows, next_attempt_at=None)
-            return
+            self._store(self.storage.release, claim.rows, next_attempt_at=None)
+            return {row.person for row in claim.rows}
+        except _Unconfirmed as exc:
+            self._dead_letter([(row, exc.text) for row in claim.rows])
+            return set()
         except _Transient as exc:  # attempts exhausted for some rows
-            self._give_up(rows, exc.text)
-            return
+            return self._give_up(claim.rows, exc.text)
+        rows = claim.rows
         if reply.ok:
-            self.storage.record_attempt(
-                self._attempt(rows, endpoint, body_size, reply, "sent"), count=True, sent=True
-            )
-            self._counters.add(sent=len(rows))
-            return
+            held = self._store(self.storage.record_attempt,
+                               self._attempt(rows, endpoint, body_size, reply, "sent"),
+                               count=True, sent=True)
+            self._counters.add(sent=len(held))
+            self._late(rows, held)
+            return set()
         if reply.status_code in (401, 403):
-            self.storage.record_attempt(
-                self._attempt(rows, endpoint, body_size, reply, "auth", reply.describe()),
-                count=False,
-            )
-            self.storage.release(rows)
+            self._store(self.storage.record_attempt,
+                        self._attempt(rows, endpoint, body_size, reply, "auth", reply.describe()),
+                        count=False)
+            self._store(self.storage.release, rows)
             target = self.client.target
             region = target.region.upper() if target.region else "custom host"
             raise AuthError(
@@ -499,27 +583,32 @@ class Worker:
             self._counters.add(rejected_requests=1)
             error = reply.describe()
             self._counters.last_error = error  # not a retry: the progress line stays calm
-            self.storage.record_attempt(
-                self._attempt(rows, endpoint, body_size, reply, "rejected", error), count=True
-            )
-            self._isolate(rows, reply)
-            return
+            held_ids = set(self._store(
+                self.storage.record_attempt,
+                self._attempt(rows, endpoint, body_size, reply, "rejected", error), count=True))
+            self._late(rows, held_ids)
+            still = [row for row in rows if row.id in held_ids]
+            return self._isolate(still, reply) if still else set()
         # Anything else (404, 405, ...) means we are not talking to the Pipelines API.
-        self.storage.record_attempt(
-            self._attempt(rows, endpoint, body_size, reply, "fatal", reply.describe()),
-            count=False,
-        )
-        self.storage.release(rows)
+        self._store(self.storage.record_attempt,
+                    self._attempt(rows, endpoint, body_size, reply, "fatal", reply.describe()),
+                    count=False)
+        self._store(self.storage.release, rows)
         raise WorkerError(
             f"{self.client.target.url(endpoint)} answered {reply.describe()}; "
             "is --host the Pipelines API?"
         )
 
-    def _isolate(self, rows: Sequence[Row], reply: Reply) -> None:
+    def _late(self, rows: Sequence[Row], held: Sequence[int] | set[int]) -> None:
+        late = len(rows) - len(set(held))
+        if late:
+            log.info("an answer came for %d row(s) no longer held; audited as late", late)
+
+    def _isolate(self, rows: Sequence[Row], reply: Reply) -> set[str]:
         """Dead-letter the bad message(s) of a rejected request and resend the rest."""
         if len(rows) == 1:
             self._dead_letter([(rows[0], reply.describe())])
-            return
+            return set()
         named: dict[int, list[str]] = {}
         for error in reply.errors:
             match = _ITEM_INDEX.match(str(error.get("field", "")))
@@ -532,23 +621,43 @@ class Worker:
             ]
             self._dead_letter(bad)
             good = [row for i, row in enumerate(rows) if i not in named]
-            if good:
-                self._deliver(good)
-            return
+            return self._deliver(good) if good else set()
         middle = len(rows) // 2
-        # In order, one after the other, so that a person's messages stay in order.
-        self._deliver(rows[:middle])
-        self._deliver(rows[middle:])
+        # In order, one after the other, so that a person's messages stay in order; and a
+        # person with a row of the first half waiting for a retry keeps the rest waiting.
+        parts = [list(rows[:middle]), list(rows[middle:])]
+        waiting: set[str] = set()
+        try:
+            while parts:
+                part = parts.pop(0)
+                blocked = [row for row in part if row.person in waiting]
+                if blocked:
+                    self._hold_back(blocked)
+                    part = [row for row in part if row.person not in waiting]
+                if part:
+                    waiting |= self._deliver(part)
+        except BaseException:
+            # Stopping for good (auth, a bug): give the rows not yet tried back now.
+            rest = [row for part in parts for row in part]
+            if rest:
+                self.storage.release(rest)
+            raise
+        return waiting
+
+    def _hold_back(self, rows: Sequence[Row]) -> None:
+        """Release rows whose person has an earlier row waiting: they go after it."""
+        self._store(self.storage.release, rows,
+                    next_attempt_at=time.time() + self.backoff_initial)
 
     def _dead_letter(self, bad: Sequence[tuple[Row, str]]) -> None:
-        self.storage.dead_letter(bad)
-        self._counters.add(failed=len(bad))
+        done = self._store(self.storage.dead_letter, bad)
+        self._counters.add(failed=len(done))
         self._counters.dead_letter(bad[0][1])
         # info, not warning: an unconfigured logger would print every one to stderr;
         # dead letters are counted in the progress line and listed by `failed`.
-        log.info("dead-lettered %d message(s): %s", len(bad), bad[0][1])
+        log.info("dead-lettered %d message(s): %s", len(done), bad[0][1])
 
-    def _give_up(self, rows: Sequence[Row], error: str) -> None:
+    def _give_up(self, rows: Sequence[Row], error: str) -> set[str]:
         """Attempts ran out: dead-letter the rows that used them all, release the others."""
         exhausted = [row for row in rows if row.attempts >= self.max_attempts]
         others = [row for row in rows if row.attempts < self.max_attempts]
@@ -557,7 +666,8 @@ class Worker:
                 [(row, f"gave up after {row.attempts} attempts: {error}") for row in exhausted]
             )
         if others:
-            self.storage.release(others, next_attempt_at=time.time() + self.backoff_initial)
+            self._hold_back(others)
+        return {row.person for row in others}
 
     # -- one request with retries ------------------------------------------------------
 
@@ -571,32 +681,31 @@ class Worker:
         if self._stop.wait(seconds):
             raise _Stopped()
 
-    def _send_with_retries(self, rows: Sequence[Row], endpoint: str) -> tuple[Reply, int]:
+    def _send_with_retries(self, claim: _Claim, endpoint: str) -> tuple[Reply, int]:
         retrying = Retrying(
             retry=retry_if_exception_type(_Transient),
             # Only answered attempts count: a network outage never dead-letters a row.
-            stop=lambda state: max(row.attempts for row in rows) >= self.max_attempts,
+            stop=lambda state: max(row.attempts for row in claim.rows) >= self.max_attempts,
             wait=self._wait,
             sleep=self._sleep,
-            before_sleep=lambda state: self._before_retry(rows, state),
+            before_sleep=lambda state: self._counters.add(retries=1),
             reraise=True,
         )
         try:
             for attempt in retrying:
                 with attempt:
-                    return self._send_once(rows, endpoint)
+                    return self._send_once(claim, endpoint)
         except RetryError as exc:  # pragma: no cover - reraise=True re-raises the cause
             raise exc.last_attempt.exception() or _Transient("retries exhausted") from None
         raise AssertionError("unreachable")
 
-    def _before_retry(self, rows: Sequence[Row], state: RetryCallState) -> None:
-        self._counters.add(retries=1)
-        wait = state.upcoming_sleep or 0.0
-        self.storage.extend_lease(rows, self.lease_seconds + wait)
-
-    def _send_once(self, rows: Sequence[Row], endpoint: str) -> tuple[Reply, int]:
+    def _send_once(self, claim: _Claim, endpoint: str) -> tuple[Reply, int]:
         if not self.throttle.acquire(self._stop):
             raise _Stopped()
+        # Before each send and each retry, as late as possible: a worker paused past its
+        # lease (SIGSTOP, a suspended laptop) must not send rows another worker now holds.
+        self._still_held(claim)
+        rows = claim.rows
         sent_at = sent_at_now()
         if endpoint == "alias":
             body = single_body(rows[0].payload, sent_at)
@@ -606,8 +715,18 @@ class Worker:
         try:
             reply = self.client.send(endpoint, body)
         except TransportError as exc:
-            self._transient(rows, endpoint, len(body), None, str(exc), None, count=False)
-            self._give_up_if_never_answered(rows, exc)
+            if exc.may_have_arrived:
+                claim.unconfirmed += 1
+                self._transient(rows, endpoint, len(body), None, str(exc), None,
+                                count=False, outcome="may have arrived")
+                if claim.unconfirmed >= self.max_unconfirmed:
+                    raise _Unconfirmed(
+                        f"may have arrived: sent {claim.unconfirmed} times without an answer "
+                        f"(last: {exc}); check the workspace before requeueing, a resend "
+                        "could duplicate it") from None
+            else:
+                self._transient(rows, endpoint, len(body), None, str(exc), None, count=False)
+                self._give_up_if_never_answered(rows, exc)
             raise _Transient(str(exc)) from None
         self._answered.set()
         if reply.status_code == 429 or reply.status_code == 408 or reply.status_code >= 500:
@@ -634,20 +753,22 @@ class Worker:
 
     def _transient(
         self, rows: Sequence[Row], endpoint: str, size: int, reply: Reply | None,
-        error: str, latency_ms: float | None, *, count: bool = True,
+        error: str, latency_ms: float | None, *, count: bool = True, outcome: str = "",
     ) -> None:
         self._counters.error(error)
-        self.storage.record_attempt(
+        held = set(self._store(
+            self.storage.record_attempt,
             Attempt(
                 worker_id=self.worker_id, endpoint=endpoint, rows=rows, bytes=size,
                 status_code=reply.status_code if reply else None, latency_ms=latency_ms,
-                outcome="retry" if count else "no answer", error=error,
+                outcome=outcome or ("retry" if count else "no answer"), error=error,
             ),
             count=count,
-        )
+        ))
         if count:
             for row in rows:
-                row.attempts += 1
+                if row.id in held:
+                    row.attempts += 1
 
     def _attempt(
         self, rows: Sequence[Row], endpoint: str, size: int, reply: Reply, outcome: str,

@@ -22,6 +22,7 @@ from cio_outbox import Outbox
 from cio_outbox.cli import ProgressPrinter, cli
 from cio_outbox.demo import POISON_EVENT
 from cio_outbox.importers import CHUNK_SIZE
+from cio_outbox.intake import line_message_id
 from cio_outbox.messages import message_id_for
 from cio_outbox.sandbox import Sandbox, SandboxProcess
 from cio_outbox.worker import Progress
@@ -72,7 +73,8 @@ def test_enqueue_jsonl_keeps_valid_lines_reports_invalid_ones_and_exits_2(
     assert "line" not in result.stdout.replace("lines", "")
     with Outbox(db) as outbox:
         assert outbox.status()["pending"] == 3
-        assert outbox.history(message_id_for("people.jsonl:5")) is not None
+        assert outbox.history(line_message_id("people.jsonl", 5,
+                                              path.read_bytes().splitlines()[4])) is not None
 
     again = _run(runner, "enqueue", str(path), "--db", db, "--json")
     assert again.exit_code == 2
@@ -91,7 +93,8 @@ def test_enqueue_all_valid_exits_0_and_uses_run_and_env_db(
     assert result.stderr == ""
     with Outbox(db) as outbox:
         assert outbox.status("wave-1")["pending"] == 4
-        assert outbox.history(message_id_for("wave-1:1")) is not None
+        assert outbox.history(line_message_id("wave-1", 1,
+                                              path.read_bytes().splitlines()[0])) is not None
 
 
 def test_enqueue_csv_with_column_options(runner: CliRunner, db: str, tmp_path: Path) -> None:
@@ -142,7 +145,7 @@ def test_enqueue_stdin_needs_a_run(runner: CliRunner, db: str) -> None:
     taken = runner.invoke(cli, ["enqueue", "-", "--db", db, "--run", "pipe"], input=line)
     assert taken.exit_code == 0, taken.output
     with Outbox(db) as outbox:
-        assert outbox.history(message_id_for("pipe:1")) is not None
+        assert outbox.history(line_message_id("pipe", 1, line.strip().encode())) is not None
 
 
 def test_storage_error_exits_1(runner: CliRunner, tmp_path: Path) -> None:
@@ -532,4 +535,6 @@ def test_enqueue_killed_partway_then_rerun_gives_exactly_one_row_per_line(
     with sqlite3.connect(db) as conn:
         ids = [mid for (mid,) in conn.execute("SELECT message_id FROM messages")]
     assert len(ids) == lines
-    assert set(ids) == {message_id_for(f"big.jsonl:{n}") for n in range(1, lines + 1)}
+    content = path.read_bytes().splitlines()
+    assert set(ids) == {line_message_id("big.jsonl", n, content[n - 1])
+                        for n in range(1, lines + 1)}

@@ -129,3 +129,81 @@ def test_no_proxy_or_netrc_environment_leaks_the_key_into_errors() -> None:
     reply = _client("sk_us_topsecret").send("batch", json.dumps({"batch": []}).encode())
     assert reply.status_code == 401
     assert "topsecret" not in reply.describe()
+
+
+# -- text from the network is scrubbed of the key ----------------------------------------
+
+PREFIXED = "sk_us_Pr1vateSecret9d8e7f"
+LEGACY = "legacyWriteKey-7f3a9c1e5b"
+
+
+def _key_forms(raw: str) -> list[str]:
+    return [raw, raw[-12:], base64.b64encode(f"{raw}:".encode()).decode()]
+
+
+@pytest.mark.parametrize("raw", [PREFIXED, LEGACY], ids=["bearer", "basic"])
+@pytest.mark.parametrize("status", [400, 401, 500])
+@responses.activate
+def test_credentials_echoed_in_an_error_body_are_scrubbed(raw: str, status: int) -> None:
+    header = ApiKey(raw).authorization()
+    responses.post(URL, status=status, json={"meta": {"error": f"key not recognised: {header}",
+                                                      "errors": [{"message": f"bad {raw}",
+                                                                  "field": raw[-10:]}]}})
+    responses.post(URL, status=status, json={"meta": {"error": f"key not recognised: {header}"}})
+    responses.post(URL, status=status, body=f"denied for ...{raw[4:]} (was {header})")
+    client = _client(raw)
+    texts = []
+    for _ in range(3):
+        reply = client.send("batch", b"{}")
+        texts += [reply.describe(), reply.text, json.dumps(reply.errors)]
+    for text in texts:
+        for form in _key_forms(raw):
+            assert form not in text, text
+    assert "key not recognised: " in texts[3] and "[redacted]" in texts[3]
+    assert texts[3].startswith(f"HTTP {status}: key not recognised")  # documented meta.error
+
+
+@responses.activate
+def test_a_reason_phrase_is_used_when_the_body_is_empty_and_is_scrubbed() -> None:
+    responses.post(URL, status=503, body=b"")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(requests.Response, "reason", f"Unavailable {PREFIXED}", raising=False)
+        reply = _client(PREFIXED).send("batch", b"{}")
+    assert "Unavailable" in reply.describe() and PREFIXED not in reply.describe()
+
+
+@responses.activate
+def test_a_requests_exception_message_is_scrubbed() -> None:
+    responses.post(URL, body=requests.ConnectionError(f"proxy said {PREFIXED}"))
+    with pytest.raises(TransportError) as caught:
+        _client(PREFIXED).send("batch", b"{}")
+    assert PREFIXED not in str(caught.value) and "[redacted]" in str(caught.value)
+
+
+@pytest.mark.parametrize("failure, may_have_arrived", [
+    (requests.ReadTimeout("read timed out"), True),
+    (requests.ConnectTimeout("connect timed out"), False),
+    (requests.ConnectionError("[Errno 111] Connection refused"), False),
+    (requests.ConnectionError("('Connection aborted.', RemoteDisconnected('Remote end closed "
+                              "connection without response'))"), True),
+    (requests.ConnectionError("('Connection aborted.', ConnectionResetError(104, "
+                              "'Connection reset by peer'))"), True),
+])
+@responses.activate
+def test_transport_errors_say_whether_the_request_may_have_arrived(
+    failure: Exception, may_have_arrived: bool
+) -> None:
+    responses.post(URL, body=failure)
+    with pytest.raises(TransportError) as caught:
+        _client().send("batch", b"{}")
+    assert caught.value.may_have_arrived is may_have_arrived
+
+
+def test_the_scrubber_leaves_ordinary_text_alone() -> None:
+    from cio_outbox.scrub import Scrubber
+
+    scrub = Scrubber(PREFIXED)
+    text = "HTTP 400: batch[3].userId: required; event name too long (max 150)"
+    assert scrub(text) == text
+    assert scrub(f"Authorization: Bearer {'x' * 40}") == "Authorization: Bearer [redacted]"
+    assert scrub(base64.urlsafe_b64encode(f"{PREFIXED}:".encode()).decode()) == "[redacted]"

@@ -20,6 +20,7 @@ from cio_outbox.importers import (
     read_text,
     reader_for,
 )
+from cio_outbox.intake import line_message_id
 from cio_outbox.messages import message_id_for
 
 
@@ -39,7 +40,8 @@ def test_jsonl_lines_become_calls_with_stable_ids_unless_they_carry_one() -> Non
     records = read_text(text, run="r")
     assert [r.line for r in records] == [1, 3]  # the blank line 2 is skipped, not numbered anew
     assert records[0].call is not None and records[1].call is not None
-    assert records[0].call["messageId"] == message_id_for("r:1")
+    first_line = text.splitlines()[0].encode()
+    assert records[0].call["messageId"] == line_message_id("r", 1, first_line)
     assert records[0].call["traits"] == {"plan": "pro"}
     assert records[1].call["messageId"] == "m-7"
     # The same text read again gives the same ids: a rerun finds them already enqueued.
@@ -93,11 +95,12 @@ def test_csv_identify_maps_columns_and_other_columns_become_traits() -> None:
     assert first.call == {
         "type": "identify", "userId": "u1", "timestamp": "2024-01-02T03:04:05Z",
         "traits": {"email": "ada@example.com", "plan": "pro"},
-        "messageId": message_id_for("people.csv:2"),
+        "messageId": line_message_id("people.csv", 2,
+                                     b"u1\x1fada@example.com\x1fpro\x1f2024-01-02T03:04:05Z"),
     }
     # Empty cells are left out rather than sent as "".
     assert second.call == {"type": "identify", "userId": "u2", "traits": {"plan": "free"},
-                           "messageId": message_id_for("people.csv:3")}
+                           "messageId": line_message_id("people.csv", 3, b"u2\x1f\x1ffree\x1f")}
 
 
 def test_csv_track_with_event_column_renames_and_key_column() -> None:
@@ -196,7 +199,7 @@ def test_enqueue_file_keeps_valid_lines_and_reports_invalid_ones(outbox: Outbox,
     assert result.rejections[1].field == "event"
     assert outbox.status()["pending"] == 5
     # The message ids follow the lines, whatever chunk they were written in.
-    row = outbox.history(message_id_for("mixed.jsonl:7"))
+    row = outbox.history(line_message_id("mixed.jsonl", 7, lines[6].encode()))
     assert row is not None and row["message"]["run"] == "mixed.jsonl"
 
     again = enqueue_file(outbox, path, chunk_size=3)

@@ -39,6 +39,7 @@ EXPECTED = {
     "00_setup_and_configuration", "01_people_management", "02_event_tracking",
     "03_objects_and_relationships", "04_device_management", "05_batch_operations",
     "10_user_onboarding", "11_ecommerce_tracking", "12_user_lifecycle", "13_data_migration",
+    "14_nightly_sync",
 }
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
 

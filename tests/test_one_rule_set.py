@@ -56,7 +56,7 @@ BORDERLINE: list[tuple[str, dict[str, Any], bool]] = [
     ("null timestamp", {"type": "track", "userId": "u1", "event": "E", "timestamp": None},
      True),
     ("null messageId", {"type": "track", "userId": "u1", "event": "E", "messageId": None},
-     False),
+     True),
     ("integrations All true", {"type": "track", "userId": "u1", "event": "E",
                                "integrations": {"All": True}}, True),
     ("integrations with options", {"type": "track", "userId": "u1", "event": "E",

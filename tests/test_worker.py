@@ -150,7 +150,7 @@ def test_400_without_item_indexes_is_isolated_by_splitting(outbox: Outbox) -> No
         return (200, {}, "{}")
 
     key = ApiKey("testkey")
-    client = Client(key, resolve_target(key, host="https://cdp.customer.io"))
+    client = Client(key, resolve_target(key, host="https://cdp.customer.io"), gzip=False)
     with responses.RequestsMock() as mock:
         mock.add_callback(responses.POST, "https://cdp.customer.io/v1/batch", callback=answer)
         result = Worker(outbox.storage, client, concurrency=1).run(until_empty=True)
@@ -349,3 +349,110 @@ def test_progress_line_says_what_is_wrong_while_retrying(outbox: Outbox) -> None
                for line in lines), lines
     status = outbox.status()
     assert status["pending"] == 10 and status["in_flight"] == 0  # released on stop
+
+
+# -- fencing, live leases, busy databases (issue 14) ---------------------------------------
+
+
+def test_the_heartbeat_keeps_a_lease_alive_through_a_request_longer_than_it(
+    outbox: Outbox,
+) -> None:
+    """A 1 s lease and a server that takes 2.5 s: the lease never lapses meanwhile."""
+    outbox.enqueue_many(_events(30, persons=3))
+    worker = outbox.worker(host="http://127.0.0.1:1", key="sandbox-key", lease_seconds=1.0)
+    assert worker.heartbeat_interval <= 0.25
+    with Sandbox(latency=2.5) as slow:
+        worker = outbox.worker(host=slow.url, key=slow.key, lease_seconds=1.0, concurrency=1,
+                               timeout=(2.0, 10.0), backoff_initial=0.01, backoff_max=0.05)
+        done: list = []
+        thread = threading.Thread(target=lambda: done.append(worker.run(until_empty=True)))
+        thread.start()
+        time.sleep(0.3)
+        leases = []
+        while thread.is_alive():
+            rows = outbox.rows(status="in_flight", limit=100)
+            leases += [r["lease_expires_at"] for r in rows if r["lease_expires_at"]]
+            assert not rows or outbox.storage.claim(
+                "intruder", lease_seconds=1.0, max_bytes=MAX_BATCH_BYTES, max_messages=100
+            ) == [], "another worker could take rows while the request was in flight"
+            time.sleep(0.2)
+        thread.join()
+        worker.client.close()
+        assert done[0].sent == 30 and slow.stats()["duplicates"] == 0
+    assert len(set(leases)) >= 3  # the lease was renewed several times
+
+
+def test_an_outcome_for_rows_no_longer_held_changes_nothing(outbox: Outbox) -> None:
+    """The fenced calls as the worker uses them: a stale claim's 200 is audited as late."""
+    from cio_outbox.storage.base import Attempt
+
+    outbox.enqueue_many(_events(3, persons=3))
+    stale = outbox.storage.claim("w1", lease_seconds=0.2, max_bytes=MAX_BATCH_BYTES,
+                                 max_messages=10)
+    time.sleep(0.3)
+    fresh = outbox.storage.claim("w2", lease_seconds=60, max_bytes=MAX_BATCH_BYTES,
+                                 max_messages=10)
+    assert [r.id for r in fresh] == [r.id for r in stale]
+    assert outbox.storage.extend_lease(stale, 60) == []
+    held = outbox.storage.record_attempt(
+        Attempt(worker_id="w1", endpoint="batch", rows=stale, bytes=1, status_code=200,
+                latency_ms=1.0, outcome="sent"), count=True, sent=True)
+    assert held == []
+    assert outbox.status()["in_flight"] == 3
+    assert [a["outcome"] for a in outbox.log()] == ["late"]
+
+
+def test_a_worker_meets_a_busy_database_with_backoff_and_goes_on(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    import sqlite3
+
+    from cio_outbox.client import Client
+    from cio_outbox.storage.sqlite import SQLiteStorage
+
+    db = tmp_path / "busy.db"
+    with Outbox(db) as box:
+        box.enqueue_many(_events(200, persons=10))
+    storage = SQLiteStorage(db, busy_timeout=0.2)
+    sandbox.configure(latency=0.05)  # 40 requests: about 2 s of work
+    key = ApiKey(sandbox.key)
+    client = Client(key, resolve_target(key, host=sandbox.url))
+    seen: list[str] = []
+    worker = Worker(storage, client, max_messages=5, backoff_initial=0.05, backoff_max=0.2,
+                    lease_seconds=5, on_progress=lambda p: seen.append(p.last_error or ""),
+                    progress_interval=0.05)
+    locker = sqlite3.connect(db, isolation_level=None)
+    done: list = []
+    thread = threading.Thread(target=lambda: done.append(worker.run(until_empty=True,
+                                                                    timeout=60)))
+    thread.start()
+    time.sleep(0.3)
+    locker.execute("BEGIN IMMEDIATE")  # a write lock held well past the busy timeout
+    time.sleep(1.5)
+    locker.execute("COMMIT")
+    locker.close()
+    thread.join(timeout=60)
+    client.close()
+    result = done[0]
+    assert result.exit_code == 0 and result.error is None
+    assert result.sent == 200 and set(_received_ids(sandbox)) == {
+        r["message_id"] for r in Outbox(db).rows(limit=1000)}
+    assert any("locked" in text or "busy" in text for text in seen), seen
+    storage.close()
+
+
+def test_worker_cli_takes_a_short_lease(tmp_path: Path, sandbox: Sandbox) -> None:
+    db = tmp_path / "lease.db"
+    with Outbox(db) as box:
+        box.enqueue_many(_events(50))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CIO_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "cio_outbox", "worker", "--db", str(db), "--host", sandbox.url,
+         "--until-empty", "--lease", "1", "--json"],
+        env={**env, "CIO_API_KEY": sandbox.key}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["sent"] == 50
+    bad = subprocess.run(
+        [sys.executable, "-m", "cio_outbox", "worker", "--db", str(db), "--lease", "0"],
+        env={**env, "CIO_API_KEY": sandbox.key}, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--lease" in bad.stderr

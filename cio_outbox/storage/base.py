@@ -18,10 +18,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from cio_outbox.errors import CioOutboxError
+
 STATUSES = ("pending", "in_flight", "sent", "failed")
 
 
-class StorageError(RuntimeError):
+class StorageError(CioOutboxError, RuntimeError):
     """The outbox file or database cannot be used; the text says which and what to do."""
 
 
@@ -182,5 +184,9 @@ class Storage(Protocol):
         ...
 
     def forget(self, person: str) -> int: ...
+
+    def sync_transaction(self, body: Any, *, write: bool = True) -> Any:
+        """``body(tx)`` in one transaction with the sync state of
+        :mod:`cio_outbox.storage.sync_state` (see :meth:`SQLStorage.sync_transaction`)."""
 
     def close(self) -> None: ...

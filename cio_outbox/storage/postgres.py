@@ -274,14 +274,30 @@ class PostgresStorage(SQLStorage):
                 [lane_of(r.person, lanes) for r in chunk],
             ))
         else:
-            cur.execute("CREATE TEMP TABLE cio_new_rows (m text, r text, c text, p text,"
-                        " b text, z int, n int, o int) ON COMMIT DROP")
+            # IF NOT EXISTS and the DELETE below: a transaction may insert more than once
+            # (a sync writes its new rows and its deletions together).
+            cur.execute("CREATE TEMP TABLE IF NOT EXISTS cio_new_rows (m text, r text, c text,"
+                        " p text, b text, z int, n int, o int) ON COMMIT DROP")
             with cur.copy("COPY cio_new_rows FROM STDIN") as copy:
                 for order, r in enumerate(chunk):
                     copy.write_row((r.message_id, r.run, r.call_type, r.person, r.payload,
                                     r.size, lane_of(r.person, lanes), order))
             cur.execute(insert.replace("{source}", "cio_new_rows"))
+            added = {(run, "pending"): n for run, n in cur.fetchall()}
+            cur.execute("DELETE FROM cio_new_rows")
+            return added
         return {(run, "pending"): n for run, n in cur.fetchall()}
+
+    def _sync_dialect(self) -> Any:
+        from cio_outbox.storage import sync_state
+
+        return sync_state.postgres(self._s)
+
+    def _create_sync_state(self, cur: Any) -> None:
+        # Two processes creating the table at once would collide: one at a time.
+        cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                    (self._migrate_key,))
+        super()._create_sync_state(cur)
 
     def _lock_chosen(self, cur: Any, chosen: list[Row]) -> list[Row]:
         cur.execute(

@@ -160,6 +160,15 @@ class SQLStorage:
         """Rewrite the storage so that deleted rows leave no trace."""
         raise NotImplementedError
 
+    def _read_tx(self, body: Callable[[Any], T]) -> T:
+        """A transaction that reads consistently and may write only temporary tables
+        (SQLite takes no write lock for it); by default a write transaction."""
+        return self._tx(body)
+
+    def _sync_dialect(self) -> Any:
+        """The SQL of :mod:`cio_outbox.storage.sync_state` for this dialect."""
+        raise NotImplementedError
+
     # -- queries -----------------------------------------------------------------------
 
     _rendered: dict[str, str]
@@ -555,6 +564,38 @@ class SQLStorage:
     def purge_sent(self, before: float) -> int:
         return self._tx(lambda cur: self._removed(cur, "status = 'sent' AND sent_at < ?",
                                                   (before,))[0])
+
+    # -- recurring syncs (issue 20): the table and its SQL are in storage/sync_state.py ----
+
+    def _create_sync_state(self, cur: Any) -> None:
+        from cio_outbox.storage import sync_state
+
+        sync_state.create(cur, self._sync_dialect())
+
+    def sync_transaction(self, body: Callable[[Any], T], *, write: bool = True) -> T:
+        """``body(tx)`` in one transaction: it reads and writes sync state through ``tx.db``
+        and adds messages with ``tx.insert(rows)``; all of it commits together or not at
+        all, so a sync killed at any moment has enqueued a change exactly when it recorded
+        its fingerprint. ``write=False`` for bodies that write only temporary tables."""
+        from cio_outbox.storage import sync_state
+
+        dialect = self._sync_dialect()
+        if not self.__dict__.get("_sync_ready"):
+            self._tx(self._create_sync_state)
+            self._sync_ready = True
+
+        def run(cur: Any) -> T:
+            def insert(rows: Iterable[NewRow]) -> int:
+                chunk = list(rows)
+                if not chunk:
+                    return 0
+                deltas = self._insert_chunk(cur, chunk)
+                self._shift(cur, deltas)
+                return sum(deltas.values())
+
+            return body(sync_state.SyncTransaction(cur, dialect, insert))
+
+        return self._tx(run) if write else self._read_tx(run)
 
     def purgeable(self, before: float) -> list[dict[str, Any]]:
         """What :meth:`purge_sent` would delete, by run: rows and their sent_at range."""

@@ -169,9 +169,17 @@ class SQLiteStorage(SQLStorage):
 
     def _tx(self, body: Callable[[Any], T]) -> T:
         """One write transaction, taken up front so that it never dead-locks on upgrade."""
+        return self._transaction("BEGIN IMMEDIATE", body)
+
+    def _read_tx(self, body: Callable[[Any], T]) -> T:
+        """A deferred transaction: consistent reads (and the connection's temporary tables)
+        without taking the write lock."""
+        return self._transaction("BEGIN", body)
+
+    def _transaction(self, begin: str, body: Callable[[Any], T]) -> T:
         conn = self.conn
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(begin)
             result = body(conn)
             conn.execute("COMMIT")
             return result
@@ -299,6 +307,14 @@ class SQLiteStorage(SQLStorage):
 
     def __repr__(self) -> str:
         return f"SQLiteStorage({self.location!r})"
+
+    # -- recurring syncs (issue 20): the table and its SQL are in storage/sync_state.py --
+
+    def _sync_dialect(self) -> Any:
+        from cio_outbox.storage import sync_state
+
+        return sync_state.SQLITE
+
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

@@ -16,8 +16,10 @@ from cio_outbox.sandbox import Sandbox
 from cio_outbox.worker import Progress
 
 N = 300
-# Fast retries, many attempts: a fault that lasts a few seconds must not dead-letter.
+# Fast retries, many attempts: a fault that lasts a few seconds must not dead-letter (nor
+# the timeouts of a slow server, which "may have arrived" and have a bound of their own).
 RETRY = {"backoff_initial": 0.05, "backoff_max": 0.3, "max_attempts": 1000,
+         "max_unconfirmed": 1000,
          "progress_interval": 0.05, "idle_interval": 0.05}
 
 

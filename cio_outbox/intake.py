@@ -1,0 +1,442 @@
+"""The one path from a call to an outbox row.
+
+Every way in (``Outbox.enqueue``, ``enqueue_many``, ``enqueue_rows``, the operations, the
+file importers and the CLI) ends in :func:`prepare`, which for each call:
+
+1. resolves the messageId: the caller's, else the idempotency key's, else an identity the
+   caller derived from content (file imports), else a new time-ordered UUIDv7;
+2. stamps the event time: a call without ``timestamp`` gets the time of enqueue
+   (ISO-8601 UTC with milliseconds), so Customer.io dates it when it happened, not when a
+   worker sent it;
+3. validates once: the pydantic models (their error texts are the library's), reached
+   through a fast check of the common shapes that defers to pydantic for anything else;
+   a track call named like a semantic event is checked against the catalogue in the
+   same pass;
+4. encodes once, to the exact bytes later sent, and takes the size from those bytes.
+
+:func:`write` writes prepared rows in chunked transactions with the cyclic garbage
+collector paused while a chunk is built, and counts what was added and skipped.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import gc
+import hashlib
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from itertools import islice
+from typing import Any
+
+from cio_outbox.messages import (
+    LIBRARY,
+    MODELS,
+    Message,
+    MessageError,
+    check_rules,
+    encode_wire,
+    from_wire,
+    json_form,
+    message_id_for,
+    new_message_id,
+)
+from cio_outbox.results import EnqueueResult, Rejection
+from cio_outbox.storage.base import CHUNK_ROWS, NewRow, Storage
+
+__all__ = [
+    "BOTH_IDS",
+    "line_message_id",
+    "now_timestamp",
+    "prepare",
+    "prepare_many",
+    "write",
+]
+
+BOTH_IDS = "give either messageId or idempotency_key, not both"
+
+
+# -- event time --------------------------------------------------------------------------
+
+_last_ms = -1
+_last_text = ""
+
+
+def now_timestamp() -> str:
+    """The current time as the API wants it: ``2024-05-01T12:00:00.123Z`` (UTC)."""
+    global _last_ms, _last_text
+    ms = time.time_ns() // 1_000_000
+    if ms != _last_ms:  # a bulk import stamps thousands of calls per millisecond
+        moment = _dt.datetime.fromtimestamp(ms / 1000, _dt.UTC)
+        _last_text = (
+            f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T{moment.hour:02d}:"
+            f"{moment.minute:02d}:{moment.second:02d}.{ms % 1000:03d}Z"
+        )
+        _last_ms = ms
+    return _last_text
+
+
+# -- identity from content ---------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _run_hex(run: str) -> str:
+    return hashlib.blake2b(run.encode("utf-8"), digest_size=4).hexdigest()
+
+
+def line_message_id(run: str, line: int, content: bytes) -> str:
+    """The messageId of the call at ``line`` of an import named ``run``, holding ``content``.
+
+    A UUIDv8 (RFC 9562) laid out as run (32 bits), line number (40 bits), content hash
+    (48 bits): the same content at the same place gives the same id (a rerun adds nothing),
+    different content gives a different id (a new export under the same name, an edited
+    line), and the ids of one import grow in file order, so inserting them stays at one
+    point of the messageId index however large the outbox is.
+    """
+    number = f"{line:010x}"
+    digest = hashlib.blake2b(content, digest_size=6).hexdigest()
+    return f"{_run_hex(run)}-{number[:4]}-8{number[4:7]}-8{number[7:]}-{digest}"
+
+
+def line_of(run: str, message_id: str) -> int | None:
+    """The line number a :func:`line_message_id` of ``run`` encodes, or None if it is not one."""
+    if (len(message_id) != 36 or not message_id.startswith(_run_hex(run))
+            or message_id[14] != "8" or message_id[19] != "8"):
+        return None
+    try:
+        return int(message_id[9:13] + message_id[15:18] + message_id[20:23], 16)
+    except ValueError:
+        return None
+
+
+# -- validation --------------------------------------------------------------------------
+
+
+def _is_id(value: Any) -> bool:
+    return type(value) is str and bool(value) and not value.isspace()
+
+
+def _is_message_id(value: Any) -> bool:
+    return type(value) is str and 0 < len(value) <= 100 and not value.isspace()
+
+
+def _is_timestamp(value: Any) -> bool:
+    if type(value) is not str or len(value) != 24 or value[-1] != "Z" or value[10] != "T":
+        return False
+    try:
+        _dt.datetime.fromisoformat(value[:-1])
+    except ValueError:
+        return False
+    return value[19] == "." and value[:4].isdigit()
+
+
+def _is_dict(value: Any) -> bool:
+    return type(value) is dict
+
+
+def _is_flags(value: Any) -> bool:
+    return type(value) is dict and all(type(flag) is bool for flag in value.values())
+
+
+def _is_event(value: Any) -> bool:
+    return type(value) is str and bool(value) and not value.isspace()
+
+
+def _is_name(value: Any) -> bool:
+    return type(value) is str
+
+
+# What each field must hold for the fast check to vouch for it: exactly what the model
+# would accept and keep unchanged. Anything else goes to pydantic, which decides.
+_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "messageId": _is_message_id,
+    "userId": _is_id,
+    "anonymousId": _is_id,
+    "groupId": _is_id,
+    "previousId": _is_id,
+    "timestamp": _is_timestamp,
+    "originalTimestamp": _is_timestamp,
+    "context": _is_dict,
+    "traits": _is_dict,
+    "properties": _is_dict,
+    "integrations": _is_flags,
+    "event": _is_event,
+    "name": _is_name,
+}
+# The validators whose rules _CHECKS restates. A model that gains another validator is
+# checked by pydantic alone (for the fields it covers, or wholly for a model validator).
+_KNOWN_FIELD_VALIDATORS = frozenset(
+    {"_ids", "_message_id", "_timestamp", "_event", "_group_id", "_previous_id"}
+)
+_KNOWN_MODEL_VALIDATORS = frozenset({"_someone"})
+
+
+class _Shape:
+    """What the fast check needs to know about one model, read from the model itself."""
+
+    def __init__(self, model: type[Message]) -> None:
+        decorators = model.__pydantic_decorators__
+        covered: set[str] = set()
+        for name, validator in decorators.field_validators.items():
+            if name not in _KNOWN_FIELD_VALIDATORS:
+                covered.update(validator.info.fields)
+        unknown_model = set(decorators.model_validators) - _KNOWN_MODEL_VALIDATORS
+        extra = model.model_config.get("extra")
+        # Extra fields allowed or not, the fast check vouches only for the fields it knows:
+        # any other field sends the call to pydantic.
+        self.usable = not unknown_model and extra in ("forbid", "allow") and not (
+            decorators.root_validators or decorators.model_serializers)
+        self.checks: dict[str, Callable[[Any], bool]] = {
+            name: check for name, check in _CHECKS.items()
+            if name in model.model_fields and name not in covered
+        }
+        self.checks["type"] = _is_name  # the key that chose this shape
+        self.required = tuple(
+            name for name, info in model.model_fields.items() if info.is_required()
+        )
+
+
+_SHAPES = {call_type: _Shape(model) for call_type, model in MODELS.items()}
+
+
+def _fast_wire(call: dict[str, Any]) -> dict[str, Any] | None:
+    """``call`` itself, ready to encode, when the fast check vouches for every field of it;
+    None when pydantic must decide (anything unusual, and every invalid call)."""
+    kind = call.get("type")
+    shape = _SHAPES.get(kind) if type(kind) is str else None
+    if shape is None or not shape.usable:
+        return None
+    checks = shape.checks
+    for name, value in call.items():
+        check = checks.get(name)
+        if check is _is_id:  # inlined: the commonest checks, called for every message
+            if type(value) is not str or not value or value.isspace():
+                return None
+        elif check is _is_dict:
+            if type(value) is not dict:
+                return None
+        elif check is None or not check(value):
+            return None
+    for name in shape.required:
+        if name not in call:
+            return None
+    if "userId" not in call and "anonymousId" not in call:
+        return None
+    context = call.get("context")
+    if context is None:
+        call["context"] = {"library": LIBRARY}
+    elif "library" not in context:
+        call["context"] = {**context, "library": LIBRARY}
+    return call
+
+
+# -- semantic events ---------------------------------------------------------------------
+
+
+@functools.cache
+def _semantic_names() -> frozenset[str]:
+    from cio_outbox.semantic import SEMANTIC_EVENTS  # reads the OpenAPI document once
+
+    return frozenset(SEMANTIC_EVENTS)
+
+
+@functools.cache
+def _own_rules(event: str) -> tuple[Callable[[Any], Any], ...]:
+    """The compiled checks a semantic event adds to the track schema (its own allOf part)."""
+    from cio_outbox import spec
+
+    track = set(spec._validators("track"))
+    return tuple(v for v in spec._validators(spec.semantic_schema_names()[event])
+                 if v not in track)
+
+
+def check_semantic(wire: Mapping[str, Any]) -> None:
+    """A track call named like a semantic event must carry what that event needs, whoever
+    wrote it (the API refuses it otherwise). ``wire`` holds JSON values only.
+
+    The model has checked the track itself; only the event's own rules run here, and the
+    full check (with its explanation) only when one of them fails.
+    """
+    name = wire["event"]
+    try:
+        for rule in _own_rules(name):
+            rule(wire)
+        return
+    except Exception:  # fastjsonschema's error: explained by the full check below
+        pass
+    from cio_outbox.semantic import check_semantic as check
+
+    try:
+        check(name, wire.get("properties"), user_id=wire.get("userId"),
+              anonymous_id=wire.get("anonymousId"), context=wire.get("context"))
+    except ValueError as exc:
+        from cio_outbox.spec import check_call
+
+        message = {k: wire[k] for k in ("type", "event", "userId", "anonymousId",
+                                        "properties", "context") if k in wire}
+        found = check_call("track", message)
+        raise MessageError(str(exc), field=found[0].field if found else None) from None
+
+
+# -- the row -----------------------------------------------------------------------------
+
+
+def prepare(
+    call: Mapping[str, Any] | Message,
+    run: str | None = None,
+    *,
+    idempotency_key: str | None = None,
+    identity: str | None = None,
+    owned: bool = False,
+    plain: bool = False,
+) -> NewRow:
+    """The outbox row for one call (wire-shape mapping or :class:`Message`).
+
+    ``identity`` is the messageId to use when the call carries none and no idempotency key
+    is given (importers derive it from the content's place). ``owned=True`` lets the
+    mapping be completed in place (the caller made it and will not reuse it);
+    ``plain=True`` says it holds JSON values only (it was parsed from JSON or CSV).
+    Raises :class:`MessageError` naming the field; nothing is written then.
+    """
+    if type(call) is not dict and isinstance(call, Message):
+        if idempotency_key is not None:
+            call = call.model_copy(update={"messageId": message_id_for(idempotency_key)})
+        wire = call.wire()  # validated when it was built
+        if "timestamp" not in wire:
+            wire["timestamp"] = now_timestamp()
+        payload = encode_wire(wire)
+    else:
+        wire, payload = _checked(call, idempotency_key, identity, owned)
+    call_type = wire["type"]
+    # JSON values, as the API will see them (decoded again unless they already are).
+    seen = wire if plain else json_form(payload)
+    if call_type == "track" and wire["event"] in _semantic_names():
+        check_semantic(seen)  # first, for its message naming what the event requires
+    # The one rule set: the checks the sandbox applies to what arrives (messages.check_rules).
+    check_rules(seen)
+    return NewRow(wire["messageId"], run or "", call_type,
+                  wire.get("userId") or wire.get("anonymousId") or "",
+                  payload.decode("utf-8"), len(payload))
+
+
+def _checked(call: Mapping[str, Any], idempotency_key: str | None, identity: str | None,
+             owned: bool) -> tuple[dict[str, Any], bytes]:
+    """The wire dict of a mapping and its bytes: id resolved, time stamped, validated."""
+    if type(call) is dict:
+        fields: dict[str, Any] = call if owned else dict(call)
+    elif isinstance(call, Mapping):
+        fields = dict(call)
+    else:
+        raise MessageError("a call must be a JSON object", field="type")
+    if idempotency_key is not None:
+        if fields.get("messageId") is not None:
+            raise MessageError(BOTH_IDS, field="messageId")
+        fields["messageId"] = message_id_for(idempotency_key)
+    elif fields.get("messageId") is None:
+        fields["messageId"] = identity or new_message_id()
+    if fields.get("timestamp") is None:
+        fields["timestamp"] = now_timestamp()
+    wire = _fast_wire(fields)
+    if wire is not None:
+        try:
+            return wire, encode_wire(wire, fallback=False)
+        except TypeError:
+            pass  # what orjson refuses (an integer key, a huge integer): pydantic decides
+    wire = from_wire(fields).wire()
+    return wire, encode_wire(wire)
+
+
+def prepare_many(
+    calls: Iterable[tuple[int, Mapping[str, Any] | Message, str | None, str | None]],
+    run: str | None,
+    rejected: Callable[[int, MessageError], None],
+    *,
+    owned: bool = False,
+) -> Iterator[NewRow]:
+    """Rows for ``(index, call, idempotency_key, identity)`` items; each invalid call goes
+    to ``rejected(index, error)`` instead."""
+    for index, call, key, identity in calls:
+        try:
+            yield prepare(call, run, idempotency_key=key, identity=identity, owned=owned)
+        except MessageError as exc:
+            rejected(index, exc)
+
+
+def write(storage: Storage, rows: Iterable[NewRow], chunk_size: int = CHUNK_ROWS
+          ) -> tuple[int, int]:
+    """Write rows in transactions of ``chunk_size``; returns (added, skipped).
+
+    Each chunk is built with the cyclic garbage collector paused: building allocates a few
+    objects per call, none in a cycle, yet each burst makes the collector walk every live
+    container (for a caller holding a million dicts, all of them). It runs again between
+    chunks, so a caller's cyclic garbage stays bounded by a chunk.
+    """
+    iterator = iter(rows)
+    added = offered = 0
+    while True:
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            chunk = list(islice(iterator, chunk_size))
+        finally:
+            if enabled:
+                gc.enable()
+        if not chunk:
+            return added, offered - added
+        offered += len(chunk)
+        added += storage.insert(chunk, chunk_size=len(chunk))
+
+
+def enqueue_many(
+    storage: Storage,
+    calls: Iterable[Mapping[str, Any] | Message],
+    *,
+    run: str | None = None,
+    idempotency_keys: Iterable[str] | Callable[[int, Any], str] | None = None,
+    on_invalid: str = "skip",
+    chunk_size: int = CHUNK_ROWS,
+    start: int = 0,
+) -> EnqueueResult:
+    """:meth:`cio_outbox.Outbox.enqueue_many` (see there)."""
+    check_on_invalid(on_invalid)
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be at least 1")
+    result = EnqueueResult()
+
+    def reject(index: int, exc: MessageError) -> None:
+        result.rejected.append(Rejection(index, str(exc), exc.field))
+
+    if callable(idempotency_keys):
+        key_of = idempotency_keys
+        items: Iterable[Any] = (
+            (index, call, key_of(index, call), None) for index, call in enumerate(calls, start))
+    elif idempotency_keys is not None:
+        keys = iter(idempotency_keys)
+        items = ((index, call, next(keys), None) for index, call in enumerate(calls, start))
+    else:
+        items = ((index, call, None, None) for index, call in enumerate(calls, start))
+    rows: Iterable[NewRow] = prepare_many(items, run, reject)
+    if on_invalid == "raise":
+        rows = list(rows)
+        if result.rejected:
+            first = result.rejected[0]
+            raise MessageError(
+                f"{len(result.rejected)} call(s) invalid, nothing written; "
+                f"first at index {first.index}: {first.error}",
+                field=first.field,
+            )
+    result.added, result.skipped = write(storage, rows, chunk_size)
+    return result
+
+
+def enqueue_one(storage: Storage, call: Mapping[str, Any] | Message, *, run: str | None = None,
+                idempotency_key: str | None = None) -> EnqueueResult:
+    """:meth:`cio_outbox.Outbox.enqueue`: one call, one transaction."""
+    row = prepare(call, run, idempotency_key=idempotency_key)
+    added = storage.insert([row])
+    return EnqueueResult(added=added, skipped=1 - added, message_ids=[row.message_id])
+
+
+def check_on_invalid(on_invalid: str) -> None:
+    if on_invalid not in ("skip", "raise"):
+        raise ValueError("on_invalid must be 'skip' or 'raise'")

@@ -1,0 +1,408 @@
+"""Tables read in chunks: CSV, JSONL (each gzip-compressed or not), Parquet, Arrow, and
+pandas or polars DataFrames (or any iterable of dicts).
+
+:func:`open_source` looks at what it is given and returns a :class:`Source` whose
+:meth:`Source.chunks` yields :class:`Chunk` objects of at most ``size`` rows, so memory
+stays flat however long the table is. Rows are numbered for error messages: the physical
+line for CSV (the header is line 1) and JSONL, the row number counted from 1 for the others.
+Parquet and Arrow need pyarrow (``pip install 'cio-outbox[parquet]'``).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import IO, Any
+
+FORMATS = ("csv", "jsonl", "parquet", "arrow")
+CHUNK_ROWS = 10_000
+_GZIP_MAGIC = b"\x1f\x8b"
+_PARQUET_MAGIC = b"PAR1"
+_ARROW_MAGIC = b"ARROW1"
+_BOM = b"\xef\xbb\xbf"
+
+
+class SourceError(ValueError):
+    """The source cannot be read as a table (format, header, missing optional library)."""
+
+
+@dataclass
+class Chunk:
+    """Rows of a table: ``(line, values)`` pairs, values aligned with ``header``; for JSONL
+    (``header`` None) each value is a dict. ``problems`` are lines that could not be read."""
+
+    header: list[str] | None
+    rows: list[tuple[int, Any]] = field(default_factory=list)
+    problems: list[tuple[int, str]] = field(default_factory=list)
+    text: bool = False  # every value is a str (CSV)
+
+
+def _pyarrow() -> Any:
+    try:
+        import pyarrow
+        import pyarrow.ipc
+        import pyarrow.parquet
+    except ImportError:
+        raise SourceError(
+            "reading Parquet or Arrow needs pyarrow, which is not installed; "
+            "install it with: pip install 'cio-outbox[parquet]'"
+        ) from None
+    return pyarrow
+
+
+class Source:
+    """A table to read in chunks. ``name`` is its file name (the default sync name);
+    ``total`` and :meth:`position` measure progress in the same unit (bytes or rows)."""
+
+    name: str = ""
+    total: int | None = None
+
+    def position(self) -> int:
+        return 0
+
+    def chunks(self, size: int = CHUNK_ROWS) -> Iterator[Chunk]:
+        raise NotImplementedError
+
+
+class _TextFile(Source):
+    """CSV or JSONL, plain or gzip, read line by line from the file."""
+
+    def __init__(self, path: str, fmt: str, gzipped: bool, delimiter: str) -> None:
+        self.path = path
+        self.name = os.path.basename(path)
+        self.format = fmt
+        self.gzipped = gzipped
+        self.delimiter = delimiter
+        self.total = os.path.getsize(path)
+        self._raw: IO[bytes] | None = None
+
+    def position(self) -> int:
+        raw = self._raw
+        if raw is None or raw.closed:
+            return self.total or 0
+        return raw.tell()
+
+    def _lines(self) -> Iterator[tuple[int, bytes]]:
+        with open(self.path, "rb") as raw:
+            self._raw = raw
+            stream: IO[bytes] = gzip.GzipFile(fileobj=raw) if self.gzipped else raw
+            try:
+                for number, line in enumerate(stream, 1):
+                    if number == 1 and line.startswith(_BOM):
+                        line = line[len(_BOM):]
+                    yield number, line
+            except (OSError, EOFError) as exc:  # a damaged or truncated gzip stream
+                raise SourceError(f"{self.name}: cannot decompress ({exc})") from None
+
+    def chunks(self, size: int = CHUNK_ROWS) -> Iterator[Chunk]:
+        if self.format == "jsonl":
+            yield from self._jsonl(size)
+        else:
+            yield from self._csv(size)
+
+    def _jsonl(self, size: int) -> Iterator[Chunk]:
+        chunk = Chunk(None)
+        for number, raw in self._lines():
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                chunk.problems.append((number, _utf8_problem(exc)))
+                continue
+            if not text.strip():
+                continue
+            try:
+                value = json.loads(text)
+            except (ValueError, RecursionError) as exc:
+                chunk.problems.append((number, f"invalid JSON: {exc}"))
+                continue
+            if not isinstance(value, dict):
+                chunk.problems.append((number, "a row must be a JSON object"))
+                continue
+            chunk.rows.append((number, value))
+            if len(chunk.rows) >= size:
+                yield chunk
+                chunk = Chunk(None)
+        yield chunk
+
+    def _csv(self, size: int) -> Iterator[Chunk]:
+        # Bytes that are not UTF-8 become lone surrogates (surrogateescape), which valid
+        # text never holds: a row holding one is refused by its line, the rest are read.
+        with open(self.path, "rb") as raw:
+            self._raw = raw
+            stream: IO[bytes] = gzip.GzipFile(fileobj=raw) if self.gzipped else raw
+            text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape",
+                                    newline="")
+            try:
+                yield from self._csv_rows(csv.reader(text, delimiter=self.delimiter,
+                                                     strict=True), size)
+            except (OSError, EOFError) as exc:  # a damaged or truncated gzip stream
+                raise SourceError(f"{self.name}: cannot decompress ({exc})") from None
+
+    def _csv_rows(self, reader: Any, size: int) -> Iterator[Chunk]:
+        try:
+            header = [name.strip() for name in next(reader)]
+        except StopIteration:
+            raise SourceError(f"{self.name}: the CSV file is empty (no header line)") from None
+        except csv.Error as exc:
+            raise SourceError(f"{self.name}: line 1: the header is not valid CSV ({exc})") from None
+        if any(_has_surrogate(name) for name in header):
+            raise SourceError(f"{self.name}: line 1: the header is not valid UTF-8")
+        width = len(header)
+        chunk = Chunk(header, text=True)
+        last = reader.line_num
+        while True:
+            first = last + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                last = reader.line_num
+                chunk.problems.append((first, f"invalid CSV: {exc}"))
+                continue
+            last = reader.line_num
+            if not row:
+                continue
+            if len(row) != width:
+                chunk.problems.append(
+                    (first, f"the row has {len(row)} fields, the header {width}"))
+                continue
+            try:
+                "".join(row).encode("utf-8")
+            except UnicodeEncodeError:
+                chunk.problems.append((first, "the line is not valid UTF-8"))
+                continue
+            chunk.rows.append((first, row))
+            if len(chunk.rows) >= size:
+                yield chunk
+                chunk = Chunk(header, text=True)
+        yield chunk
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _utf8_problem(exc: UnicodeDecodeError) -> str:
+    bad = exc.object[exc.start:exc.start + 1].hex()
+    return f"line is not valid UTF-8 (byte 0x{bad} at position {exc.start + 1})"
+
+
+class _Batches(Source):
+    """Anything that gives record batches with column names: Parquet, Arrow, DataFrames."""
+
+    def __init__(self, name: str, total: int | None) -> None:
+        self.name = name
+        self.total = total
+        self._done = 0
+
+    def position(self) -> int:
+        return self._done
+
+    def _batches(self, size: int) -> Iterator[tuple[list[str], Iterable[Sequence[Any]]]]:
+        raise NotImplementedError
+
+    def chunks(self, size: int = CHUNK_ROWS) -> Iterator[Chunk]:
+        for header, rows in self._batches(size):
+            chunk = Chunk([str(name).strip() for name in header])
+            start = self._done + 1
+            chunk.rows = list(enumerate(rows, start))
+            self._done += len(chunk.rows)
+            yield chunk
+
+
+def _arrow_rows(batch: Any) -> Iterable[Sequence[Any]]:
+    columns = [column.to_pylist() for column in batch.columns]
+    return zip(*columns, strict=True) if columns else [() for _ in range(batch.num_rows)]
+
+
+class _ParquetFile(_Batches):
+    def __init__(self, path: str) -> None:
+        pa = _pyarrow()
+        self.file = pa.parquet.ParquetFile(path)
+        super().__init__(os.path.basename(path), self.file.metadata.num_rows)
+
+    def _batches(self, size: int) -> Iterator[tuple[list[str], Iterable[Sequence[Any]]]]:
+        for batch in self.file.iter_batches(batch_size=size):
+            yield batch.schema.names, _arrow_rows(batch)
+
+
+class _ArrowFile(_Batches):
+    """An Arrow IPC file (Feather v2) or stream, memory-mapped, read batch by batch."""
+
+    def __init__(self, path: str, is_file: bool) -> None:
+        self.pa = _pyarrow()
+        self.path = path
+        self.is_file = is_file
+        total = None
+        if is_file:
+            with self.pa.memory_map(path) as source:
+                reader = self.pa.ipc.open_file(source)
+                total = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+        super().__init__(os.path.basename(path), total)
+
+    def _batches(self, size: int) -> Iterator[tuple[list[str], Iterable[Sequence[Any]]]]:
+        pa = self.pa
+        with pa.memory_map(self.path) as source:
+            if self.is_file:
+                reader = pa.ipc.open_file(source)
+                batches: Iterable[Any] = (reader.get_batch(i)
+                                          for i in range(reader.num_record_batches))
+            else:
+                batches = pa.ipc.open_stream(source)
+            for batch in batches:
+                for start in range(0, batch.num_rows, size):
+                    part = batch.slice(start, size)
+                    yield part.schema.names, _arrow_rows(part)
+
+
+class _ArrowTable(_Batches):
+    def __init__(self, table: Any, name: str) -> None:
+        super().__init__(name, table.num_rows)
+        self.table = table
+
+    def _batches(self, size: int) -> Iterator[tuple[list[str], Iterable[Sequence[Any]]]]:
+        for batch in self.table.to_batches(max_chunksize=size):
+            yield batch.schema.names, _arrow_rows(batch)
+
+
+class _PandasFrame(_Batches):
+    def __init__(self, frame: Any, name: str) -> None:
+        super().__init__(name, len(frame))
+        self.frame = frame
+
+    def _batches(self, size: int) -> Iterator[tuple[list[str], Iterable[Sequence[Any]]]]:
+        header = [str(c) for c in self.frame.columns]
+        for start in range(0, len(self.frame), size):
+            part = self.frame.iloc[start:start + size]
+            yield header, part.itertuples(index=False, name=None)
+
+
+class _PolarsFrame(_Batches):
+    def __init__(self, frame: Any, name: str) -> None:
+        super().__init__(name, frame.height)
+        self.frame = frame
+
+    def _batches(self, size: int) -> Iterator[tuple[list[str], Iterable[Sequence[Any]]]]:
+        for part in self.frame.iter_slices(n_rows=size):
+            yield list(part.columns), part.iter_rows()
+
+
+class _Dicts(Source):
+    """An iterable of dicts (rows): read as JSONL rows are, keys may differ per row."""
+
+    def __init__(self, rows: Iterable[Mapping[str, Any]], name: str) -> None:
+        self.rows = rows
+        self.name = name
+        self._done = 0
+        self.total = len(rows) if isinstance(rows, Sequence) else None
+
+    def position(self) -> int:
+        return self._done
+
+    def chunks(self, size: int = CHUNK_ROWS) -> Iterator[Chunk]:
+        iterator = iter(self.rows)
+        while True:
+            part = list(islice(iterator, size))
+            if not part:
+                return
+            chunk = Chunk(None)
+            for offset, row in enumerate(part):
+                line = self._done + offset + 1
+                if isinstance(row, Mapping):
+                    chunk.rows.append((line, row))
+                else:
+                    chunk.problems.append((line, f"a row must be a dict, not "
+                                                 f"{type(row).__name__}"))
+            self._done += len(part)
+            yield chunk
+
+
+def gzipped(head: bytes) -> bool:
+    """Whether a file starting with ``head`` is gzip-compressed (by its magic bytes)."""
+    return head.startswith(_GZIP_MAGIC)
+
+
+def _sniff(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(8)
+
+
+def _text_format(name: str) -> str | None:
+    lower = name.lower()
+    if lower.endswith(".csv") or lower.endswith(".tsv"):
+        return "csv"
+    if lower.endswith((".jsonl", ".ndjson", ".json")):
+        return "jsonl"
+    return None
+
+
+def open_source(source: Any, *, format: str | None = None, name: str | None = None,
+                delimiter: str = ",") -> Source:
+    """A :class:`Source` for a path (CSV, JSONL, either gzip-compressed, Parquet, Arrow),
+    a pandas or polars DataFrame, a pyarrow Table, or an iterable of dicts.
+
+    ``format`` (``csv``, ``jsonl``, ``parquet``, ``arrow``) overrides what the file's
+    name and first bytes say; gzip is always recognized by its first bytes.
+    """
+    if format is not None and format not in FORMATS:
+        raise SourceError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
+    if isinstance(source, (str, os.PathLike)):
+        return _open_path(os.fspath(source), format, delimiter)
+    module = type(source).__module__
+    label = name or ""
+    if module.startswith("polars"):
+        return _PolarsFrame(source, label or "dataframe")
+    if hasattr(source, "itertuples") and hasattr(source, "columns") and hasattr(source, "iloc"):
+        return _PandasFrame(source, label or "dataframe")
+    if module.startswith("pyarrow") and hasattr(source, "to_batches"):
+        return _ArrowTable(source, label or "table")
+    if isinstance(source, (Mapping, str, bytes)):
+        raise SourceError("rows must be a DataFrame, a table or an iterable of dicts, "
+                          f"not one {type(source).__name__}")
+    if isinstance(source, Iterable):
+        return _Dicts(source, label or "rows")
+    raise SourceError(f"cannot read rows from a {type(source).__name__}")
+
+
+def _open_path(path: str, format: str | None, delimiter: str) -> Source:
+    if not os.path.isfile(path):
+        raise SourceError(f"{path}: no such file")
+    head = _sniff(path)
+    base = os.path.basename(path)
+    if gzipped(head):
+        inner = base[:-3] if base.lower().endswith(".gz") else base
+        fmt = format or _text_format(inner) or _gzip_guess(path)
+        if fmt not in ("csv", "jsonl"):
+            raise SourceError(f"{base}: a gzip file must hold CSV or JSONL, not {fmt}")
+        return _TextFile(path, fmt, True, delimiter)
+    if format in ("parquet", None) and head.startswith(_PARQUET_MAGIC):
+        return _ParquetFile(path)
+    if format == "parquet":
+        raise SourceError(f"{base}: not a Parquet file (it does not start with PAR1)")
+    if format in ("arrow", None) and head.startswith(_ARROW_MAGIC):
+        return _ArrowFile(path, True)
+    if format == "arrow" or base.lower().endswith((".arrows", ".arrow")):
+        return _ArrowFile(path, False)
+    fmt = format or _text_format(base)
+    if fmt is None:
+        raise SourceError(f"{base}: say which format it is with --format "
+                          f"({', '.join(FORMATS)})")
+    return _TextFile(path, fmt, False, delimiter)
+
+
+def _gzip_guess(path: str) -> str:
+    """CSV or JSONL, from the first decompressed byte: a JSON row starts with '{'."""
+    with gzip.open(path, "rb") as handle:
+        first = io.BufferedReader(handle).peek(64)[:64].lstrip(_BOM).lstrip()
+    return "jsonl" if first.startswith(b"{") else "csv"

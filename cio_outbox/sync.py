@@ -1,0 +1,567 @@
+"""Recurring syncs: make Customer.io match a table, sending only what changed since last time.
+
+>>> from cio_outbox import Outbox
+>>> outbox = Outbox("nightly.db")
+>>> result = outbox.sync("customers.csv", key="id")          # doctest: +SKIP
+>>> result.new, result.changed, result.unchanged             # doctest: +SKIP
+(12, 40, 999948)
+
+Each row is a person (an identify call: ``userId`` is the key column, the traits are the
+other columns, typed and renamed by :mod:`cio_outbox.columns` rules), or with
+``objects=True`` an object of ``object_type_id`` (a group call, as
+:meth:`Outbox.upsert_object` builds it).
+
+For every key the outbox keeps, under the sync's name (default: the source's file name),
+a fingerprint of the traits last enqueued (see :mod:`cio_outbox.storage.sync_state`). A
+row is enqueued only when its key is new, its traits' fingerprint changed, or the key's
+last message was dead-lettered; an unchanged row costs a lookup. Each chunk of rows is one
+transaction that reads the stored fingerprints, writes the new messages and the new
+fingerprints: a sync killed at any moment and run again enqueues each change exactly once.
+
+Messages go under the run label ``sync:<name>:<UTC time>`` (``status --run``), with
+messageIds made from the name, the key and the key's message count.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from cio_outbox.columns import (
+    ColumnRule,
+    MappingError,
+    Plan,
+    ValueProblem,
+    parse_rules,
+    plain,
+    present,
+)
+from cio_outbox.messages import MessageError, build, message_id_for
+from cio_outbox.operations import object_anonymous_id
+from cio_outbox.sources import CHUNK_ROWS, Chunk, Source, SourceError, open_source
+from cio_outbox.storage.base import NewRow
+from cio_outbox.storage.sync_state import SyncTransaction
+
+if TYPE_CHECKING:
+    from cio_outbox.storage import Storage
+
+DEFAULT_MAX_DELETE_SHARE = 0.05
+"""``delete_missing`` refuses when more than this share of the synced keys would go."""
+MAX_LISTED_REJECTIONS = 1000
+SAMPLE_SIZE = 10
+DELETE_CHUNK = 5_000
+_TOMBSTONE = b""  # the fingerprint of a key whose deletion was enqueued
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str,
+                            check_circular=False)
+
+__all__ = ["DEFAULT_MAX_DELETE_SHARE", "DeletionRefused", "MappingError", "SourceError",
+           "SyncError", "SyncRejection", "SyncResult", "sync"]
+
+
+class SyncError(ValueError):
+    """The sync cannot run as asked (key column, options); nothing was enqueued."""
+
+
+class DeletionRefused(SyncError):
+    """More keys would be deleted than ``max_delete_share`` allows; none were.
+
+    ``result`` is the sync's result: the rows present were synced as usual."""
+
+    def __init__(self, message: str, result: SyncResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRejection:
+    """A row that was not synced: its line (CSV, JSONL) or row number (counted from 1)."""
+
+    line: int
+    error: str
+    field: str | None = None
+    key: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"line": self.line, "key": self.key, "field": self.field, "error": self.error}
+
+
+@dataclass
+class SyncResult:
+    """What a sync did (or, with ``dry_run``, would do)."""
+
+    name: str
+    run: str
+    dry_run: bool = False
+    rows_read: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    missing: int = 0
+    synced_before: int = 0
+    rejected: int = 0
+    rejections: list[SyncRejection] = field(default_factory=list)
+    sample: list[dict[str, Any]] = field(default_factory=list)
+    deletion_refused: str | None = None
+
+    @property
+    def enqueued(self) -> int:
+        return 0 if self.dry_run else self.new + self.changed + self.deleted
+
+    def reject(self, rejection: SyncRejection) -> None:
+        self.rejected += 1
+        if len(self.rejections) < MAX_LISTED_REJECTIONS:
+            self.rejections.append(rejection)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "run": self.run, "dry_run": self.dry_run,
+            "rows_read": self.rows_read, "new": self.new, "changed": self.changed,
+            "unchanged": self.unchanged, "deleted": self.deleted, "missing": self.missing,
+            "synced_before": self.synced_before, "enqueued": self.enqueued,
+            "rejected": self.rejected,
+            "rejections": [r.as_dict() for r in self.rejections],
+            "rejections_not_listed": self.rejected - len(self.rejections),
+            "deletion_refused": self.deletion_refused, "sample": self.sample,
+        }
+
+    def _repr_html_(self) -> str:  # a readable cell output in notebooks
+        what = "would enqueue" if self.dry_run else "enqueued"
+        return (f"<b>{self.name}</b> ({self.run}): {self.rows_read:,} rows read, "
+                f"<b>new</b> {self.new:,}, <b>changed</b> {self.changed:,}, "
+                f"<b>unchanged</b> {self.unchanged:,}, <b>deleted</b> {self.deleted:,}, "
+                f"<b>rejected</b> {self.rejected:,} "
+                f"({what} {self.new + self.changed + self.deleted:,})")
+
+
+_Row = tuple[int, str, dict[str, Any], bytes, Plan]  # line, key, raw, fingerprint, plan
+
+
+class _Kind:
+    """Person or object: how a key and its traits become a call, and how it is deleted."""
+
+    def __init__(self, objects: bool, object_type_id: str | int | None) -> None:
+        self.objects = objects
+        if objects:
+            if object_type_id is None:
+                raise SyncError("an object sync needs object_type_id (--object-type-id N)")
+            text = str(object_type_id).strip()
+            if not text.isdigit() or int(text) < 1:
+                raise SyncError(f"object_type_id must be a positive integer, "
+                                f"not {object_type_id!r}")
+            self.type_id = str(int(text))
+            self.signature = f"group:{self.type_id}".encode()
+        else:
+            if object_type_id is not None:
+                raise SyncError("object_type_id only applies to an object sync (objects=True)")
+            self.type_id = ""
+            self.signature = b"identify"
+
+    def upsert(self, key: str, traits: dict[str, Any], message_id: str) -> Any:
+        if self.objects:
+            return build("group", {
+                "anonymousId": object_anonymous_id(key, self.type_id), "groupId": key,
+                "traits": {**traits, "object_type_id": self.type_id}, "messageId": message_id})
+        return build("identify", {"userId": key, "traits": traits, "messageId": message_id})
+
+    def delete(self, key: str, message_id: str) -> Any:
+        if self.objects:
+            return build("track", {
+                "anonymousId": object_anonymous_id(key, self.type_id), "event": "Object Deleted",
+                "properties": {"objectId": key, "objectTypeId": int(self.type_id)},
+                "messageId": message_id})
+        return build("track", {"userId": key, "event": "User Deleted", "messageId": message_id})
+
+
+def _key_text(value: Any) -> str | None:
+    if not present(value):
+        return None
+    value = plain(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return text or None
+
+
+def _digests(state: tuple[Any, ...]) -> dict[str, str] | None:
+    """The per-trait digests of a stored or just written state, if it carries them."""
+    if len(state) < 5:
+        return None
+    value = state[4]
+    return json.loads(value) if isinstance(value, str) else value  # type: ignore[no-any-return]
+
+
+def _digest(value: Any) -> str:
+    return hashlib.blake2b(_ENCODER.encode(value).encode(), digest_size=6).hexdigest()
+
+
+class _Preparer:
+    """Rows of a chunk -> (key, traits, fingerprint), or rejections."""
+
+    def __init__(self, key: str, rules: Sequence[ColumnRule], signature: bytes) -> None:
+        self.key = key.strip()
+        self.rules = rules
+        self.signature = signature
+        self._plans: dict[tuple[str, ...], tuple[Plan, int, bytes]] = {}
+
+    def _plan(self, header: Sequence[str]) -> tuple[Plan, int, bytes]:
+        cached = self._plans.get(tuple(header))
+        if cached is None:
+            names = [name.strip() for name in header]
+            if self.key not in names:
+                raise SyncError(f"the key column {self.key!r} is not in the source "
+                                f"(columns: {', '.join(names)})")
+            for rule in self.rules:
+                if rule.column == self.key:
+                    raise SyncError(f"column {rule.column!r} is the key; it cannot be mapped")
+            plan = Plan(names, self.rules, exclude=[self.key])
+            cached = (plan, names.index(self.key),
+                      self.signature + plan.signature.encode() + b"\x00")
+            if len(self._plans) > 1000:  # JSONL rows with ever new column sets
+                self._plans.clear()
+            self._plans[tuple(header)] = cached
+        return cached
+
+    def prepare(self, chunk: Chunk, result: SyncResult,
+                seen: list[str]) -> list[_Row]:
+        """(line, key, raw values, fingerprint, plan) for each row with a key.
+
+        The fingerprint hashes the repr of the row's present values by trait name (in
+        sorted order) under the plan's signature (the call kind and the trait types): as
+        exact as the traits' JSON and much cheaper, as values are converted only for the
+        rows that are sent (:meth:`Plan.convert`).
+        """
+        if chunk.text and chunk.header is not None:
+            return self._prepare_text(chunk, result, seen)
+        rows: list[_Row] = []
+        blake2b = hashlib.blake2b
+        fixed = self._plan(chunk.header) if chunk.header is not None else None
+        for line, values in chunk.rows:
+            if fixed is None:
+                mapping: Mapping[str, Any] = values
+                header = list(mapping)
+                extra = [r.column for r in self.rules if r.column not in mapping]
+                if self.key not in mapping:
+                    extra.append(self.key)
+                plan, key_index, signature = self._plan(header + extra)
+                values = [mapping.get(name) for name in header + extra]
+            else:
+                plan, key_index, signature = fixed
+            key = values[key_index]
+            key = key.strip() if type(key) is str else _key_text(key)
+            if not key:
+                result.reject(SyncRejection(line, f"the key column {self.key!r} is empty",
+                                            self.key))
+                continue
+            seen.append(key)  # a row refused for a bad value is still present: never delete
+            raw = plan.raw(values)
+            fingerprint = blake2b(signature + repr(raw).encode(), digest_size=16).digest()
+            rows.append((line, key, raw, fingerprint, plan))
+        return rows
+
+    def _prepare_text(self, chunk: Chunk, result: SyncResult,
+                      seen: list[str]) -> list[_Row]:
+        """CSV rows: the fingerprint hashes the cells that feed traits (in trait-name order,
+        empty cells included, so reordering columns changes nothing) under the plan's
+        signature; the traits are built later, for the rows that are sent. A column added
+        or removed changes every fingerprint, and so sends every row once."""
+        assert chunk.header is not None
+        plan, key_index, signature = self._plan(chunk.header)
+        blake2b = hashlib.blake2b
+        pick = plan.pick
+        rows: list[_Row] = []
+        for line, values in chunk.rows:
+            key = values[key_index].strip()
+            if not key:
+                result.reject(SyncRejection(line, f"the key column {self.key!r} is empty",
+                                            self.key))
+                continue
+            seen.append(key)
+            rows.append((line, key, values,  # type: ignore[arg-type]
+                         blake2b(signature + repr(pick(values)).encode(),
+                                 digest_size=16).digest(), plan))
+        return rows
+
+
+@dataclass
+class _Outcome:
+    """What one chunk's transaction decided (applied to the result after it commits)."""
+
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    rejections: list[SyncRejection] = field(default_factory=list)
+    sample: list[dict[str, Any]] = field(default_factory=list)
+    seen_added: int = 0
+
+
+class _Sync:
+    def __init__(self, storage: Storage, *, name: str, kind: _Kind, preparer: _Preparer,
+                 changed_only: bool, clear_missing_traits: bool, track_seen: bool,
+                 dry_run: bool, run: str) -> None:
+        self.storage = storage
+        self.name = name
+        self.kind = kind
+        self.preparer = preparer
+        self.changed_only = changed_only
+        self.clear_missing = clear_missing_traits
+        self.track_seen = track_seen
+        self.dry_run = dry_run
+        self.run = run
+        self.failed: set[str] = set()
+
+    def transaction(self, body: Callable[[SyncTransaction], Any]) -> Any:
+        return self.storage.sync_transaction(
+            body, write=not self.dry_run)
+
+    def message_id(self, key: str, version: int) -> str:
+        return message_id_for(_ENCODER.encode(["sync", self.name, key, version]))
+
+    def chunk(self, rows: list[_Row], seen: list[str], sample_room: int) -> _Outcome:
+        from cio_outbox.storage import sync_state as sql
+
+        def body(tx: SyncTransaction) -> _Outcome:
+            outcome = _Outcome()
+            db, d = tx.db, tx.dialect
+            if self.track_seen:
+                outcome.seen_added = sql.seen_add(db, d, seen)
+            stored = sql.lookup_raw(db, d, self.name, list({row[1] for row in rows}),
+                                    digests=self.changed_only or self.clear_missing)
+            written: dict[str, tuple[Any, ...]] = {}
+            new_rows: list[NewRow] = []
+            saves: list[tuple[str, bytes, dict[str, str], int, str]] = []
+            failed_ids = self.failed
+            for line, key, raw, fingerprint, plan in rows:
+                before = written.get(key) or stored.get(key)
+                if before is not None and before[1] == fingerprint and \
+                        before[3] not in failed_ids:
+                    outcome.unchanged += 1
+                    continue
+                try:
+                    row_traits = plan.convert(raw if type(raw) is dict else plan.raw_text(raw))
+                except ValueProblem as exc:
+                    outcome.rejections.append(SyncRejection(line, str(exc), exc.field, key))
+                    continue
+                fresh = before is None or not before[1]  # never synced, or deleted
+                failed = before is not None and before[3] in failed_ids
+                old_digests = _digests(before) if before is not None else None
+                digests = {name: _digest(value) for name, value in row_traits.items()}
+                traits = self._traits_to_send(row_traits, digests,
+                                              None if fresh or failed else old_digests)
+                if self.clear_missing and old_digests:
+                    for name in old_digests:
+                        if name not in row_traits:
+                            traits[name] = None
+                version = (before[2] if before is not None else 0) + 1
+                message_id = self.message_id(key, version)
+                try:
+                    message = self.kind.upsert(key, traits, message_id)
+                    payload, size = message.encode()
+                except MessageError as exc:
+                    outcome.rejections.append(SyncRejection(line, str(exc), exc.field, key))
+                    continue
+                if fresh:
+                    outcome.new += 1
+                else:
+                    outcome.changed += 1
+                if len(outcome.sample) < sample_room:
+                    outcome.sample.append({
+                        "key": key, "change": "new" if fresh else "changed",
+                        "line": line, "messageId": message_id, "traits": traits})
+                new_rows.append(NewRow(message_id, self.run, message.call_type,
+                                       message.person, payload, size))
+                saves.append((key, fingerprint, digests, version, message_id))
+                written[key] = (key, fingerprint, version, message_id, digests)
+            if not self.dry_run:
+                tx.insert(new_rows)
+                sql.save(db, d, self.name, saves, _now())
+            return outcome
+
+        return self.transaction(body)  # type: ignore[no-any-return]
+
+    def _traits_to_send(self, traits: dict[str, Any], digests: dict[str, str],
+                        before: dict[str, str] | None) -> dict[str, Any]:
+        if not self.changed_only or before is None:
+            return dict(traits)
+        return {name: value for name, value in traits.items()
+                if before.get(name) != digests[name]}
+
+    def deletions(self, result: SyncResult, seen_total: int, max_share: float,
+                  unreadable: int) -> None:
+        from cio_outbox.storage import sync_state as sql
+
+        def count(tx: SyncTransaction) -> int:
+            if sql.seen_count(tx.db, tx.dialect) != seen_total:
+                raise SyncError("the list of keys seen by this sync was lost (the database "
+                                "connection dropped?); nothing was deleted: run it again")
+            return sql.missing_count(tx.db, tx.dialect, self.name)
+
+        result.missing = self.storage.sync_transaction(count, write=False)
+        if not result.missing:
+            return
+        if unreadable:
+            # Their keys are unknown: one of them may be a "missing" key.
+            result.deletion_refused = (
+                f"{unreadable:,} row(s) could not be read, so their keys are unknown and "
+                f"the {result.missing:,} missing key(s) may include them; nothing was "
+                "deleted: fix those rows and sync again")
+            if self.dry_run:
+                return
+            raise DeletionRefused(result.deletion_refused, result)
+        share = result.missing / max(result.synced_before, 1)
+        if share > max_share:
+            result.deletion_refused = (
+                f"{result.missing:,} of {result.synced_before:,} synced keys "
+                f"({share:.1%}) are missing from the source, more than the "
+                f"{max_share:.1%} allowed; nothing was deleted (allow it with "
+                f"max_delete_share / --max-delete-share)")
+            if self.dry_run:  # says so, as the real run would, without failing
+                return
+            raise DeletionRefused(result.deletion_refused, result)
+        after = ""
+        while True:
+            def body(tx: SyncTransaction, after: str = after) -> tuple[int, str, list[Any]]:
+                gone = sql.missing(tx.db, tx.dialect, self.name, DELETE_CHUNK, after=after)
+                rows: list[NewRow] = []
+                saves = []
+                sample = []
+                for state in gone:
+                    version = state.version + 1
+                    message_id = self.message_id(state.key, version)
+                    message = self.kind.delete(state.key, message_id)
+                    payload, size = message.encode()
+                    rows.append(NewRow(message_id, self.run, message.call_type,
+                                       message.person, payload, size))
+                    saves.append((state.key, _TOMBSTONE, {}, version, message_id))
+                    if len(sample) < SAMPLE_SIZE:
+                        sample.append({"key": state.key, "change": "deleted",
+                                       "line": None, "messageId": message_id})
+                if not self.dry_run:
+                    tx.insert(rows)
+                    sql.save(tx.db, tx.dialect, self.name, saves, _now())
+                return len(gone), gone[-1].key if gone else after, sample
+
+            done, after, sample = self.transaction(body)
+            result.deleted += done
+            result.sample.extend(sample[:max(0, SAMPLE_SIZE * 2 - len(result.sample))])
+            if done < DELETE_CHUNK:
+                return
+
+
+def _now() -> float:
+    return _dt.datetime.now(_dt.UTC).timestamp()
+
+
+def run_label(name: str, at: _dt.datetime | None = None) -> str:
+    """``sync:<name>:<UTC time to the millisecond>``, the run a sync's messages go under."""
+    at = at or _dt.datetime.now(_dt.UTC)
+    return f"sync:{name}:{at.strftime('%Y-%m-%dT%H:%M:%S')}.{at.microsecond // 1000:03d}Z"
+
+
+def _fresh_label(storage: Storage, name: str) -> str:
+    """A run label no earlier run used (two syncs can start within a millisecond)."""
+    label = run_label(name)
+    suffix = 1
+    candidate = label
+    while sum(storage.counts(candidate).values()):
+        suffix += 1
+        candidate = f"{label}-{suffix}"
+    return candidate
+
+
+def _rules(mapping: Iterable[str | ColumnRule] | Mapping[str, str] | None) -> list[ColumnRule]:
+    if mapping is None:
+        return []
+    if isinstance(mapping, Mapping):
+        texts: list[str | ColumnRule] = [f"{column}={target}"
+                                         for column, target in mapping.items()]
+    elif isinstance(mapping, str):
+        texts = [mapping]
+    else:
+        texts = list(mapping)
+    rules = [item for item in texts if isinstance(item, ColumnRule)]
+    rules += parse_rules([item for item in texts if isinstance(item, str)])
+    return rules
+
+
+def sync(
+    storage: Storage,
+    source: Any,
+    *,
+    key: str,
+    name: str | None = None,
+    objects: bool = False,
+    object_type_id: str | int | None = None,
+    mapping: Iterable[str | ColumnRule] | Mapping[str, str] | None = None,
+    changed_only: bool = False,
+    clear_missing_traits: bool = False,
+    delete_missing: bool = False,
+    max_delete_share: float = DEFAULT_MAX_DELETE_SHARE,
+    dry_run: bool = False,
+    format: str | None = None,
+    delimiter: str = ",",
+    chunk_rows: int = CHUNK_ROWS,
+    on_progress: Callable[[SyncResult, Source], None] | None = None,
+) -> SyncResult:
+    """Sync a table into the outbox; see :meth:`cio_outbox.Outbox.sync`."""
+    if not key or not str(key).strip():
+        raise SyncError("name the key column (key=...)")
+    if not 0 <= max_delete_share <= 1:
+        raise SyncError(f"max_delete_share must be between 0 and 1, not {max_delete_share}")
+    if chunk_rows < 1:
+        raise SyncError("chunk_rows must be at least 1")
+    kind = _Kind(objects, object_type_id)
+    try:
+        rules = _rules(mapping)
+    except MappingError as exc:
+        raise SyncError(str(exc)) from None
+    table = open_source(source, format=format, name=name, delimiter=delimiter)
+    name = name or table.name
+    if not name or name in ("dataframe", "table", "rows"):
+        raise SyncError("rows from Python have no file name: give the sync a name (name=...)")
+    run = _fresh_label(storage, name)
+    result = SyncResult(name=name, run=run, dry_run=dry_run)
+    engine = _Sync(storage, name=name, kind=kind, preparer=_Preparer(key, rules,
+                                                                     kind.signature),
+                   changed_only=changed_only, clear_missing_traits=clear_missing_traits,
+                   track_seen=delete_missing, dry_run=dry_run, run=run)
+    from cio_outbox.storage import sync_state as sql
+
+    def start(tx: SyncTransaction) -> tuple[set[str], int]:
+        if delete_missing:
+            sql.seen_reset(tx.db, tx.dialect)
+        return (sql.failed_message_ids(tx.db, tx.dialect, f"sync:{name}:"),
+                sql.stored_count(tx.db, tx.dialect, name))
+
+    engine.failed, result.synced_before = storage.sync_transaction(
+        start, write=False)
+    seen_total = 0
+    unreadable = 0
+    try:
+        for chunk in table.chunks(chunk_rows):
+            result.rows_read += len(chunk.rows) + len(chunk.problems)
+            unreadable += len(chunk.problems)
+            for line, problem in chunk.problems:
+                result.reject(SyncRejection(line, problem))
+            seen: list[str] = []
+            rows = engine.preparer.prepare(chunk, result, seen)
+            outcome = engine.chunk(rows, seen, SAMPLE_SIZE - len(result.sample))
+            seen_total += outcome.seen_added
+            result.new += outcome.new
+            result.changed += outcome.changed
+            result.unchanged += outcome.unchanged
+            for rejection in outcome.rejections:
+                result.reject(rejection)
+            result.sample.extend(outcome.sample)
+            if on_progress is not None:
+                on_progress(result, table)
+    except MappingError as exc:
+        raise SyncError(str(exc)) from None
+    result.rejections.sort(key=lambda r: r.line)
+    if delete_missing:
+        engine.deletions(result, seen_total, max_delete_share, unreadable)
+    return result

@@ -1,0 +1,312 @@
+"""The intake path: one validation and one encoding per message, event time at enqueue,
+import identity from content, and archives migrated with their own ids and timestamps."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from cio_outbox import Outbox, intake, messages
+from cio_outbox.cli import cli
+from cio_outbox.importers import CsvMapping, enqueue_file
+from cio_outbox.intake import line_message_id, line_of
+from cio_outbox.messages import MessageError, build, from_wire
+from cio_outbox.sandbox import Sandbox
+
+pd = pytest.importorskip("pandas")
+
+
+def _utc(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _payloads(outbox: Outbox, run: str | None = None) -> list[dict[str, Any]]:
+    return [json.loads(row["payload"]) for row in outbox.rows(run=run, limit=10**6)]
+
+
+# -- one validation, one encoding ----------------------------------------------------------
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
+    """Counts completed validations (fast check or pydantic), encodings and semantic checks."""
+    counts: Counter[str] = Counter()
+    fast, model_validate = intake._fast_wire, messages.Message.model_validate.__func__  # type: ignore[attr-defined]
+    encode, semantic = messages.encode_wire, intake.check_semantic
+
+    def counting_fast(call: dict[str, Any]) -> dict[str, Any] | None:
+        wire = fast(call)
+        counts["validated"] += wire is not None
+        return wire
+
+    def counting_validate(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        counts["validated"] += 1
+        return model_validate(cls, *args, **kwargs)
+
+    def counting(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            counts[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(intake, "_fast_wire", counting_fast)
+    monkeypatch.setattr(messages.Message, "model_validate", classmethod(counting_validate))
+    monkeypatch.setattr(intake, "encode_wire", counting("encoded", encode))
+    monkeypatch.setattr(messages, "encode_wire", counting("encoded", encode))
+    monkeypatch.setattr(intake, "check_semantic", counting("semantic", semantic))
+    yield counts
+
+
+def _paths(tmp_path: Path) -> dict[str, Callable[[Outbox], Any]]:
+    jsonl = tmp_path / "calls.jsonl"
+    jsonl.write_text("".join(json.dumps(c) + "\n" for c in (
+        {"type": "track", "userId": "u1", "event": "Imported", "properties": {"n": 1}},
+        {"type": "identify", "userId": 7, "traits": {"plan": "pro"}},  # pydantic's path
+        {"type": "track", "userId": "u2", "event": "Email Bounced",
+         "properties": {"email_id": "e-1"}},
+    )))
+    csv = tmp_path / "people.csv"
+    csv.write_text("userId,plan\nu1,pro\nu2,free\nu3,free\n")
+    dicts = [{"type": "track", "userId": f"u{i}", "event": "Paid",
+              "timestamp": dt.datetime(2024, 5, 1, tzinfo=dt.UTC)} for i in range(3)]
+    frame = pd.DataFrame({"id": ["a", "b", "c"], "plan": ["x", "y", "z"]})
+    return {
+        "enqueue dict": lambda o: [o.enqueue({"type": "identify", "userId": f"u{i}"})
+                                   for i in range(3)],
+        "enqueue Message": lambda o: [o.enqueue(build("page", {"userId": f"u{i}"}))
+                                      for i in range(3)],
+        "enqueue_many": lambda o: o.enqueue_many(dicts),
+        "enqueue_many keys": lambda o: o.enqueue_many(dicts, idempotency_keys=["a", "b", "c"]),
+        "enqueue_rows list": lambda o: o.enqueue_rows(frame.to_dict("records"), run="r"),
+        "enqueue_rows frame": lambda o: o.enqueue_rows(frame, call_type="track",
+                                                       event="Seen", run="r"),
+        "operations": lambda o: (o.track("u1", "Paid"), o.identify("u2"),
+                                 o.delete_person("u3")),
+        "jsonl file": lambda o: enqueue_file(o, jsonl),
+        "csv file": lambda o: enqueue_file(o, csv, mapping=CsvMapping("identify")),
+        "cli": lambda o: CliRunner().invoke(cli, ["enqueue", str(jsonl), "--db", o.location,
+                                                  "--run", "cli"]),
+    }
+
+
+PATHS = ("enqueue dict", "enqueue Message", "enqueue_many", "enqueue_many keys",
+         "enqueue_rows list", "enqueue_rows frame", "operations", "jsonl file", "csv file",
+         "cli")
+
+
+def test_the_counted_paths_are_every_path(tmp_path: Path) -> None:
+    assert set(PATHS) == set(_paths(tmp_path))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_intake_path_validates_at_most_once_and_encodes_exactly_once(
+    path: str, tmp_path: Path, counted: Counter[str]
+) -> None:
+    messages_built_by_the_test = 3 if path == "enqueue Message" else 0
+    with Outbox(str(tmp_path / "o.db")) as outbox:
+        _paths(tmp_path)[path](outbox)
+        stored = outbox.status()["total"]
+        semantic = sum(p.get("event") in ("Email Bounced", "User Deleted")
+                       for p in _payloads(outbox))
+    assert stored == 3
+    assert counted["encoded"] == stored
+    assert counted["validated"] - messages_built_by_the_test <= stored
+    assert counted["semantic"] == semantic
+
+
+def test_the_fast_check_agrees_with_the_models() -> None:
+    """Whatever the fast check vouches for, pydantic accepts and writes identically."""
+    base = {"type": "track", "userId": "u1", "event": "E", "messageId": "m-1",
+            "timestamp": "2024-05-01T12:00:00.000Z"}
+    cases: list[dict[str, Any]] = [
+        base,
+        {**base, "properties": {"a": [1, {"b": None}]}, "context": {"ip": "1.2.3.4"}},
+        {**base, "integrations": {"All": False}},
+        {**base, "integrations": {"All": 1}},
+        {**base, "userId": " "},
+        {**base, "userId": 12},
+        {**base, "event": ""},
+        {**base, "messageId": "x" * 101},
+        {**base, "timestamp": "2024-02-30T12:00:00.000Z"},
+        {**base, "timestamp": "2024-05-01T12:00:00Z"},
+        {**base, "unknown": 1},
+        {**base, "properties": None},
+        {"type": "identify", "anonymousId": "a", "messageId": "m", "traits": {"x": 1},
+         "timestamp": "2024-05-01T12:00:00.000Z"},
+        {"type": "identify", "messageId": "m", "timestamp": "2024-05-01T12:00:00.000Z"},
+        {"type": "page", "userId": "u", "name": "Home", "messageId": "m",
+         "timestamp": "2024-05-01T12:00:00.000Z"},
+        {"type": "group", "userId": "u", "groupId": "g", "messageId": "m",
+         "timestamp": "2024-05-01T12:00:00.000Z"},
+        {"type": "group", "userId": "u", "messageId": "m",
+         "timestamp": "2024-05-01T12:00:00.000Z"},
+        {"type": "alias", "userId": "u", "previousId": "p", "messageId": "m",
+         "timestamp": "2024-05-01T12:00:00.000Z"},
+        {"type": "alias", "anonymousId": "u", "previousId": "p", "messageId": "m",
+         "timestamp": "2024-05-01T12:00:00.000Z"},
+    ]
+    vouched = 0
+    for case in cases:
+        fast = intake._fast_wire(dict(case))
+        try:
+            model = from_wire(case).wire()
+        except MessageError:
+            assert fast is None, case
+            continue
+        if fast is not None:
+            vouched += 1
+            assert fast == model, case
+    assert vouched >= 6  # the common shapes do take the fast path
+
+
+# -- event time ----------------------------------------------------------------------------
+
+
+def test_a_call_without_timestamp_gets_the_time_of_enqueue(outbox: Outbox) -> None:
+    before = dt.datetime.now(dt.UTC) - dt.timedelta(milliseconds=1)
+    outbox.enqueue({"type": "track", "userId": "u1", "event": "Paid"})
+    outbox.enqueue_many([{"type": "identify", "userId": "u2", "timestamp": None}])
+    outbox.enqueue(build("page", {"userId": "u3"}))
+    outbox.track("u4", "Paid")
+    after = dt.datetime.now(dt.UTC) + dt.timedelta(milliseconds=1)
+    stamps = [p["timestamp"] for p in _payloads(outbox)]
+    assert len(stamps) == 4
+    for stamp in stamps:
+        assert len(stamp) == 24 and stamp.endswith("Z") and stamp[19] == "."
+        assert before <= _utc(stamp) <= after
+
+
+def test_an_explicit_timestamp_is_kept_at_the_same_instant(outbox: Outbox) -> None:
+    outbox.enqueue({"type": "track", "userId": "u1", "event": "Paid",
+                    "timestamp": "2024-05-01T14:00:00.250+02:00"})
+    outbox.track("u2", "Paid", timestamp=dt.datetime(2023, 1, 2, 3, 4, 5, 6000,
+                                                     tzinfo=dt.UTC))
+    assert [p["timestamp"] for p in _payloads(outbox)] == [
+        "2024-05-01T12:00:00.250Z", "2023-01-02T03:04:05.006Z"]
+
+
+def test_the_delivered_timestamp_is_the_enqueue_time_not_the_drain_time(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    with Outbox(str(tmp_path / "o.db")) as outbox:
+        outbox.enqueue({"type": "track", "userId": "u1", "event": "Paid"})
+        enqueued = time.time()
+        time.sleep(1.5)  # a worker that starts late: an outage, a paused migration
+        outbox.drain(host=sandbox.url, key=sandbox.key, progress=False)
+        drained = time.time()
+    (delivered,) = sandbox.messages()
+    stamp = _utc(delivered["timestamp"]).timestamp()
+    assert abs(stamp - enqueued) < 0.5
+    assert drained - stamp >= 1.5
+
+
+# -- import identity from content ---------------------------------------------------------
+
+
+def _lines(calls: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(c) + "\n" for c in calls)
+
+
+def test_a_different_file_with_the_same_name_adds_all_its_lines(tmp_path: Path) -> None:
+    day1, day2 = tmp_path / "day1", tmp_path / "day2"
+    day1.mkdir()
+    day2.mkdir()
+    (day1 / "users.jsonl").write_text(_lines(
+        [{"type": "identify", "userId": f"u{i}", "traits": {"day": 1}} for i in range(50)]))
+    (day2 / "users.jsonl").write_text(_lines(
+        [{"type": "identify", "userId": f"u{i}", "traits": {"day": 2}} for i in range(50)]))
+    runner = CliRunner()
+    db = str(tmp_path / "o.db")
+    first = runner.invoke(cli, ["enqueue", str(day1 / "users.jsonl"), "--db", db])
+    assert first.exit_code == 0 and "50 added" in first.stdout
+    assert "warning" not in first.stderr
+    second = runner.invoke(cli, ["enqueue", str(day2 / "users.jsonl"), "--db", db])
+    assert second.exit_code == 0, second.output
+    assert "50 lines, 50 added, 0 already in the outbox" in second.stdout
+    assert "run 'users.jsonl' was used before for different content: 50 line(s)" \
+        in second.stderr
+    rerun = runner.invoke(cli, ["enqueue", str(day2 / "users.jsonl"), "--db", db])
+    assert "0 added, 50 already in the outbox" in rerun.stdout
+    assert "warning" not in rerun.stderr  # the lines match what the run holds last
+    with Outbox(db) as outbox:
+        assert outbox.status()["total"] == 100
+
+
+def test_a_rerun_adds_nothing_and_an_edited_line_is_a_new_message(tmp_path: Path) -> None:
+    path = tmp_path / "people.jsonl"
+    calls = [{"type": "identify", "userId": f"u{i}", "traits": {"n": i}} for i in range(10)]
+    path.write_text(_lines(calls))
+    with Outbox(str(tmp_path / "o.db")) as outbox:
+        assert enqueue_file(outbox, path, chunk_size=3).added == 10
+        again = enqueue_file(outbox, path)
+        assert (again.added, again.skipped, again.changed) == (0, 10, 0)
+        calls[4]["traits"]["n"] = 40
+        path.write_text(_lines(calls))
+        edited = enqueue_file(outbox, path)
+        assert (edited.added, edited.skipped, edited.changed) == (1, 9, 1)
+        assert sorted(p["traits"]["n"] for p in _payloads(outbox)
+                      if p["userId"] == "u4") == [4, 40]
+
+
+def test_the_ids_of_one_import_are_ordered_in_file_order(tmp_path: Path) -> None:
+    path = tmp_path / "big.jsonl"
+    path.write_text(_lines([{"type": "track", "userId": f"u{i % 7}", "event": "E",
+                             "properties": {"i": i}} for i in range(5000)]))
+    with Outbox(str(tmp_path / "o.db")) as outbox:
+        enqueue_file(outbox, path)
+        rows = outbox.rows(limit=10_000)
+    ids = [row["message_id"] for row in rows]  # in insertion order
+    assert ids == sorted(ids)
+    assert [line_of("big.jsonl", i) for i in ids] == list(range(1, 5001))
+
+
+def test_line_ids_are_uuids_that_depend_on_run_place_and_content() -> None:
+    import uuid
+
+    one = line_message_id("r", 12, b"{}")
+    assert uuid.UUID(one).version == 8
+    assert one == line_message_id("r", 12, b"{}")
+    assert len({one, line_message_id("r", 13, b"{}"), line_message_id("s", 12, b"{}"),
+                line_message_id("r", 12, b"{ }")}) == 4
+    assert line_of("r", one) == 12 and line_of("s", one) is None
+
+
+# -- migration from an event archive -------------------------------------------------------
+
+
+def test_an_event_archive_keeps_its_own_message_ids_and_timestamps(tmp_path: Path) -> None:
+    archive = [
+        {"type": "identify", "userId": "u1", "traits": {"email": "a@example.com"},
+         "messageId": "ajs-1", "timestamp": "2023-11-02T10:00:00.000Z",
+         "context": {"ip": "1.2.3.4"}, "receivedAt": "2023-11-02T10:00:01.000Z",
+         "sentAt": "2023-11-02T10:00:00.500Z"},
+        {"type": "track", "userId": "u1", "event": "Order Placed", "messageId": "ajs-2",
+         "properties": {"total": 42}, "timestamp": "2023-11-02T11:30:00.000Z"},
+        {"type": "page", "anonymousId": "a1", "name": "Pricing", "messageId": "ajs-3",
+         "properties": {"path": "/pricing"}, "timestamp": "2023-11-02T09:00:00+01:00"},
+        {"type": "group", "userId": "u1", "groupId": "acme", "messageId": "ajs-4",
+         "traits": {"name": "Acme"}, "timestamp": "2023-11-03T00:00:00.000Z"},
+    ]
+    path = tmp_path / "segment-export.jsonl"
+    path.write_text(_lines(archive))
+    runner = CliRunner()
+    db = str(tmp_path / "o.db")
+    result = runner.invoke(cli, ["enqueue", str(path), "--db", db])
+    assert result.exit_code == 0, result.output
+    with Outbox(db) as outbox:
+        stored = {p["messageId"]: p for p in _payloads(outbox)}
+    assert set(stored) == {"ajs-1", "ajs-2", "ajs-3", "ajs-4"}
+    assert stored["ajs-1"]["timestamp"] == "2023-11-02T10:00:00.000Z"
+    assert stored["ajs-3"]["timestamp"] == "2023-11-02T08:00:00.000Z"
+    assert "receivedAt" not in stored["ajs-1"] and "sentAt" not in stored["ajs-1"]
+    assert stored["ajs-1"]["context"]["ip"] == "1.2.3.4"
+    again = runner.invoke(cli, ["enqueue", str(path), "--db", db, "--run", "other"])
+    assert "0 added, 4 already in the outbox" in again.stdout
