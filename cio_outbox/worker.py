@@ -191,6 +191,11 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+def _ewma(average: float, value: float) -> float:
+    """A moving average that follows the last few values (the first one sets it)."""
+    return value if average == 0.0 else 0.75 * average + 0.25 * value
+
+
 class Worker:
     """Drains an outbox through a :class:`Client`.
 
@@ -266,6 +271,10 @@ class Worker:
         # Rows each sender holds, by sender thread: what the heartbeat keeps leased.
         self._held: dict[int, _Claim] = {}
         self._held_lock = threading.Lock()
+        self._wanting = concurrency  # senders between requests (all of them at the start)
+        # Moving averages, in seconds, of a request's round trip and of a claim (see _share).
+        self._round_trip = 0.0
+        self._claim_cost = 0.0
         self._last_counts: dict[str, int] = {"pending": 0, "in_flight": 0, "sent": 0, "failed": 0}
 
     # -- control -----------------------------------------------------------------------
@@ -475,13 +484,18 @@ class Worker:
         while not self._stop.is_set():
             try:
                 seen = self._changes()
+                started = time.perf_counter()
                 rows = self.storage.claim(
                     self.worker_id,
                     lease_seconds=self.lease_seconds,
                     max_bytes=self.max_bytes,
                     max_messages=self.max_messages,
                     run=self.run_filter,
+                    share=self._share(),
                 )
+                if rows:
+                    self._want(-1)
+                    self._claim_cost = _ewma(self._claim_cost, time.perf_counter() - started)
                 if not rows:
                     if until_empty and self._nothing_left():
                         self._drained.set()
@@ -495,6 +509,7 @@ class Worker:
                     self._deliver(claim.rows)
                 finally:
                     self._hold(None)
+                    self._want(1)
                 storage_failures = 0
             except WorkerError as exc:
                 self._fatal = self._fatal or exc
@@ -533,6 +548,20 @@ class Worker:
         wake = getattr(self.storage, "wake", None)
         if wake is not None:
             wake()
+
+    def _share(self) -> int:
+        """How many senders the free lanes are shared among at this claim: the ones that
+        want rows, but only while a request's round trip costs more than a claim. Into a
+        server that answers at once the one SQLite writer is the limit, and lanes split
+        among senders cost page writes (a lane's rows are spread over the table) and gain
+        nothing; a claim then takes every free lane."""
+        return self._wanting if self._round_trip > self._claim_cost else 1
+
+    def _want(self, change: int) -> None:
+        """Count the senders that want rows (between requests): a claim shares the free
+        lanes with them, and takes them all when it is alone."""
+        with self._held_lock:
+            self._wanting += change
 
     def _nothing_left(self) -> bool:
         counts = self.storage.counts(self.run_filter)
@@ -729,6 +758,7 @@ class Worker:
                 self._give_up_if_never_answered(rows, exc)
             raise _Transient(str(exc)) from None
         self._answered.set()
+        self._round_trip = _ewma(self._round_trip, reply.latency_ms / 1000)
         if reply.status_code == 429 or reply.status_code == 408 or reply.status_code >= 500:
             error = reply.describe()
             if reply.status_code == 429:

@@ -99,18 +99,56 @@ def test_a_busy_lane_holds_back_every_person_in_it_and_other_lanes_go(
     assert held == {"m2"}
 
 
-def test_one_claim_takes_at_most_an_eighth_of_the_lanes_oldest_first(
-    storage: Storage,
-) -> None:
+def _one_row_per_lane(storage: Storage, start: int = 0) -> list[str]:
+    """One row per lane, the lanes' heads in reverse lane order; the people, by lane."""
     lanes = people_by_lane(2000)
     people = [lanes[lane][0] for lane in range(LANES)]
-    # One row per lane, the lanes' heads in reverse lane order.
-    storage.insert([new_row(i, person) for i, person in enumerate(reversed(people))])
+    storage.insert([new_row(start + i, person) for i, person in enumerate(reversed(people))])
+    return people
+
+
+def test_an_uncontended_claim_takes_every_free_lane_in_enqueue_order(
+    storage: Storage,
+) -> None:
+    _one_row_per_lane(storage)
     taken = claim(storage)
-    per_claim = lanes_per_claim(LANES)
-    assert per_claim == 8
-    assert [r.message_id for r in taken] == [f"m{i}" for i in range(per_claim)]
-    assert len({lane_of(r.person) for r in taken}) == per_claim
+    # Alone, a claim takes a run of consecutive ids over all lanes (as before lanes).
+    assert [r.message_id for r in taken] == [f"m{i}" for i in range(LANES)]
+
+
+def test_a_claim_shares_the_free_lanes_with_its_callers_senders_oldest_first(
+    storage: Storage,
+) -> None:
+    _one_row_per_lane(storage)
+    taken = storage.claim("w1", lease_seconds=60.0, max_bytes=MAX_BATCH_BYTES,
+                          max_messages=5000, share=4)
+    assert [r.message_id for r in taken] == [f"m{i}" for i in range(LANES // 4)]
+    assert len({lane_of(r.person) for r in taken}) == LANES // 4
+    # Never fewer than lanes // 8 lanes, however many senders want rows.
+    few = storage.claim("w1", lease_seconds=60.0, max_bytes=MAX_BATCH_BYTES,
+                        max_messages=5000, share=64)
+    assert [r.message_id for r in few] == [f"m{i}" for i in range(16, 16 + lanes_per_claim(
+        LANES))]
+
+
+def test_a_worker_whose_claim_found_no_free_lane_gets_a_share_of_the_next_claims(
+    storage: Storage,
+) -> None:
+    _one_row_per_lane(storage)
+    first = claim(storage, "w1")
+    assert len(first) == LANES
+    _one_row_per_lane(storage, start=LANES)  # every lane busy: w2 finds nothing
+    assert claim(storage, "w2") == []
+    storage.mark_sent(first)
+    # w2 waits, so w1 takes only half of the free lanes, the oldest ones; w2 the rest.
+    again = claim(storage, "w1")
+    assert [r.message_id for r in again] == [f"m{LANES + i}" for i in range(LANES // 2)]
+    rest = claim(storage, "w2")
+    assert [r.message_id for r in rest] == [f"m{LANES + i}" for i in range(LANES // 2, LANES)]
+    # w2 was served: nobody waits any more, and a claim alone takes every free lane.
+    storage.mark_sent(again + rest)
+    _one_row_per_lane(storage, start=2 * LANES)
+    assert len(claim(storage, "w1")) == LANES
 
 
 def test_a_row_replaced_with_another_person_moves_to_that_persons_lane(
@@ -356,3 +394,56 @@ def test_several_processes_of_several_senders_keep_each_persons_order(
         assert got == sorted(got), person
     assert box.storage.counts() == {"pending": 0, "in_flight": 0, "sent": CALLS, "failed": 0}
     box.close()
+
+
+#: The indexes of messages besides its primary key (each costs every insert and every
+#: status change): what the queries below need, nothing more.
+MESSAGE_INDEXES = {
+    "messages_pending", "messages_pending_run", "messages_failed", "messages_sent",
+    "messages_in_flight", "messages_lane_pending", "messages_lane_deferred",
+}
+
+
+def test_claims_use_the_lane_indexes_and_scan_no_table_and_no_index_is_unused(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    from cio_outbox.storage.sqlite import SQLiteStorage
+
+    storage = SQLiteStorage(tmp_path / "o.db")
+    conn = sqlite3.connect(tmp_path / "o.db")
+    indexes = {name for (name,) in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages'"
+        " AND sql IS NOT NULL")}
+    assert indexes == MESSAGE_INDEXES
+    people = _one_row_per_lane(storage)
+    storage.insert([new_row(100 + i, person) for i, person in enumerate(people)])
+    statements: list[str] = []
+    storage.conn.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+    alone = storage.claim("w1", lease_seconds=0.05, max_bytes=MAX_BATCH_BYTES,
+                          max_messages=5000)
+    time.sleep(0.1)  # its lease expires: the next claim takes the rows back
+    shared = storage.claim("w2", lease_seconds=60, max_bytes=MAX_BATCH_BYTES,
+                           max_messages=5000, share=4)
+    storage.release(shared[:1], next_attempt_at=time.time() + 60)
+    storage.mark_sent(shared[1:])
+    storage.claim("w2", lease_seconds=60, max_bytes=MAX_BATCH_BYTES, max_messages=5000,
+                  run="r")
+    storage.oldest_pending()
+    storage.oldest_pending("r")
+    storage.conn.set_trace_callback(None)  # type: ignore[attr-defined]
+    assert alone and shared
+    used: set[str] = set()
+    for sql in statements:
+        if "messages" not in sql or sql.split()[0] not in ("SELECT", "UPDATE", "WITH"):
+            continue
+        plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql)]
+        for step in plan:
+            # A full scan of messages (under its name or an alias) would read every row.
+            table_scan = step.startswith("SCAN") and "INDEX" not in step and any(
+                f" {name}" in step + " " for name in ("messages ", "b ", "h "))
+            assert not table_scan, (sql, plan)
+            used |= {name for name in MESSAGE_INDEXES if f"INDEX {name} " in step + " "}
+    # Every index but those of other commands (failed rows, purge) serves these queries.
+    assert used == MESSAGE_INDEXES - {"messages_failed", "messages_sent"}

@@ -112,8 +112,12 @@ class Storage(Protocol):
         max_bytes: int,
         max_messages: int,
         run: str | None = None,
+        share: int = 1,
     ) -> list[Row]:
-        """Atomically take the next rows that fit one request and lease them to worker_id."""
+        """Atomically take the next rows that fit one request and lease them to worker_id.
+
+        ``share``: how many claimants of the caller want rows now, this one included (a
+        worker's senders between requests); the free lanes are shared among them."""
 
     def extend_lease(self, rows: Sequence[Row], lease_seconds: float) -> list[int]:
         """Lease the rows still held by their claim for lease_seconds from now; their ids."""

@@ -93,6 +93,7 @@ class PostgresStorage(SQLStorage):
     fields: ClassVar[dict[str, str]] = {
         "now": _NOW, "clock": "extract(epoch from clock_timestamp())::float8",
         "ids": "id = ANY(?::bigint[])", "json": "JSONB", "pending_run": "",
+        "pending_scan": "",
         "previous_id": "(payload::jsonb ->> 'previousId')",
         "lane_pending": "", "lanes": "lane = ANY(?::int[])",
         "lock_lanes": " FOR UPDATE OF l SKIP LOCKED",

@@ -197,17 +197,25 @@ MIGRATIONS: list[str | dict[str, str]] = [
     # in flight and nothing deferred, so one person's rows leave in order without a
     # global lock. The lanes table holds one row per lane: its size is the outbox's
     # number of lanes, fixed at creation, and PostgreSQL claims lock its rows (FOR UPDATE
-    # SKIP LOCKED). The lanes of existing rows are computed by the backend in Python
-    # after this script (neither SQL dialect has the hash), for rows not yet sent.
+    # SKIP LOCKED). Every index is rewritten on each status change and costs every insert,
+    # so the deferred and in-flight indexes are replaced by lane-first ones that serve both
+    # the lane checks and the expired leases (a scan of the small in-flight index).
+    # Claimants are workers whose last claim found no free lane: the next claims share
+    # the free lanes with them. The lanes of existing rows are computed by the backend in
+    # Python after this script (neither SQL dialect has the hash), for rows not yet sent.
     """
     ALTER TABLE {s}messages ADD COLUMN lane INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE {s}lanes (lane INTEGER PRIMARY KEY);
     WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < {lanes})
         INSERT INTO {s}lanes (lane) SELECT i FROM n;
     CREATE INDEX messages_lane_pending ON {s}messages (lane, id) WHERE status = 'pending';
-    CREATE INDEX messages_lane_in_flight ON {s}messages (lane) WHERE status = 'in_flight';
+    DROP INDEX {s}messages_deferred;
+    DROP INDEX {s}messages_in_flight;
+    CREATE INDEX messages_in_flight ON {s}messages (lane, lease_expires_at)
+        WHERE status = 'in_flight';
     CREATE INDEX messages_lane_deferred ON {s}messages (lane, next_attempt_at)
         WHERE status = 'pending' AND next_attempt_at IS NOT NULL;
+    CREATE TABLE {s}claimants (worker_id TEXT PRIMARY KEY, waiting_since {real} NOT NULL);
     """,
 ]
 #: The migration (1-based version) that adds lanes; the backend then computes the lanes

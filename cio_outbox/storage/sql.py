@@ -7,8 +7,9 @@ fields, which :meth:`SQLStorage.q` fills in for the dialect:
 - ``{s}``: the table prefix; ``{ids}``: "id is in the id list of this parameter";
 - ``{now}``: the database's clock in Unix seconds (``{clock}``: its reading at this
   statement, for claims that waited for a lock); ``{json}``: the JSON type;
-- ``{pending_run}``, ``{lane_pending}``: SQLite's index hints for a run's and a lane's
-  pending rows (nothing elsewhere); ``{lanes}``: "lane is in the list of this parameter";
+- ``{pending_scan}``, ``{pending_run}``, ``{lane_pending}``: SQLite's index hints for
+  the pending rows in id order, a run's and a lane's pending rows (nothing elsewhere);
+  ``{lanes}``: "lane is in the list of this parameter";
   ``{lock_lanes}``: how a claim locks the lanes it reads (PostgreSQL only);
 - ``{previous_id}``: an alias payload's ``previousId``.
 
@@ -41,6 +42,7 @@ Moved = list[tuple[str, str, int]]  # (run, old status, rows)
 _CANDIDATES = "SELECT id, run, call_type, person, size, attempts FROM {s}messages"
 CANDIDATE_PAGE_SIZE = 1000
 CANDIDATE_PAGES = 20  # bounded: never read far inside a claim
+FIRST_PAGE_MIN = 16
 
 _EXPIRED = "status = 'in_flight' AND lease_expires_at < ?"
 # A lane is busy while a row of it is in flight or waits for its retry time.
@@ -64,6 +66,22 @@ _BUSY = (
     " UNION SELECT lane FROM {s}messages WHERE status = 'pending'"
     " AND next_attempt_at IS NOT NULL AND next_attempt_at > ? AND {lanes}"
 )
+# All free lanes at once: the pending rows in enqueue order, skipping busy lanes' rows, so
+# an uncontended claim takes a run of consecutive ids as before lanes (few pages written).
+_SCAN_ROWS = (
+    _CANDIDATES + " %s WHERE status = 'pending'%s AND {lanes} AND id > ?"
+    " ORDER BY id LIMIT ?"
+)
+# Claimants whose last claim found no free lane, while rows were pending: the free lanes
+# of the next claims are shared with them (a claim that got rows removes its entry).
+_WAITING = "SELECT count(*) FROM {s}claimants WHERE worker_id != ? AND waiting_since > ?"
+_WAIT = (
+    "INSERT INTO {s}claimants AS c (worker_id, waiting_since) VALUES (?, ?)"
+    " ON CONFLICT (worker_id) DO UPDATE SET waiting_since = excluded.waiting_since"
+)
+_SERVED = "DELETE FROM {s}claimants WHERE worker_id = ?"
+#: How long a claim that found nothing counts as a claimant waiting for lanes.
+WAITING_SECONDS = 5.0
 _LANE_ROWS = (
     _CANDIDATES + " {lane_pending} WHERE status = 'pending' AND lane = ?%s AND id > ?"
     " ORDER BY id LIMIT ?"
@@ -209,10 +227,17 @@ class SQLStorage:
     # -- claims ------------------------------------------------------------------------
 
     def claim(self, worker_id: str, *, lease_seconds: float, max_bytes: int,
-              max_messages: int, run: str | None = None) -> list[Row]:
-        """The next rows of free lanes (nothing of the lane in flight or deferred), one
-        lane after another in the order of their oldest row, up to ``lanes // 8`` lanes,
-        as :func:`~cio_outbox.batch.select` fits them into one request."""
+              max_messages: int, run: str | None = None, share: int = 1) -> list[Row]:
+        """The next rows of free lanes (nothing of the lane in flight or deferred), merged
+        in enqueue order, as :func:`~cio_outbox.batch.select` fits them into one request.
+
+        Lanes split the work only when others want rows: ``share`` is how many claimants
+        of the caller want rows now (its senders, this one included), and every other
+        worker whose claim found no free lane in the last :data:`WAITING_SECONDS` counts
+        as one more; a claim takes the first ``1 / share`` of the free lanes, oldest head
+        first (at least ``lanes // 8`` of them when there are so many). Alone, a claim
+        takes every free lane: a run of consecutive ids, as cheap to write as before
+        lanes."""
         token = secrets.token_hex(8)
 
         def body(cur: Any) -> list[Row]:
@@ -221,10 +246,20 @@ class SQLStorage:
             deltas: Deltas = defaultdict(int)
             # Rows leased by a worker that died come back once their lease has expired.
             self._transition(cur, deltas, _EXPIRED, (now,), "pending", _DROP_LEASE, ())
-            lanes = self._free_lanes(cur, now, run)
+            free = self._free_lanes(cur, now, run)
+            claimants = max(1, share) + cur.execute(
+                self.q(_WAITING), (worker_id, now - WAITING_SECONDS)).fetchone()[0]
+            if claimants > 1 and len(free) > 1:
+                take = max(min(len(free), lanes_per_claim(self.lanes)),
+                           -(-len(free) // claimants))
+                lanes = free[:take]
+            else:
+                lanes = free
             # Persons never share a lane, so nothing is blocked within the lanes taken.
-            chosen = select(self._lane_candidates(cur, lanes, run), set(),
-                            max_bytes=max_bytes, max_messages=max_messages)
+            candidates = (self._scan_candidates(cur, lanes, run) if lanes is free
+                          else self._lane_candidates(cur, lanes, run))
+            chosen = select(candidates, set(), max_bytes=max_bytes,
+                            max_messages=max_messages) if lanes else []
             chosen = self._lock_chosen(cur, chosen) if chosen else chosen
             if chosen:
                 chosen.sort(key=lambda r: r.id)
@@ -233,11 +268,13 @@ class SQLStorage:
                 for row in chosen:
                     deltas[(row.run, "pending")] -= 1
                     deltas[(row.run, "in_flight")] += 1
+            self._note_claimant(cur, worker_id, now, bool(chosen), run)
             self._shift(cur, deltas)
             return chosen
 
         chosen = self._tx(body)
         if chosen:
+            self.__dict__["_claim_rows"] = len(chosen)
             bodies = {row_id: (message_id, payload) for row_id, message_id, payload in
                       self._read(self.q(_PAYLOADS), (self._id_list([r.id for r in chosen]),),
                                  tuples=True)}
@@ -246,42 +283,87 @@ class SQLStorage:
                 row.claim = token
         return chosen
 
+    def _note_claimant(self, cur: Any, worker_id: str, now: float, served: bool,
+                       run: str | None) -> None:
+        """Record (or clear) that this worker waits for lanes. Written only when it
+        changes, so an uncontended drain writes nothing here."""
+        waiting: set[str] = self.__dict__.setdefault("_waiting_as", set())
+        if served:
+            if worker_id in waiting:
+                cur.execute(self.q(_SERVED), (worker_id,))
+                waiting.discard(worker_id)
+            return
+        run_filter, run_args = ("", ()) if run is None else (" AND run = ?", (run,))
+        if cur.execute(self.q("SELECT 1 FROM {s}counts WHERE status = 'pending' AND n > 0"
+                              + run_filter + " LIMIT 1"), run_args).fetchone():
+            cur.execute(self.q(_WAIT), (worker_id, now))
+            waiting.add(worker_id)
+
     def _free_lanes(self, cur: Any, now: float, run: str | None) -> list[int]:
-        """Up to lanes // 8 free lanes with pending rows, oldest head first, locked by
-        this claim where the backend locks lanes."""
+        """The free lanes with pending rows, oldest head first, locked by this claim where
+        the backend locks lanes."""
         run_filter, run_args = ("", ()) if run is None else (" AND h.run = ?", (run,))
         sql = self.q(_FREE_LANES % (run_filter, run_filter))
-        limit = lanes_per_claim(self.lanes)
         lanes = [lane for (lane,) in cur.execute(
-            sql, (*run_args, now, *run_args, limit)).fetchall()]
+            sql, (*run_args, now, *run_args, self.lanes)).fetchall()]
         if not lanes:
             return lanes
         ids = self._id_list(lanes)
         busy = {lane for (lane,) in cur.execute(self.q(_BUSY), (ids, now, ids)).fetchall()}
         return [lane for lane in lanes if lane not in busy]
 
+    def _scan_candidates(self, cur: Any, lanes: list[int], run: str | None) -> Iterator[Row]:
+        """Pending rows of these lanes in enqueue order, from one index in id order (for a
+        claim that takes every free lane: the rows it passes over are of busy lanes)."""
+        if run is None:
+            sql = self.q(_SCAN_ROWS % ("{pending_scan}", ""))
+            run_args: tuple[str, ...] = ()
+        else:
+            sql = self.q(_SCAN_ROWS % ("{pending_run}", " AND run = ?"))
+            run_args = (run,)
+        ids = self._id_list(lanes)
+        after, size = 0, max(FIRST_PAGE_MIN, min(
+            CANDIDATE_PAGE_SIZE, int(self.__dict__.get("_claim_rows", CANDIDATE_PAGE_SIZE))
+            * 5 // 4 + 8))
+        budget = CANDIDATE_PAGES * CANDIDATE_PAGE_SIZE
+        while budget > 0:
+            size = min(size, budget)
+            page = cur.execute(sql, (*run_args, ids, after, size)).fetchall()
+            budget -= len(page) or 1
+            for row_id, row_run, call_type, person, row_size, attempts in page:
+                yield Row(row_id, "", row_run, call_type, person, "", row_size, attempts)
+            if len(page) < size:
+                return
+            after = page[-1][0]
+            size = min(CANDIDATE_PAGE_SIZE, size * 2)
+
     def _lane_candidates(self, cur: Any, lanes: list[int], run: str | None) -> Iterator[Row]:
-        """Pending rows of the lanes merged in enqueue order, without payloads, a page per
-        lane at a time (lazy: select reads only as far as it needs).
+        """Pending rows of the lanes merged in enqueue order, without payloads, read a page
+        per lane at a time (lazy: select reads only as far as it needs).
 
         Merged, not lane after lane: a request then covers a short range of ids, and so
-        few table pages. One lane's rows are spread over the whole table (at 50 people,
-        one row in 30 or so); leasing 1,600 of them dirtied nearly every page, and the
-        commit that wrote them cost 85 ms where a run of ids costs 12 (36 merged)."""
+        few table pages (one lane's rows are spread over the whole table). A lane's first
+        page is its share of the rows the last claim took (pages double after that): a
+        page of 1,000 rows from each of 34 lanes read 34,000 rows to take 1,600, and cost
+        more than the rest of the claim."""
         run_filter, run_args = ("", ()) if run is None else (" AND run = ?", (run,))
         sql = self.q(_LANE_ROWS % run_filter)
         budget = [CANDIDATE_PAGES * CANDIDATE_PAGE_SIZE]
+        expected = int(self.__dict__.get("_claim_rows", CANDIDATE_PAGE_SIZE))
+        first = max(FIRST_PAGE_MIN, min(CANDIDATE_PAGE_SIZE,
+                                        expected * 5 // (4 * max(1, len(lanes))) + 8))
 
         def lane_rows(lane: int) -> Iterator[tuple[Any, ...]]:
-            after = 0
+            after, size = 0, first
             while budget[0] > 0:
-                size = min(CANDIDATE_PAGE_SIZE, budget[0])
+                size = min(size, budget[0])
                 page = cur.execute(sql, (lane, *run_args, after, size)).fetchall()
                 budget[0] -= len(page) or 1
                 yield from page
                 if len(page) < size:
                     return
                 after = page[-1][0]
+                size = min(CANDIDATE_PAGE_SIZE, size * 2)
 
         for row_id, row_run, call_type, person, size, attempts in heapq.merge(
                 *(lane_rows(lane) for lane in lanes)):
