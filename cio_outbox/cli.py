@@ -446,7 +446,8 @@ def stop_on_signals(worker: Worker, printer: ProgressPrinter) -> Iterator[None]:
                    "heartbeat renews it every quarter of it while a request is in flight "
                    "or waiting to be retried.")
 @click.option("--worker-id", metavar="ID",
-              help="Name of this worker in the audit trail (default host:pid:random). A "
+              help="Name of this worker in the audit trail (default host:wN, the first "
+                   "slot of this outbox that no running worker on this host holds). A "
                    "restarted worker with the same id takes back the rows it held.")
 @click.option("--allow-insecure", is_flag=True,
               help="Allow a plain http:// host that is not loopback (sends the key in clear).")

@@ -68,6 +68,7 @@ from cio_outbox.settings import (
     DEFAULT_UNREACHABLE_TIMEOUT,
 )
 from cio_outbox.storage.base import Attempt, Storage, StorageError
+from cio_outbox.storage.slots import WorkerSlot
 
 log = logging.getLogger("cio_outbox.worker")
 
@@ -191,6 +192,13 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+def _uptime() -> float | None:
+    """Seconds on a clock that goes on while the process is stopped or the machine is
+    suspended (Linux's CLOCK_BOOTTIME); None elsewhere, where leases are always checked."""
+    clock = getattr(time, "CLOCK_BOOTTIME", None)
+    return None if clock is None else time.clock_gettime(clock)
+
+
 def _ewma(average: float, value: float) -> float:
     """A moving average that follows the last few values (the first one sets it)."""
     return value if average == 0.0 else 0.75 * average + 0.25 * value
@@ -249,6 +257,9 @@ class Worker:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.idle_interval = idle_interval
+        # Without an id, run() takes the outbox's first free slot on this host (a stable
+        # id, see storage/slots.py); this one stands until then.
+        self._stable_id = worker_id is None and hasattr(storage, "worker_slot")
         self.worker_id = worker_id or default_worker_id()
         self.on_progress = on_progress
         self.progress_interval = progress_interval
@@ -272,6 +283,7 @@ class Worker:
         self._held: dict[int, _Claim] = {}
         self._held_lock = threading.Lock()
         self._wanting = concurrency  # senders between requests (all of them at the start)
+        self._local = threading.local()  # per sender: when its lease was last confirmed
         # Moving averages, in seconds, of a request's round trip and of a claim (see _share).
         self._round_trip = 0.0
         self._claim_cost = 0.0
@@ -302,6 +314,27 @@ class Worker:
         self._started = time.monotonic()
         self._state = "sending"
         self._until_empty = until_empty
+        slot = self._take_slot()
+        try:
+            return self._run(until_empty, timeout)
+        finally:
+            if slot is not None:
+                slot.release()
+
+    def _take_slot(self) -> WorkerSlot | None:
+        """This host's first free worker slot of the outbox, when no id was given: a
+        worker restarted after a crash gets its old id back, so its rows at once."""
+        if not self._stable_id:
+            return None
+        try:
+            slot: WorkerSlot = self.storage.worker_slot()  # type: ignore[attr-defined]
+        except (StorageError, OSError) as exc:  # then a one-off id, rows come back by lease
+            log.warning("no stable worker id (%s); using %s", exc, self.worker_id)
+            return None
+        self.worker_id = slot.worker_id
+        return slot
+
+    def _run(self, until_empty: bool, timeout: float | None) -> WorkerResult:
         try:
             released = self._store(self.storage.release_worker, self.worker_id)
         except StorageError as exc:  # those rows come back by lease instead
@@ -456,8 +489,19 @@ class Worker:
                 self._held[threading.get_ident()] = claim
 
     def _still_held(self, claim: _Claim) -> None:
-        """Keep only the rows this claim still holds, leasing them anew; _Lost if none."""
+        """Keep only the rows this claim still holds, leasing them anew; _Lost if none.
+
+        Within a quarter of the lease (the heartbeat's period) of the claim or of the last
+        extension the rows are still held without asking: the lease, set by the database
+        from a clock reading taken after this sender's reading, cannot have run out, and
+        the clock read counts time stopped or suspended. That saves one write transaction
+        per request (a third of a drain's commits into a server that answers at once)."""
+        leased_at, now = getattr(self._local, "leased_at", None), _uptime()
+        if leased_at is not None and now is not None and now - leased_at < self.heartbeat_interval:
+            return
+        started = _uptime()
         held = set(self._store(self.storage.extend_lease, claim.rows, self.lease_seconds))
+        self._local.leased_at = started
         lost = [row for row in claim.rows if row.id not in held]
         if lost:
             log.info("%d row(s) no longer held (lease lapsed): not sending them", len(lost))
@@ -485,6 +529,7 @@ class Worker:
             try:
                 seen = self._changes()
                 started = time.perf_counter()
+                self._local.leased_at = _uptime()
                 rows = self.storage.claim(
                     self.worker_id,
                     lease_seconds=self.lease_seconds,

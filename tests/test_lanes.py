@@ -447,3 +447,78 @@ def test_claims_use_the_lane_indexes_and_scan_no_table_and_no_index_is_unused(
             used |= {name for name in MESSAGE_INDEXES if f"INDEX {name} " in step + " "}
     # Every index but those of other commands (failed rows, purge) serves these queries.
     assert used == MESSAGE_INDEXES - {"messages_failed", "messages_sent"}
+
+
+# -- a stable default worker id --------------------------------------------------------
+
+
+def test_running_workers_on_one_host_never_share_a_slot_and_a_freed_slot_comes_back(
+    storage: Storage,
+) -> None:
+    import socket
+
+    first = storage.worker_slot()  # type: ignore[attr-defined]
+    second = storage.worker_slot()  # type: ignore[attr-defined]
+    try:
+        assert first.worker_id == f"{socket.gethostname()}:w0"
+        assert second.worker_id == f"{socket.gethostname()}:w1"
+        first.release()
+        again = storage.worker_slot()  # type: ignore[attr-defined]
+        assert again.worker_id == f"{socket.gethostname()}:w0"
+        again.release()
+    finally:
+        first.release()
+        second.release()
+
+
+HOLDER = """
+import sys
+from cio_outbox import Outbox
+location, host, key = sys.argv[1:4]
+Outbox(location).worker(key=key, host=host, concurrency=2, max_messages=20).run()
+"""
+
+
+def test_a_sigkilled_worker_restarted_on_its_host_takes_back_its_rows_at_once(
+    outbox_location: str, tmp_path: Path,
+) -> None:
+    import signal
+    import socket
+
+    box = Outbox(outbox_location)
+    box.enqueue_many([{"type": "track", "userId": f"u{i % 10}", "event": "E",
+                       "properties": {"seq": i}} for i in range(200)])
+    stable = f"{socket.gethostname()}:w0"
+    with SandboxProcess(latency=30.0) as slow:
+        # The first worker claims rows and waits for a server that answers late: killed.
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, outbox_location, slow.url,
+                                   slow.key], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while not box.storage.leases() and time.monotonic() < deadline:  # type: ignore[attr-defined]
+                assert holder.poll() is None, holder.stderr.read() if holder.stderr else ""
+                time.sleep(0.05)
+            leases = box.storage.leases()  # type: ignore[attr-defined]
+            assert [e["worker_id"] for e in leases] == [stable]
+            assert leases[0]["expires_first"] > time.time() + 60  # the default lease
+        finally:
+            holder.send_signal(signal.SIGKILL)
+            holder.wait(timeout=30)
+    with SandboxProcess() as fast:
+        started = time.monotonic()
+        again = subprocess.run(
+            [sys.executable, "-m", "cio_outbox", "worker", "--db", outbox_location,
+             "--host", fast.url, "--until-empty"],
+            env={**os.environ, "CIO_API_KEY": fast.key}, capture_output=True, text=True,
+            timeout=120, stdin=subprocess.DEVNULL)
+        took = time.monotonic() - started
+        received = fast.messages()
+    assert again.returncode == 0, again.stderr[-3000:]
+    # At once, not after the dead worker's 120 s leases: it took back its own rows.
+    assert took < 60, took
+    assert "waiting for" not in again.stdout + again.stderr
+    assert box.storage.counts() == {"pending": 0, "in_flight": 0, "sent": 200, "failed": 0}
+    assert len(received) == 200
+    assert {a["worker_id"] for a in box.storage.attempts(limit=1000)} == {stable}
+    box.close()

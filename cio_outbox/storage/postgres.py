@@ -45,6 +45,7 @@ from cio_outbox.storage.base import NewRow, Row, StorageError
 from cio_outbox.storage.lanes import lane_of
 from cio_outbox.storage.location import DEFAULT_SCHEMA, redact, split_location
 from cio_outbox.storage.schema import LANES_VERSION, POSTGRES, SCHEMA_VERSION, render
+from cio_outbox.storage.slots import MAX_SLOTS, NoFreeSlot, WorkerSlot, slot_id
 from cio_outbox.storage.sql import Deltas, Moved, SQLStorage
 
 if TYPE_CHECKING:
@@ -363,6 +364,25 @@ class PostgresStorage(SQLStorage):
                 cur.execute(f"DROP SCHEMA IF EXISTS {self._s} CASCADE")
         except self._psycopg.Error as exc:
             raise self._explain(exc) from None
+
+    def worker_slot(self) -> WorkerSlot:
+        """A slot of this outbox on this host: a session advisory lock on a connection of
+        its own, held until released or until the process dies (see slots.py)."""
+        conn = self._connect()
+        try:
+            for slot in range(MAX_SLOTS):
+                worker_id = slot_id(slot)
+                key = f"cio_outbox:{self.schema}:worker:{worker_id}"
+                row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                                   (key,)).fetchone()
+                if row and row[0]:
+                    return WorkerSlot(worker_id, conn.close)
+        except self._psycopg.Error as exc:
+            conn.close()
+            raise self._explain(exc) from None
+        conn.close()
+        raise NoFreeSlot(f"all {MAX_SLOTS} worker slots of {self.location} on this host are"
+                         " in use")
 
     def close(self) -> None:
         with self._lock:

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, TypeVar
 from cio_outbox.storage.base import NewRow, StorageError
 from cio_outbox.storage.lanes import lane_of
 from cio_outbox.storage.schema import LANES_VERSION, SCHEMA_VERSION, SQLITE, render
+from cio_outbox.storage.slots import WorkerSlot, file_slot
 from cio_outbox.storage.sql import Deltas, Moved, SQLStorage
 from cio_outbox.storage.sqlite_schema import add_status_check, statements
 
@@ -297,6 +298,10 @@ class SQLiteStorage(SQLStorage):
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             raise self._explain(exc) from None
+
+    def worker_slot(self) -> WorkerSlot:
+        """A slot of this outbox on this host, held until released (see slots.py)."""
+        return file_slot(self.path)
 
     def close(self) -> None:
         with self._lock:
