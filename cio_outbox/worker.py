@@ -284,6 +284,7 @@ class Worker:
         self._held_lock = threading.Lock()
         self._wanting = concurrency  # senders between requests (all of them at the start)
         self._local = threading.local()  # per sender: when its lease was last confirmed
+        self._claim_lock = threading.Lock()
         # Moving averages, in seconds, of a request's round trip and of a claim (see _share).
         self._round_trip = 0.0
         self._claim_cost = 0.0
@@ -530,14 +531,17 @@ class Worker:
                 seen = self._changes()
                 started = time.perf_counter()
                 self._local.leased_at = _uptime()
-                rows = self.storage.claim(
-                    self.worker_id,
-                    lease_seconds=self.lease_seconds,
-                    max_bytes=self.max_bytes,
-                    max_messages=self.max_messages,
-                    run=self.run_filter,
-                    share=self._share(),
-                )
+                # One claim at a time per worker: senders that raced for SQLite's write
+                # lock slept in its busy handler while the lock was already free.
+                with self._claim_lock:
+                    rows = self.storage.claim(
+                        self.worker_id,
+                        lease_seconds=self.lease_seconds,
+                        max_bytes=self.max_bytes,
+                        max_messages=self.max_messages,
+                        run=self.run_filter,
+                        share=self._share(),
+                    )
                 if rows:
                     self._want(-1)
                     self._claim_cost = _ewma(self._claim_cost, time.perf_counter() - started)

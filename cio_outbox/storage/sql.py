@@ -26,6 +26,7 @@ import json
 import re
 import secrets
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
@@ -52,12 +53,25 @@ _DEFERRED = (
     " AND b.next_attempt_at IS NOT NULL AND b.next_attempt_at > ?"
 )
 _HEAD = "SELECT %s FROM {s}messages h WHERE h.status = 'pending' AND h.lane = l.lane%s"
-# The free lanes with pending rows, oldest head first; PostgreSQL locks them, skipping
-# lanes another claim holds, so claims on different lanes run in parallel.
+# A lane's oldest pending row, read from the lane's index (PostgreSQL would otherwise walk
+# the pending index from its start, over every dead entry the drain has left behind).
+_LANE_HEAD = _HEAD % ("h.id", "%s") + " ORDER BY h.id LIMIT 1"
+# The free lanes with pending rows and their heads, oldest head first; PostgreSQL locks
+# them, skipping lanes another claim holds, so claims on different lanes run in parallel.
 _FREE_LANES = (
-    "SELECT l.lane FROM {s}lanes l WHERE EXISTS (" + _HEAD % ("1", "%s") + ")"
+    "SELECT l.lane, (" + _LANE_HEAD + ") AS head FROM {s}lanes l"
+    " WHERE (" + _LANE_HEAD + ") IS NOT NULL"
     " AND NOT EXISTS (" + _IN_FLIGHT + ") AND NOT EXISTS (" + _DEFERRED + ")"
-    " ORDER BY (" + _HEAD % ("min(h.id)", "%s") + ") LIMIT ?{lock_lanes}"
+    " ORDER BY head LIMIT ?{lock_lanes}"
+)
+# Read before a claim's write transaction: is there anything to take (a free lane with
+# pending rows, or a lease that ran out)? Senders that find nothing then take no write lock.
+_ANYTHING = (
+    "SELECT 1 FROM {s}lanes l WHERE EXISTS (" + _HEAD % ("1", "%s") + ")"
+    " AND NOT EXISTS (" + _IN_FLIGHT + ") AND NOT EXISTS ("
+    + _DEFERRED.replace("?", "{now}") + ")"
+    " UNION ALL SELECT 1 FROM {s}messages WHERE status = 'in_flight'"
+    " AND lease_expires_at < {now} LIMIT 1"
 )
 # Rechecked once the lanes are ours: a claim that committed after the statement above
 # took its snapshot may have made one busy (PostgreSQL; SQLite holds the write lock).
@@ -239,6 +253,14 @@ class SQLStorage:
         takes every free lane: a run of consecutive ids, as cheap to write as before
         lanes."""
         token = secrets.token_hex(8)
+        run_filter, run_args = ("", ()) if run is None else (" AND h.run = ?", (run,))
+        if not self._read(self.q(_ANYTHING % run_filter), run_args, tuples=True):
+            noted = self.__dict__.get("_waiting_as", {}).get(worker_id)
+            if noted is None or time.monotonic() - noted > WAITING_SECONDS / 2:
+                self._tx(lambda cur: self._note_claimant(
+                    cur, worker_id, cur.execute(self.q("SELECT {clock}")).fetchone()[0],
+                    False, run))
+            return []
 
         def body(cur: Any) -> list[Row]:
             self._lock_claims(cur)
@@ -287,32 +309,32 @@ class SQLStorage:
                        run: str | None) -> None:
         """Record (or clear) that this worker waits for lanes. Written only when it
         changes, so an uncontended drain writes nothing here."""
-        waiting: set[str] = self.__dict__.setdefault("_waiting_as", set())
+        waiting: dict[str, float] = self.__dict__.setdefault("_waiting_as", {})
         if served:
-            if worker_id in waiting:
+            if waiting.pop(worker_id, None) is not None:
                 cur.execute(self.q(_SERVED), (worker_id,))
-                waiting.discard(worker_id)
             return
         run_filter, run_args = ("", ()) if run is None else (" AND run = ?", (run,))
         if cur.execute(self.q("SELECT 1 FROM {s}counts WHERE status = 'pending' AND n > 0"
                               + run_filter + " LIMIT 1"), run_args).fetchone():
             cur.execute(self.q(_WAIT), (worker_id, now))
-            waiting.add(worker_id)
+            waiting[worker_id] = time.monotonic()
 
-    def _free_lanes(self, cur: Any, now: float, run: str | None) -> list[int]:
-        """The free lanes with pending rows, oldest head first, locked by this claim where
-        the backend locks lanes."""
+    def _free_lanes(self, cur: Any, now: float, run: str | None) -> list[tuple[int, int]]:
+        """The free lanes with pending rows and their oldest pending ids, oldest first,
+        locked by this claim where the backend locks lanes."""
         run_filter, run_args = ("", ()) if run is None else (" AND h.run = ?", (run,))
         sql = self.q(_FREE_LANES % (run_filter, run_filter))
-        lanes = [lane for (lane,) in cur.execute(
-            sql, (*run_args, now, *run_args, self.lanes)).fetchall()]
+        lanes = [(lane, head) for lane, head in cur.execute(
+            sql, (*run_args, *run_args, now, self.lanes)).fetchall()]
         if not lanes:
             return lanes
-        ids = self._id_list(lanes)
+        ids = self._id_list([lane for lane, _ in lanes])
         busy = {lane for (lane,) in cur.execute(self.q(_BUSY), (ids, now, ids)).fetchall()}
-        return [lane for lane in lanes if lane not in busy]
+        return [(lane, head) for lane, head in lanes if lane not in busy]
 
-    def _scan_candidates(self, cur: Any, lanes: list[int], run: str | None) -> Iterator[Row]:
+    def _scan_candidates(self, cur: Any, lanes: list[tuple[int, int]], run: str | None
+                         ) -> Iterator[Row]:
         """Pending rows of these lanes in enqueue order, from one index in id order (for a
         claim that takes every free lane: the rows it passes over are of busy lanes)."""
         if run is None:
@@ -321,8 +343,8 @@ class SQLStorage:
         else:
             sql = self.q(_SCAN_ROWS % ("{pending_run}", " AND run = ?"))
             run_args = (run,)
-        ids = self._id_list(lanes)
-        after, size = 0, max(FIRST_PAGE_MIN, min(
+        ids = self._id_list([lane for lane, _ in lanes])
+        after, size = min(head for _, head in lanes) - 1, max(FIRST_PAGE_MIN, min(
             CANDIDATE_PAGE_SIZE, int(self.__dict__.get("_claim_rows", CANDIDATE_PAGE_SIZE))
             * 5 // 4 + 8))
         budget = CANDIDATE_PAGES * CANDIDATE_PAGE_SIZE
@@ -337,7 +359,8 @@ class SQLStorage:
             after = page[-1][0]
             size = min(CANDIDATE_PAGE_SIZE, size * 2)
 
-    def _lane_candidates(self, cur: Any, lanes: list[int], run: str | None) -> Iterator[Row]:
+    def _lane_candidates(self, cur: Any, lanes: list[tuple[int, int]], run: str | None
+                         ) -> Iterator[Row]:
         """Pending rows of the lanes merged in enqueue order, without payloads, read a page
         per lane at a time (lazy: select reads only as far as it needs).
 
@@ -353,8 +376,8 @@ class SQLStorage:
         first = max(FIRST_PAGE_MIN, min(CANDIDATE_PAGE_SIZE,
                                         expected * 5 // (4 * max(1, len(lanes))) + 8))
 
-        def lane_rows(lane: int) -> Iterator[tuple[Any, ...]]:
-            after, size = 0, first
+        def lane_rows(lane: int, head: int) -> Iterator[tuple[Any, ...]]:
+            after, size = head - 1, first
             while budget[0] > 0:
                 size = min(size, budget[0])
                 page = cur.execute(sql, (lane, *run_args, after, size)).fetchall()
@@ -366,7 +389,7 @@ class SQLStorage:
                 size = min(CANDIDATE_PAGE_SIZE, size * 2)
 
         for row_id, row_run, call_type, person, size, attempts in heapq.merge(
-                *(lane_rows(lane) for lane in lanes)):
+                *(lane_rows(lane, head) for lane, head in lanes)):
             yield Row(row_id, "", row_run, call_type, person, "", size, attempts)
 
     @property
