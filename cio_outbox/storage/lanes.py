@@ -7,9 +7,10 @@ leave in order while other lanes are sent in parallel. The hash is blake2b (64 b
 ``hash()``: it must give every process, on every machine, the same lane for a person.
 
 Why 64 lanes: a claim reads the head of every lane (a few index probes each, about
-0.3 ms for 64 in SQLite), and may take up to ``LANES // 8`` lanes to fill a request; with
-64 lanes, up to 8 senders can each hold a full request's worth of lanes on a file of few
-people, and a file of many people (10,000) still fills 500 KB bodies from 8 lanes.
+0.3 ms for 64 in SQLite). Alone, a claim takes every free lane (consecutive rows); when
+others want rows it takes its share of the free lanes, never fewer than ``LANES // 8``:
+with 64 lanes, up to 8 senders can each hold a full request's worth of lanes on a file of
+few people, and a file of many people (10,000) still fills 500 KB bodies from 8 lanes.
 """
 
 from __future__ import annotations
@@ -32,5 +33,5 @@ def lane_of(person: str, lanes: int = LANES) -> int:
 
 
 def lanes_per_claim(lanes: int) -> int:
-    """How many lanes one claim may take to fill its request."""
+    """The fewest lanes a claim that shares the free lanes with others takes."""
     return max(1, lanes // 8)

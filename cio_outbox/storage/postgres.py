@@ -15,8 +15,9 @@ Design, in short:
   transaction as the rows they count; every transaction locks its message rows first
   and its count rows last, in a fixed order, so counts never dead-lock.
 - A claim is one short transaction with no global lock: it recovers expired leases,
-  locks up to ``lanes // 8`` free lanes (rows of the ``lanes`` table, ``FOR UPDATE SKIP
-  LOCKED``, so concurrent claims take different lanes), rechecks in a fresh snapshot
+  locks the free lanes (rows of the ``lanes`` table, ``FOR UPDATE SKIP LOCKED``, so
+  concurrent claims take different lanes), keeps its share of them (all of them when no
+  other claimant waits, see sql.py), rechecks in a fresh snapshot
   that nothing of them went in flight meanwhile, lets :func:`cio_outbox.batch.select`
   pick from their pending rows, then locks the picked rows with ``SELECT ... FOR UPDATE
   SKIP LOCKED``. A picked row that another transaction holds (a late ``mark_sent`` of a
