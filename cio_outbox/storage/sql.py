@@ -94,6 +94,9 @@ _WAIT = (
     " ON CONFLICT (worker_id) DO UPDATE SET waiting_since = excluded.waiting_since"
 )
 _SERVED = "DELETE FROM {s}claimants WHERE worker_id = ?"
+_HELD_BY_OTHERS = (
+    "SELECT 1 FROM {s}messages WHERE status = 'in_flight' AND worker_id != ? LIMIT 1"
+)
 #: How long a claim that found nothing counts as a claimant waiting for lanes.
 WAITING_SECONDS = 5.0
 _LANE_ROWS = (
@@ -314,9 +317,12 @@ class SQLStorage:
             if waiting.pop(worker_id, None) is not None:
                 cur.execute(self.q(_SERVED), (worker_id,))
             return
+        # Waiting counts only for rows another worker holds: lanes busy with this worker's
+        # own senders, or with deferred rows, are no one else's to share.
         run_filter, run_args = ("", ()) if run is None else (" AND run = ?", (run,))
         if cur.execute(self.q("SELECT 1 FROM {s}counts WHERE status = 'pending' AND n > 0"
-                              + run_filter + " LIMIT 1"), run_args).fetchone():
+                              + run_filter + " LIMIT 1"), run_args).fetchone() and \
+                cur.execute(self.q(_HELD_BY_OTHERS), (worker_id,)).fetchone():
             cur.execute(self.q(_WAIT), (worker_id, now))
             waiting[worker_id] = time.monotonic()
 
