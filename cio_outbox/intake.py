@@ -30,6 +30,7 @@ from itertools import islice
 from typing import Any
 
 from cio_outbox.messages import (
+    _CANONICAL_TIMESTAMP,
     LIBRARY,
     MODELS,
     Message,
@@ -121,13 +122,14 @@ def _is_message_id(value: Any) -> bool:
 
 
 def _is_timestamp(value: Any) -> bool:
-    if type(value) is not str or len(value) != 24 or value[-1] != "Z" or value[10] != "T":
+    """The form the model keeps as it is (and the document's date-time accepts)."""
+    if type(value) is not str or _CANONICAL_TIMESTAMP.fullmatch(value) is None:
         return False
     try:
         _dt.datetime.fromisoformat(value[:-1])
     except ValueError:
         return False
-    return value[19] == "." and value[:4].isdigit()
+    return True
 
 
 def _is_dict(value: Any) -> bool:
@@ -194,14 +196,111 @@ class _Shape:
         self.required = tuple(
             name for name, info in model.model_fields.items() if info.is_required()
         )
+        self.call_type = model.call_type
+        self._rules: _Rules | None = None
+
+    @property
+    def rules(self) -> _Rules:
+        if self._rules is None:  # on first use: it reads the OpenAPI document
+            self._rules = _Rules.of(self)
+        return self._rules
+
+
+# The rules of the document that each fast check implies: a value it vouches for meets them.
+_IMPLIED: dict[Callable[[Any], bool], tuple[dict[str, Any], ...]] = {
+    _is_id: ({"type": "string", "minLength": 1},),
+    _is_message_id: ({"type": "string", "minLength": 1},),
+    _is_event: ({"type": "string", "minLength": 1},),
+    _is_name: ({"type": "string"},),
+    _is_timestamp: ({"type": "string", "format": "date-time"},),
+    _is_dict: ({"type": "object"}, {"type": "object", "properties": {}}),
+    _is_flags: ({"type": "object"},
+                {"type": "object", "additionalProperties": {"type": "boolean"}}),
+}
+
+
+class _Rules:
+    """Which of the document's rules for a call type the fast check already proves, so that
+    the compiled schema runs only for calls it does not (read from the document, not
+    restated: a rule added to the document is run until a check here implies it).
+
+    ``known`` is False when the schema has a shape this reading does not understand (its
+    rules then always run). A field in ``unproven`` always needs the rules; a field in
+    ``guarded`` is an object whose rule constrains only the listed keys, so a value holding
+    none of them meets it.
+    """
+
+    def __init__(self, known: bool, unproven: frozenset[str] = frozenset(),
+                 guarded: tuple[tuple[str, frozenset[str]], ...] = ()) -> None:
+        self.known = known
+        self.unproven = unproven
+        self.guarded = guarded
+
+    @classmethod
+    def of(cls, shape: _Shape) -> _Rules:
+        from cio_outbox import spec
+
+        schema = spec.resolved_schema(shape.call_type)
+        if set(schema) - {"type", "required", "anyOf", "properties"} or (
+                schema.get("type") != "object"):
+            return cls(False)
+        if not set(schema.get("required", ())) <= set(shape.required):
+            return cls(False)
+        branches = schema.get("anyOf")
+        if branches is not None:  # the fast check wants userId or anonymousId
+            alternatives = {b["required"][0] for b in branches
+                            if set(b) == {"required"} and len(b["required"]) == 1}
+            if len(alternatives) != len(branches) or not (
+                    {"userId", "anonymousId"} <= alternatives):
+                return cls(False)
+        unproven: set[str] = set()
+        guarded: list[tuple[str, frozenset[str]]] = []
+        for name, rule in schema.get("properties", {}).items():
+            if name == "type":
+                if rule != {"const": shape.call_type}:
+                    return cls(False)
+                continue
+            check = shape.checks.get(name)
+            if check is None or rule in _IMPLIED.get(check, ()):
+                continue  # no such field passes the fast check, or it meets the rule
+            if check is _is_dict and set(rule) == {"type", "properties"}:
+                guarded.append((name, frozenset(rule["properties"])))
+            else:
+                unproven.add(name)
+        context = schema.get("properties", {}).get("context")
+        if context is not None and not _accepts(context, {"library": LIBRARY}):
+            unproven.add("context")  # the library context we add would need checking
+        return cls(True, frozenset(unproven), tuple(guarded))
+
+    def hold(self, call: dict[str, Any]) -> bool:
+        """Whether the rules are sure to hold for ``call`` (the fast check vouched for it)."""
+        if not self.known or not self.unproven.isdisjoint(call):
+            return False
+        for name, keys in self.guarded:
+            value = call.get(name)
+            if value is not None and not keys.isdisjoint(value):
+                return False
+        return True
+
+
+def _accepts(rule: dict[str, Any], value: Any) -> bool:
+    import fastjsonschema
+
+    try:
+        fastjsonschema.compile(rule, use_default=False)(value)
+    except fastjsonschema.JsonSchemaException:
+        return False
+    return True
 
 
 _SHAPES = {call_type: _Shape(model) for call_type, model in MODELS.items()}
 
 
-def _fast_wire(call: dict[str, Any]) -> dict[str, Any] | None:
-    """``call`` itself, ready to encode, when the fast check vouches for every field of it;
-    None when pydantic must decide (anything unusual, and every invalid call)."""
+def _fast_wire(call: dict[str, Any]) -> tuple[dict[str, Any], bool] | None:
+    """``(call, rules_hold)`` when the fast check vouches for every field of ``call`` (then
+    completed in place, ready to encode); ``rules_hold`` says the document's rules
+    (messages.check_rules) are sure to hold without running them. None when pydantic
+    must decide (anything unusual, and every invalid call)."""
     kind = call.get("type")
     shape = _SHAPES.get(kind) if type(kind) is str else None
     if shape is None or not shape.usable:
@@ -222,12 +321,15 @@ def _fast_wire(call: dict[str, Any]) -> dict[str, Any] | None:
             return None
     if "userId" not in call and "anonymousId" not in call:
         return None
+    # Before the library context is added: the rules see the caller's context.
+    rules_hold = shape.rules.hold(call) and not (
+        kind == "track" and call["event"] in _semantic_names())
     context = call.get("context")
     if context is None:
         call["context"] = {"library": LIBRARY}
     elif "library" not in context:
         call["context"] = {**context, "library": LIBRARY}
-    return call
+    return call, rules_hold
 
 
 # -- semantic events ---------------------------------------------------------------------
@@ -305,23 +407,26 @@ def prepare(
         if "timestamp" not in wire:
             wire["timestamp"] = now_timestamp()
         payload = encode_wire(wire)
+        rules_hold = False
     else:
-        wire, payload = _checked(call, idempotency_key, identity, owned)
+        wire, payload, rules_hold = _checked(call, idempotency_key, identity, owned)
     call_type = wire["type"]
-    # JSON values, as the API will see them (decoded again unless they already are).
-    seen = wire if plain else json_form(payload)
-    if call_type == "track" and wire["event"] in _semantic_names():
-        check_semantic(seen)  # first, for its message naming what the event requires
-    # The one rule set: the checks the sandbox applies to what arrives (messages.check_rules).
-    check_rules(seen)
+    if not rules_hold:
+        # JSON values, as the API will see them (decoded again unless they already are).
+        seen = wire if plain else json_form(payload)
+        if call_type == "track" and wire["event"] in _semantic_names():
+            check_semantic(seen)  # first, for its message naming what the event requires
+        # The one rule set: the checks the sandbox applies to what arrives.
+        check_rules(seen)
     return NewRow(wire["messageId"], run or "", call_type,
                   wire.get("userId") or wire.get("anonymousId") or "",
                   payload.decode("utf-8"), len(payload))
 
 
 def _checked(call: Mapping[str, Any], idempotency_key: str | None, identity: str | None,
-             owned: bool) -> tuple[dict[str, Any], bytes]:
-    """The wire dict of a mapping and its bytes: id resolved, time stamped, validated."""
+             owned: bool) -> tuple[dict[str, Any], bytes, bool]:
+    """The wire dict of a mapping, its bytes, and whether the document's rules are known
+    to hold for it: id resolved, time stamped, validated."""
     if type(call) is dict:
         fields: dict[str, Any] = call if owned else dict(call)
     elif isinstance(call, Mapping):
@@ -336,14 +441,15 @@ def _checked(call: Mapping[str, Any], idempotency_key: str | None, identity: str
         fields["messageId"] = identity or new_message_id()
     if fields.get("timestamp") is None:
         fields["timestamp"] = now_timestamp()
-    wire = _fast_wire(fields)
-    if wire is not None:
+    vouched = _fast_wire(fields)
+    if vouched is not None:
+        wire, rules_hold = vouched
         try:
-            return wire, encode_wire(wire, fallback=False)
+            return wire, encode_wire(wire, fallback=False), rules_hold
         except TypeError:
             pass  # what orjson refuses (an integer key, a huge integer): pydantic decides
     wire = from_wire(fields).wire()
-    return wire, encode_wire(wire)
+    return wire, encode_wire(wire), False
 
 
 def prepare_many(
