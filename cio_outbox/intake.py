@@ -14,6 +14,10 @@ file importers and the CLI) ends in :func:`prepare`, which for each call:
    same pass;
 4. encodes once, to the exact bytes later sent, and takes the size from those bytes.
 
+A JSONL line of a file import is first offered to :func:`line_row`: a compiled check of
+the same shapes (msgspec) that, for a line needing nothing but its messageId, timestamp
+and library context, writes the row from the line's own bytes with those fields added.
+
 :func:`write` writes prepared rows in chunked transactions with the cyclic garbage
 collector paused while a chunk is built, and counts what was added and skipped.
 """
@@ -24,14 +28,19 @@ import datetime as _dt
 import functools
 import gc
 import hashlib
+import operator
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
+import orjson
 
 from cio_outbox.messages import (
     _CANONICAL_TIMESTAMP,
     LIBRARY,
+    MAX_MESSAGE_BYTES,
     MODELS,
     Message,
     MessageError,
@@ -48,6 +57,7 @@ from cio_outbox.storage.base import CHUNK_ROWS, NewRow, Storage
 __all__ = [
     "BOTH_IDS",
     "line_message_id",
+    "line_row",
     "now_timestamp",
     "prepare",
     "prepare_many",
@@ -272,6 +282,19 @@ class _Rules:
             unproven.add("context")  # the library context we add would need checking
         return cls(True, frozenset(unproven), tuple(guarded))
 
+    def hold_for(self, line: Any) -> bool:
+        """:meth:`hold` for a decoded line (a struct whose absent fields are UNSET)."""
+        if not self.known:
+            return False
+        for name in self.unproven:
+            if getattr(line, name, _UNSET) is not _UNSET:
+                return False
+        for name, keys in self.guarded:
+            value = getattr(line, name, _UNSET)
+            if value is not _UNSET and not keys.isdisjoint(value):
+                return False
+        return True
+
     def hold(self, call: dict[str, Any]) -> bool:
         """Whether the rules are sure to hold for ``call`` (the fast check vouched for it)."""
         if not self.known or not self.unproven.isdisjoint(call):
@@ -332,7 +355,119 @@ def _fast_wire(call: dict[str, Any]) -> tuple[dict[str, Any], bool] | None:
     return call, rules_hold
 
 
-# -- semantic events ---------------------------------------------------------------------
+# -- a JSONL line written from its own bytes ----------------------------------------------
+
+# A line of a file import is parsed by a compiled check (msgspec) of exactly the shapes the
+# fast check vouches for; when it passes and the document's rules are proven, the row's
+# payload is the line's own bytes with the messageId, timestamp and library context added
+# at the end: no dict, no re-encoding. Everything else (any other field, a null, an
+# escaped character, a context, a semantic event) takes the general path below.
+
+_Id = Annotated[str, msgspec.Meta(pattern=r"\S")]  # non-empty, not only whitespace
+_TYPES: dict[Callable[[Any], bool], Any] = {
+    _is_id: _Id,
+    _is_event: _Id,
+    _is_message_id: Annotated[str, msgspec.Meta(max_length=100, pattern=r"\S")],
+    # The form the model keeps (its calendar is checked after decoding).
+    _is_timestamp: Annotated[str, msgspec.Meta(pattern=f"^{_CANONICAL_TIMESTAMP.pattern}\\Z")],
+    _is_name: str,
+    _is_dict: dict[str, Any],
+    _is_flags: dict[str, bool],
+}
+_LIBRARY_CONTEXT = b'"context":{"library":' + orjson.dumps(LIBRARY) + b"}"
+
+
+def _line_struct(call_type: str, shape: _Shape) -> type[msgspec.Struct]:
+    fields = []
+    for name, check in shape.checks.items():
+        if name == "type":
+            continue
+        kind = _TYPES[check]
+        if name in shape.required:
+            fields.append((name, kind))
+        else:
+            fields.append((name, kind | msgspec.UnsetType, msgspec.UNSET))
+    fields.sort(key=lambda field: len(field) == 3)  # required fields first
+    return msgspec.defstruct(f"{call_type.title()}Line", fields, tag_field="type",
+                             tag=call_type, forbid_unknown_fields=True)
+
+
+@functools.cache
+def _line_decoder() -> tuple[Callable[[bytes], Any], dict[type, str]]:
+    """The compiled check of a line (made on first use), and the call type of each struct."""
+    kinds = {_line_struct(t, shape): t for t, shape in _SHAPES.items() if shape.usable}
+    return msgspec.json.Decoder(functools.reduce(operator.or_, kinds)).decode, kinds
+
+
+def line_row(raw: bytes, run: str, line: int) -> NewRow | None:
+    """The row of JSONL line number ``line`` (``raw``, stripped) of import ``run`` when the
+    compiled check proves it ready to send as it is, but for its messageId (its
+    :func:`line_message_id` unless it has one), its timestamp and the library context;
+    None when :func:`prepare` must decide.
+
+    A line repeating a top-level key keeps its bytes; the checks saw the last value,
+    the one JSON parsers (Go's, JavaScript's, Python's) keep.
+    """
+    if b"\\u" in raw:  # an escape might hide a lone surrogate: the general path decides
+        return None
+    decode, kinds = _line_decoder()
+    try:
+        call = decode(raw)
+    except msgspec.DecodeError:  # any other shape, or invalid: the general path decides
+        return None
+    kind = kinds[type(call)]
+    person = getattr(call, "userId", _UNSET) or getattr(call, "anonymousId", _UNSET)
+    if person is _UNSET:
+        return None  # a group's track: the models decide
+    for name in ("timestamp", "originalTimestamp"):
+        stamp = getattr(call, name, _UNSET)
+        if stamp is not _UNSET and not _is_timestamp(stamp):
+            return None  # not a date: the models explain
+    if getattr(call, "context", _UNSET) is not _UNSET or not _SHAPES[kind].rules.hold_for(
+            call) or (kind == "track" and call.event in _semantic_names()):
+        return _line_checked(call, kind, raw, run, line)
+    message_id = call.messageId
+    parts = [raw[:-1]]
+    if message_id is _UNSET:
+        message_id = line_message_id(run, line, raw)
+        parts.append(b',"messageId":"' + message_id.encode() + b'"')
+    if call.timestamp is _UNSET:
+        parts.append(b',"timestamp":"' + now_timestamp().encode() + b'"')
+    parts.append(b"," + _LIBRARY_CONTEXT + b"}")
+    payload = _splice(parts)
+    if len(payload) > MAX_MESSAGE_BYTES:
+        return None  # the general path explains
+    return NewRow(message_id, run, kind, person, payload.decode("utf-8"), len(payload))
+
+
+def _line_checked(line: Any, kind: str, raw: bytes, run: str, number: int) -> NewRow:
+    """The row of a line the compiled check vouched for but whose rules must run, or
+    whose context needs the library added: as a dict, encoded, with the rules applied."""
+    wire: dict[str, Any] = {"type": kind}
+    for name in line.__struct_fields__:
+        value = getattr(line, name)
+        if value is not _UNSET:
+            wire[name] = value
+    if "messageId" not in wire:
+        wire["messageId"] = line_message_id(run, number, raw)
+    if "timestamp" not in wire:
+        wire["timestamp"] = now_timestamp()
+    context = wire.get("context")
+    if context is None:
+        wire["context"] = {"library": LIBRARY}
+    elif "library" not in context:
+        wire["context"] = {**context, "library": LIBRARY}
+    return _row(wire, encode_wire(wire), False, True, run)
+
+
+def _splice(parts: list[bytes]) -> bytes:
+    """The payload of a line: its bytes and the fields added (its one encoding)."""
+    return b"".join(parts)
+
+
+_UNSET = msgspec.UNSET
+
+
 
 
 @functools.cache
@@ -410,6 +545,12 @@ def prepare(
         rules_hold = False
     else:
         wire, payload, rules_hold = _checked(call, idempotency_key, identity, owned)
+    return _row(wire, payload, rules_hold, plain, run)
+
+
+def _row(wire: dict[str, Any], payload: bytes, rules_hold: bool, plain: bool,
+         run: str | None) -> NewRow:
+    """The row of a validated wire call and its bytes, once the document's rules hold."""
     call_type = wire["type"]
     if not rules_hold:
         # JSON values, as the API will see them (decoded again unless they already are).

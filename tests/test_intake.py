@@ -37,7 +37,8 @@ def _payloads(outbox: Outbox, run: str | None = None) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def counted(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
-    """Counts completed validations (fast check or pydantic), encodings and semantic checks."""
+    """Counts completed validations (a line's compiled check, the fast check or pydantic),
+    encodings (orjson's, or a line's bytes spliced) and semantic checks."""
     counts: Counter[str] = Counter()
     fast, model_validate = intake._fast_wire, messages.Message.model_validate.__func__  # type: ignore[attr-defined]
     encode, semantic = messages.encode_wire, intake.check_semantic
@@ -57,6 +58,19 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
             return function(*args, **kwargs)
         return wrapper
 
+    decoder = intake._line_decoder()
+
+    def counting_line_check() -> tuple[Callable[[bytes], Any], dict[type, str]]:
+        decode, kinds = decoder
+
+        def counting_decode(raw: bytes) -> Any:
+            line = decode(raw)  # raises for what it does not vouch for
+            counts["validated"] += 1
+            return line
+        return counting_decode, kinds
+
+    monkeypatch.setattr(intake, "_line_decoder", counting_line_check)
+    monkeypatch.setattr(intake, "_splice", counting("encoded", intake._splice))
     monkeypatch.setattr(intake, "_fast_wire", counting_fast)
     monkeypatch.setattr(messages.Message, "model_validate", classmethod(counting_validate))
     monkeypatch.setattr(intake, "encode_wire", counting("encoded", encode))
@@ -225,6 +239,69 @@ def test_what_the_fast_check_proves_the_document_accepts() -> None:
     page = {"type": "page", "userId": "u", "name": "Home", "messageId": "m"}
     assert intake._fast_wire({**page, "properties": {"plan": "/"}})[1]
     assert not intake._fast_wire({**page, "properties": {"url": "/"}})[1]
+
+
+def test_a_line_written_from_its_own_bytes_is_the_row_the_general_path_makes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever line_row accepts, prepare accepts too, with the same row (the payload being
+    the same JSON), and the payload is the line's bytes with the added fields at the end."""
+    import random
+
+    monkeypatch.setattr(intake, "now_timestamp", lambda: "2024-06-01T00:00:00.000Z")
+    rng = random.Random(17)
+    extra: dict[str, list[Any]] = {
+        "messageId": ["m-1", "x" * 101, " ", None],
+        "userId": ["u1", "ü", "", None, 7, "  "],
+        "context": [{"ip": "1.2.3.4"}],
+        "category": ["c"], "writeKey": ["k"], "sentAt": [T0],
+        "originalTimestamp": [T0, "2024-13-01T00:00:00.000Z"],
+        "timestamp": [T0, "2024-02-30T12:00:00.000Z", "2024-05-01 12:00:00", 5],
+        "properties": [{"n": 1.5, "s": "é", "big": 10**30}, [], {"a": "\ud800"}],
+    }
+    written = general_only = 0
+    for _ in range(12000):
+        call_type = rng.choice(messages.CALL_TYPES)
+        call: dict[str, Any] = {"type": call_type}
+        fields = messages.MODELS[call_type].model_fields
+        for name, values in FIELD_VALUES.items():
+            if name in fields and rng.random() < 0.5:
+                call[name] = rng.choice(values)
+        for name, values in extra.items():
+            if rng.random() < (0.15 if name in fields else 0.02):
+                call[name] = rng.choice(values)
+        raw = json.dumps(call, ensure_ascii=rng.random() < 0.5,
+                         separators=rng.choice([(",", ":"), (", ", ": ")])
+                         ).encode("utf-8", "surrogatepass")  # a lone surrogate: bad bytes
+        try:
+            row = intake.line_row(raw, "r", 3)
+        except MessageError:
+            row = None
+            refused = True
+        else:
+            refused = False
+        try:
+            parsed = json.loads(raw)
+        except ValueError:  # not UTF-8: the reader refuses the line
+            assert row is None, raw
+            continue
+        try:
+            if parsed.get("messageId") is None:
+                parsed["messageId"] = line_message_id("r", 3, raw)
+            general = intake.prepare(parsed, "r", owned=True, plain=True)
+        except MessageError:
+            assert row is None, raw
+            continue
+        assert not refused, raw
+        if row is None:
+            general_only += 1
+            continue
+        if row.payload.encode().startswith(raw[:-1]):
+            written += 1
+        assert json.loads(row.payload) == json.loads(general.payload), raw
+        assert row.size == len(row.payload.encode())
+        assert (row.message_id, row.run, row.call_type, row.person) == (
+            general.message_id, general.run, general.call_type, general.person)
+    assert written > 250 and general_only > 250
 
 
 def test_a_rule_the_fast_check_does_not_prove_still_refuses_the_call(
