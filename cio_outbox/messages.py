@@ -349,7 +349,7 @@ class Message(BaseModel):
     """Fields every call shares. Field names are the wire names (camelCase)."""
 
     # Unknown top-level fields pass through (Customer.io's document does not forbid them).
-    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True, defer_build=True)
     call_type: ClassVar[str]
 
     messageId: str = Field(default_factory=new_message_id)

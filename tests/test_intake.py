@@ -60,7 +60,7 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
 
     decoder = intake._line_decoder()
 
-    def counting_line_check() -> tuple[Callable[[bytes], Any], dict[type, str]]:
+    def counting_line_check() -> tuple[Callable[[bytes], Any], dict[type, Any]]:
         decode, kinds = decoder
 
         def counting_decode(raw: bytes) -> Any:
