@@ -33,6 +33,10 @@ BUSY_TIMEOUT_SECONDS = 60.0
 #: Page cache per connection, in KiB (SQLite's default is 2 MB).
 CACHE_KIB = 65_536
 
+#: WAL pages after which a commit checkpoints (32 MiB of 4 KiB pages; SQLite's default is
+#: 1,000). The WAL file grows to about this size between checkpoints.
+WAL_CHECKPOINT_PAGES = 8_192
+
 _NOW = "((julianday('now') - 2440587.5) * 86400.0)"
 _INSERT = (
     "INSERT OR IGNORE INTO messages (message_id, run, call_type, person, payload, size,"
@@ -123,6 +127,11 @@ class SQLiteStorage(SQLStorage):
             # default 2 MB cache every commit rereads and rewrites most of its pages.
             # 64 MiB is a ceiling, taken only as pages are used.
             conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+            # A checkpoint (two fsyncs) after every 1,000 WAL pages (SQLite's default) came
+            # every ~170 single-call enqueues, each of which writes ~6 pages (the row, four
+            # index leaves, the counts and the id sequence), and cost 20-60 ms; it was most
+            # of an enqueue()'s mean time. Committed data is as durable either way.
+            conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
         except sqlite3.DatabaseError as exc:
             raise self._explain(exc) from None
         return conn
