@@ -393,13 +393,12 @@ _TYPES: dict[Callable[[Any], bool], Any] = {
 }
 _BLANK_CHECKED = (_is_id, _is_event, _is_message_id)
 _LIBRARY_CONTEXT = b'"context":{"library":' + orjson.dumps(LIBRARY) + b"}"
-_OPEN_BRACE = ord("{")
 
 
 class _LinePlan:
     """What :func:`line_row` checks after decoding a line of one call type."""
 
-    __slots__ = ("blank_checked", "kind", "objects", "rules", "rules_checked", "track")
+    __slots__ = ("blank_checked", "kind", "rules", "rules_checked", "track")
 
     def __init__(self, kind: str, shape: _Shape) -> None:
         self.kind = kind
@@ -411,21 +410,14 @@ class _LinePlan:
         self.blank_checked = tuple(  # besides userId, anonymousId and messageId
             name for name, check in shape.checks.items() if check in _BLANK_CHECKED
             and name not in ("userId", "anonymousId", "messageId"))
-        # Objects the rules do not look into are kept as raw bytes (not decoded into
-        # dicts): only their first byte is checked. Their UTF-8 is checked with the whole
-        # payload's, and escapes never reach this path.
-        looked_into = {name for name, _ in self.rules.guarded} | set(self.rules.unproven)
-        self.objects = tuple(
-            name for name, check in shape.checks.items()
-            if check is _is_dict and name != "context" and name not in looked_into
-            and self.rules.known)
-
     def struct(self, shape: _Shape) -> type[msgspec.Struct]:
         fields: list[Any] = []
         for name, check in shape.checks.items():
             if name == "type":
                 continue
-            kind = msgspec.Raw if name in self.objects else _TYPES[check]
+            # Objects are decoded, not kept raw: decoding is what refuses numbers out of
+            # range (1e400, 5,000 digits), as the general path does.
+            kind = _TYPES[check]
             if name in shape.required:
                 fields.append((name, kind))
             else:
@@ -457,11 +449,10 @@ def line_row(raw: bytes, run: str, line: int) -> NewRow | None:
     """
     decode, plans = _line_decoder()
     try:
-        # msgspec refuses invalid UTF-8 in what it decodes, and lone surrogate escapes
-        # anywhere, raw objects included.
+        # msgspec refuses invalid UTF-8, lone surrogate escapes and numbers out of range.
         call = decode(raw)
-    except msgspec.DecodeError:  # any other shape, or invalid: the general path decides
-        return None
+    except (msgspec.DecodeError, RecursionError):  # another shape, or invalid, or nested
+        return None  # too deeply: the general path decides and explains
     plan = plans[type(call)]
     user_id, anonymous_id, message_id = call.userId, call.anonymousId, call.messageId
     if (user_id is not _UNSET and user_id.isspace()) or (
@@ -471,10 +462,6 @@ def line_row(raw: bytes, run: str, line: int) -> NewRow | None:
     for name in plan.blank_checked:
         value = getattr(call, name)
         if value is not _UNSET and value.isspace():
-            return None
-    for name in plan.objects:
-        value = getattr(call, name)
-        if value is not _UNSET and memoryview(value)[0] != _OPEN_BRACE:
             return None
     person = user_id or anonymous_id
     if person is _UNSET:
@@ -486,10 +473,6 @@ def line_row(raw: bytes, run: str, line: int) -> NewRow | None:
         return None  # not a date: the models explain
     if call.context is not _UNSET or (plan.rules_checked and not plan.rules.hold_for(call)) or (
             plan.track and call.event in _semantic_names()):
-        try:
-            raw.decode("utf-8")  # the raw objects' text, before they are decoded
-        except UnicodeDecodeError:
-            return None  # the reader explains
         return _line_checked(call, plan, raw, run, line)
     parts = [raw[:-1]]
     if message_id is _UNSET:
@@ -516,7 +499,7 @@ def _line_checked(line: Any, plan: _LinePlan, raw: bytes, run: str, number: int
     for name in line.__struct_fields__:
         value = getattr(line, name)
         if value is not _UNSET:
-            wire[name] = msgspec.json.decode(value) if name in plan.objects else value
+            wire[name] = value
     if "messageId" not in wire:
         wire["messageId"] = line_message_id(run, number, raw)
     if "timestamp" not in wire:

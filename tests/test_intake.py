@@ -305,6 +305,18 @@ def test_a_line_written_from_its_own_bytes_is_the_row_the_general_path_makes(
     assert written > 250 and general_only > 250
 
 
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"9" * 5000, b"9" * 400 + b".0"])
+def test_a_line_with_a_number_out_of_range_takes_the_general_path(number: bytes) -> None:
+    raw = b'{"type":"track","userId":"u","event":"E","properties":{"n":' + number + b"}}"
+    assert intake.line_row(raw, "r", 1) is None
+
+
+def test_a_line_with_a_big_integer_keeps_it_exactly() -> None:
+    raw = b'{"type":"track","userId":"u","event":"E","properties":{"n":' + b"9" * 30 + b"}}"
+    row = intake.line_row(raw, "r", 1)
+    assert row is not None and json.loads(row.payload)["properties"]["n"] == 10**30 - 1
+
+
 def test_a_rule_the_fast_check_does_not_prove_still_refuses_the_call(
         outbox: Outbox) -> None:
     calls = [{"type": "identify", "userId": "u1", "traits": {"email": None}},
