@@ -410,6 +410,7 @@ class _LinePlan:
         self.blank_checked = tuple(  # besides userId, anonymousId and messageId
             name for name, check in shape.checks.items() if check in _BLANK_CHECKED
             and name not in ("userId", "anonymousId", "messageId"))
+
     def struct(self, shape: _Shape) -> type[msgspec.Struct]:
         fields: list[Any] = []
         for name, check in shape.checks.items():
