@@ -1,9 +1,5 @@
-"""The installed package's version, in a module of its own: any module may import it
-without importing the package's public API (and so without caring about import order)."""
+"""The package's version, in a module of its own: any module may import it without
+importing the package's public API (and so without caring about import order). It is
+written here, and pyproject.toml reads it from here (so installed metadata agrees)."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("cio-outbox")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0"
+__version__ = "0.1.0"

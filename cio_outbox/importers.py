@@ -113,6 +113,7 @@ class Record:
     error: str | None = None
     field: str | None = None
     duplicate: bool = False  # a repeat of an earlier row, dropped (counted, not enqueued)
+    row: NewRow | None = None  # the row itself, written from the line's bytes (see prepared)
 
 
 class _Lines:
@@ -175,13 +176,21 @@ class _Reader:
         return self._lines.bytes_read if self._lines is not None else 0
 
     def __iter__(self) -> Iterator[Record]:
+        return self._read(self._records)
+
+    def prepared(self) -> Iterator[Record]:
+        """The records as :func:`enqueue_records` writes them: where the reader can make a
+        line's row itself, the record holds that ``row`` instead of a ``call``."""
+        return self._read(self._rows)
+
+    def _read(self, records: Callable[[_Lines], Iterator[Record]]) -> Iterator[Record]:
         if isinstance(self._source, (str, os.PathLike)):
             with open(self._source, "rb") as handle:
                 self._lines = self._open(handle, os.path.basename(self._source))
-                yield from self._records(self._lines)
+                yield from records(self._lines)
         else:
             self._lines = self._open(self._source, "the input")
-            yield from self._records(self._lines)
+            yield from records(self._lines)
 
     def check(self) -> None:
         """Raise :class:`FormatError` now if the file is plainly another format (a path
@@ -216,6 +225,9 @@ class _Reader:
     def _records(self, lines: _Lines) -> Iterator[Record]:
         raise NotImplementedError
 
+    def _rows(self, lines: _Lines) -> Iterator[Record]:
+        return self._records(lines)
+
     def _key_id(self, key: str) -> str:
         return message_id_for(f"{self.run}:{key}")
 
@@ -238,28 +250,42 @@ class JsonlReader(_Reader):
             raise FormatError(_format_message(name, found, "JSONL", head))
 
     def _records(self, lines: _Lines) -> Iterator[Record]:
-        loads = orjson.loads
-        line_id = self._line_id
+        record = self._record
+        for raw in lines:
+            found = record(raw, lines.number)
+            if found is not None:
+                yield found
+
+    def _rows(self, lines: _Lines) -> Iterator[Record]:
+        """Lines the intake can write from their own bytes (intake.line_row) as rows, the
+        others as records of their parsed calls."""
+        run, line_row, record = self.run, intake.line_row, self._record
         for raw in lines:
             number = lines.number
-            try:
-                call = loads(raw)
-            except orjson.JSONDecodeError:
-                # Blank, not UTF-8, not JSON, or JSON that orjson refuses and Python reads
-                # (integers over 64 bits): the slow path decides and explains.
-                record = self._slowly(raw, number)
-                if record is None:
-                    continue
-                if record.call is None:
-                    yield record
-                    continue
-                call = record.call
-            if type(call) is not dict:
-                yield Record(number, error="a call must be a JSON object", field="type")
+            row = line_row(raw.strip(), run, number)
+            if row is not None:
+                yield Record(number, row=row)
                 continue
-            if call.get("messageId") is None:
-                call["messageId"] = line_id(number, raw.strip())
-            yield Record(number, call)
+            found = record(raw, number)
+            if found is not None:
+                yield found
+
+    def _record(self, raw: bytes, number: int) -> Record | None:
+        """The record of one line (None for a blank line)."""
+        try:
+            call = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            # Blank, not UTF-8, not JSON, or JSON that orjson refuses and Python reads
+            # (integers over 64 bits): the slow path decides and explains.
+            record = self._slowly(raw, number)
+            if record is None or record.call is None:
+                return record
+            call = record.call
+        if type(call) is not dict:
+            return Record(number, error="a call must be a JSON object", field="type")
+        if call.get("messageId") is None:
+            call["messageId"] = self._line_id(number, raw.strip())
+        return Record(number, call)
 
     @staticmethod
     def _slowly(raw: bytes, number: int) -> Record | None:
@@ -658,7 +684,12 @@ def enqueue_records(
     def rows(chunk: list[Record]) -> Iterator[NewRow]:
         prepare = intake.prepare
         for record in chunk:
-            call = record.call
+            row, call = record.row, record.call
+            if row is not None:
+                if earlier and earlier.get(record.line, row.message_id) != row.message_id:
+                    result.changed += 1
+                yield row
+                continue
             if call is None:
                 if record.duplicate:
                     result.duplicates += 1
@@ -674,7 +705,8 @@ def enqueue_records(
             except MessageError as exc:
                 result.reject(record.line, str(exc), exc.field)
 
-    iterator = iter(records)
+    # A JSONL reader's lines go to the intake as bytes (intake.line_row), not as calls.
+    iterator = records.prepared() if isinstance(records, JsonlReader) else iter(records)
     while True:
         chunk = list(islice(iterator, chunk_size))
         if not chunk:

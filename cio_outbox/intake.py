@@ -14,6 +14,10 @@ file importers and the CLI) ends in :func:`prepare`, which for each call:
    same pass;
 4. encodes once, to the exact bytes later sent, and takes the size from those bytes.
 
+A JSONL line of a file import is first offered to :func:`line_row`: a compiled check of
+the same shapes (msgspec) that, for a line needing nothing but its messageId, timestamp
+and library context, writes the row from the line's own bytes with those fields added.
+
 :func:`write` writes prepared rows in chunked transactions with the cyclic garbage
 collector paused while a chunk is built, and counts what was added and skipped.
 """
@@ -24,13 +28,20 @@ import datetime as _dt
 import functools
 import gc
 import hashlib
+import operator
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
+import orjson
 
 from cio_outbox.messages import (
+    _CANONICAL_TIMESTAMP,
     LIBRARY,
+    MAX_MESSAGE_BYTES,
     MODELS,
     Message,
     MessageError,
@@ -47,6 +58,7 @@ from cio_outbox.storage.base import CHUNK_ROWS, NewRow, Storage
 __all__ = [
     "BOTH_IDS",
     "line_message_id",
+    "line_row",
     "now_timestamp",
     "prepare",
     "prepare_many",
@@ -79,9 +91,17 @@ def now_timestamp() -> str:
 # -- identity from content ---------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
+_run_hexes: dict[str, str] = {}  # a plain dict: an lru_cache call cost more than the hash
+
+
 def _run_hex(run: str) -> str:
-    return hashlib.blake2b(run.encode("utf-8"), digest_size=4).hexdigest()
+    found = _run_hexes.get(run)
+    if found is None:
+        if len(_run_hexes) > 64:
+            _run_hexes.clear()
+        found = _run_hexes[run] = hashlib.blake2b(run.encode("utf-8"),
+                                                  digest_size=4).hexdigest()
+    return found
 
 
 def line_message_id(run: str, line: int, content: bytes) -> str:
@@ -95,7 +115,8 @@ def line_message_id(run: str, line: int, content: bytes) -> str:
     """
     number = f"{line:010x}"
     digest = hashlib.blake2b(content, digest_size=6).hexdigest()
-    return f"{_run_hex(run)}-{number[:4]}-8{number[4:7]}-8{number[7:]}-{digest}"
+    prefix = _run_hexes.get(run) or _run_hex(run)
+    return f"{prefix}-{number[:4]}-8{number[4:7]}-8{number[7:]}-{digest}"
 
 
 def line_of(run: str, message_id: str) -> int | None:
@@ -121,13 +142,14 @@ def _is_message_id(value: Any) -> bool:
 
 
 def _is_timestamp(value: Any) -> bool:
-    if type(value) is not str or len(value) != 24 or value[-1] != "Z" or value[10] != "T":
+    """The form the model keeps as it is (and the document's date-time accepts)."""
+    if type(value) is not str or _CANONICAL_TIMESTAMP.fullmatch(value) is None:
         return False
     try:
         _dt.datetime.fromisoformat(value[:-1])
     except ValueError:
         return False
-    return value[19] == "." and value[:4].isdigit()
+    return True
 
 
 def _is_dict(value: Any) -> bool:
@@ -194,14 +216,130 @@ class _Shape:
         self.required = tuple(
             name for name, info in model.model_fields.items() if info.is_required()
         )
+        self.call_type = model.call_type
+        self._rules: _Rules | None = None
+
+    @property
+    def rules(self) -> _Rules:
+        if self._rules is None:  # on first use: it reads the OpenAPI document
+            self._rules = _Rules.of(self)
+        return self._rules
+
+
+# The rules of the document that each fast check implies: a value it vouches for meets them.
+_IMPLIED: dict[Callable[[Any], bool], tuple[dict[str, Any], ...]] = {
+    _is_id: ({"type": "string", "minLength": 1},),
+    _is_message_id: ({"type": "string", "minLength": 1},),
+    _is_event: ({"type": "string", "minLength": 1},),
+    _is_name: ({"type": "string"},),
+    _is_timestamp: ({"type": "string", "format": "date-time"},),
+    _is_dict: ({"type": "object"}, {"type": "object", "properties": {}}),
+    _is_flags: ({"type": "object"},
+                {"type": "object", "additionalProperties": {"type": "boolean"}}),
+}
+
+
+class _Rules:
+    """Which of the document's rules for a call type the fast check already proves, so that
+    the compiled schema runs only for calls it does not (read from the document, not
+    restated: a rule added to the document is run until a check here implies it).
+
+    ``known`` is False when the schema has a shape this reading does not understand (its
+    rules then always run). A field in ``unproven`` always needs the rules; a field in
+    ``guarded`` is an object whose rule constrains only the listed keys, so a value holding
+    none of them meets it.
+    """
+
+    def __init__(self, known: bool, unproven: frozenset[str] = frozenset(),
+                 guarded: tuple[tuple[str, frozenset[str]], ...] = ()) -> None:
+        self.known = known
+        self.unproven = unproven
+        self.guarded = guarded
+
+    @classmethod
+    def of(cls, shape: _Shape) -> _Rules:
+        from cio_outbox import spec
+
+        schema = spec.resolved_schema(shape.call_type)
+        if set(schema) - {"type", "required", "anyOf", "properties"} or (
+                schema.get("type") != "object"):
+            return cls(False)
+        if not set(schema.get("required", ())) <= set(shape.required):
+            return cls(False)
+        branches = schema.get("anyOf")
+        if branches is not None:  # the fast check wants userId or anonymousId
+            alternatives = {b["required"][0] for b in branches
+                            if set(b) == {"required"} and len(b["required"]) == 1}
+            if len(alternatives) != len(branches) or not (
+                    {"userId", "anonymousId"} <= alternatives):
+                return cls(False)
+        unproven: set[str] = set()
+        guarded: list[tuple[str, frozenset[str]]] = []
+        for name, rule in schema.get("properties", {}).items():
+            if name == "type":
+                if rule != {"const": shape.call_type}:
+                    return cls(False)
+                continue
+            check = shape.checks.get(name)
+            if check is None or rule in _IMPLIED.get(check, ()):
+                continue  # no such field passes the fast check, or it meets the rule
+            if check is _is_dict and set(rule) == {"type", "properties"}:
+                guarded.append((name, frozenset(rule["properties"])))
+            else:
+                unproven.add(name)
+        context = schema.get("properties", {}).get("context")
+        if context is not None and not _accepts(context, {"library": LIBRARY}):
+            unproven.add("context")  # the library context we add would need checking
+        return cls(True, frozenset(unproven), tuple(guarded))
+
+    def hold_for(self, line: Any) -> bool:
+        """:meth:`hold` for a decoded line (a struct whose absent fields are UNSET)."""
+        if not self.known:
+            return False
+        for name in self.unproven:
+            if getattr(line, name, _UNSET) is not _UNSET:
+                return False
+        for name, keys in self.guarded:
+            value = getattr(line, name, _UNSET)
+            if value is not _UNSET and not keys.isdisjoint(value):
+                return False
+        return True
+
+    def hold(self, call: dict[str, Any]) -> bool:
+        """Whether the rules are sure to hold for ``call`` (the fast check vouched for it)."""
+        if not self.known or not self.unproven.isdisjoint(call):
+            return False
+        for name, keys in self.guarded:
+            value = call.get(name)
+            if value is not None and not keys.isdisjoint(value):
+                return False
+        return True
+
+
+def _accepts(rule: dict[str, Any], value: Any) -> bool:
+    """Whether ``value``, an object of strings (or of such objects), meets ``rule``, when
+    the rule is made of object and string types only; False for any other rule. (Compiling
+    the context's schema to ask would cost a tenth of a second at every start.)"""
+    if type(value) is str:
+        return rule == {"type": "string"}
+    if type(value) is not dict or set(rule) - {"type", "properties"} or (
+            rule.get("type") != "object"):
+        return False
+    properties = rule.get("properties", {})
+    return all(name not in properties or _accepts(properties[name], inner)
+               for name, inner in value.items())
 
 
 _SHAPES = {call_type: _Shape(model) for call_type, model in MODELS.items()}
 
 
-def _fast_wire(call: dict[str, Any]) -> dict[str, Any] | None:
-    """``call`` itself, ready to encode, when the fast check vouches for every field of it;
-    None when pydantic must decide (anything unusual, and every invalid call)."""
+def _fast_wire(call: dict[str, Any], ours: tuple[str, ...] = ()
+               ) -> tuple[dict[str, Any], bool] | None:
+    """``(call, rules_hold)`` when the fast check vouches for every field of ``call`` (then
+    completed in place, ready to encode); ``rules_hold`` says the document's rules
+    (messages.check_rules) are sure to hold without running them. None when pydantic
+    must decide (anything unusual, and every invalid call). ``ours`` names fields the
+    intake itself set (a new messageId, the enqueue time): known good, not checked."""
     kind = call.get("type")
     shape = _SHAPES.get(kind) if type(kind) is str else None
     if shape is None or not shape.usable:
@@ -215,22 +353,196 @@ def _fast_wire(call: dict[str, Any]) -> dict[str, Any] | None:
         elif check is _is_dict:
             if type(value) is not dict:
                 return None
-        elif check is None or not check(value):
+        elif check is None or (name not in ours and not check(value)):
             return None
     for name in shape.required:
         if name not in call:
             return None
     if "userId" not in call and "anonymousId" not in call:
         return None
+    # Before the library context is added: the rules see the caller's context.
+    rules_hold = shape.rules.hold(call) and not (
+        kind == "track" and call["event"] in _semantic_names())
     context = call.get("context")
     if context is None:
         call["context"] = {"library": LIBRARY}
     elif "library" not in context:
         call["context"] = {**context, "library": LIBRARY}
-    return call
+    return call, rules_hold
 
 
-# -- semantic events ---------------------------------------------------------------------
+# -- a JSONL line written from its own bytes ----------------------------------------------
+
+# A line of a file import is parsed by a compiled check (msgspec) of exactly the shapes the
+# fast check vouches for; when it passes and the document's rules are proven, the row's
+# payload is the line's own bytes with the messageId, timestamp and library context added
+# at the end: no dict, no re-encoding. Everything else (any other field, a null, an
+# escaped character, a context, a semantic event) takes the general path below.
+
+# Ids are checked for blankness after decoding: a regex constraint in the struct costs
+# about 1.5 us per field, str.isspace a tenth of that.
+_Id = Annotated[str, msgspec.Meta(min_length=1)]
+_TYPES: dict[Callable[[Any], bool], Any] = {
+    _is_id: _Id,
+    _is_event: _Id,
+    _is_message_id: Annotated[str, msgspec.Meta(min_length=1, max_length=100)],
+    # The form the model keeps (its calendar is checked after decoding).
+    _is_timestamp: Annotated[str, msgspec.Meta(pattern=f"^{_CANONICAL_TIMESTAMP.pattern}\\Z")],
+    _is_name: str,
+    _is_dict: dict[str, Any],
+    _is_flags: dict[str, bool],
+}
+_BLANK_CHECKED = (_is_id, _is_event, _is_message_id)
+_LIBRARY_CONTEXT = b'"context":{"library":' + orjson.dumps(LIBRARY) + b"}"
+_OPEN_BRACE = ord("{")
+_MAYBE_OUT_OF_RANGE = re.compile(rb"[0-9][eE]|[0-9]{300}")
+
+
+class _LinePlan:
+    """What :func:`line_row` checks after decoding a line of one call type."""
+
+    __slots__ = ("blank_checked", "kind", "objects", "rules", "rules_checked", "track")
+
+    def __init__(self, kind: str, shape: _Shape, raw_objects: bool) -> None:
+        self.kind = kind
+        self.track = kind == "track"
+        self.rules = shape.rules
+        # A line with a context never gets here: rules on the context alone need no check.
+        self.rules_checked = not self.rules.known or bool(self.rules.unproven) or any(
+            name != "context" for name, _ in self.rules.guarded)
+        self.blank_checked = tuple(  # besides userId, anonymousId and messageId
+            name for name, check in shape.checks.items() if check in _BLANK_CHECKED
+            and name not in ("userId", "anonymousId", "messageId"))
+        # With raw_objects, objects the rules do not look into are kept as raw bytes, not
+        # decoded into dicts (1-2 us a line): only their first byte is checked; their
+        # UTF-8 is checked with the payload's, and msgspec refuses lone surrogate escapes
+        # and too deep nesting inside them too. Numbers out of range are not refused in
+        # raw bytes: a line that may hold one is decoded without raw objects (line_row).
+        looked_into = {name for name, _ in self.rules.guarded} | set(self.rules.unproven)
+        self.objects = tuple(
+            name for name, check in shape.checks.items()
+            if raw_objects and self.rules.known and check is _is_dict
+            and name != "context" and name not in looked_into)
+
+    def struct(self, shape: _Shape) -> type[msgspec.Struct]:
+        fields: list[Any] = []
+        for name, check in shape.checks.items():
+            if name == "type":
+                continue
+            kind = msgspec.Raw if name in self.objects else _TYPES[check]
+            if name in shape.required:
+                fields.append((name, kind))
+            else:
+                fields.append((name, kind | msgspec.UnsetType, msgspec.UNSET))
+        fields.sort(key=lambda field: len(field) == 3)  # required fields first
+        return msgspec.defstruct(f"{self.kind.title()}Line", fields, tag_field="type",
+                                 tag=self.kind, forbid_unknown_fields=True)
+
+
+@functools.cache
+def _line_decoder(raw_objects: bool) -> tuple[Callable[[bytes], Any], dict[type, _LinePlan]]:
+    """The compiled check of a line (made on first use), and the plan of each struct."""
+    plans: dict[type, _LinePlan] = {}
+    for kind, shape in _SHAPES.items():
+        if shape.usable:
+            plan = _LinePlan(kind, shape, raw_objects)
+            plans[plan.struct(shape)] = plan
+    return msgspec.json.Decoder(functools.reduce(operator.or_, plans)).decode, plans
+
+
+def line_row(raw: bytes, run: str, line: int) -> NewRow | None:
+    """The row of JSONL line number ``line`` (``raw``, stripped) of import ``run`` when the
+    compiled check proves it ready to send as it is, but for its messageId (its
+    :func:`line_message_id` unless it has one), its timestamp and the library context;
+    None when :func:`prepare` must decide.
+
+    A line repeating a top-level key keeps its bytes; the checks saw the last value,
+    the one JSON parsers (Go's, JavaScript's, Python's) keep.
+    """
+    # Digits before an exponent, or 300 in a row: maybe a number out of range (1e400,
+    # 5,000 digits), which only decoding refuses (as the general path does).
+    decode, plans = _line_decoder(_MAYBE_OUT_OF_RANGE.search(raw) is None)
+    try:
+        # msgspec refuses invalid UTF-8, lone surrogate escapes and numbers out of range.
+        call = decode(raw)
+    except (msgspec.DecodeError, RecursionError):  # another shape, or invalid, or nested
+        return None  # too deeply: the general path decides and explains
+    plan = plans[type(call)]
+    user_id, anonymous_id, message_id = call.userId, call.anonymousId, call.messageId
+    if (user_id is not _UNSET and user_id.isspace()) or (
+            anonymous_id is not _UNSET and anonymous_id.isspace()) or (
+            message_id is not _UNSET and message_id.isspace()):
+        return None  # blank: the models explain
+    for name in plan.blank_checked:
+        value = getattr(call, name)
+        if value is not _UNSET and value.isspace():
+            return None
+    for name in plan.objects:
+        value = getattr(call, name)
+        if value is not _UNSET and memoryview(value)[0] != _OPEN_BRACE:
+            return None
+    person = user_id or anonymous_id
+    if person is _UNSET:
+        return None  # a group's track: the models decide
+    stamp = call.timestamp
+    if (stamp is not _UNSET and not _is_timestamp(stamp)) or (
+            call.originalTimestamp is not _UNSET and not _is_timestamp(
+                call.originalTimestamp)):
+        return None  # not a date: the models explain
+    if call.context is not _UNSET or (plan.rules_checked and not plan.rules.hold_for(call)) or (
+            plan.track and call.event in _semantic_names()):
+        if plan.objects:
+            try:
+                raw.decode("utf-8")  # the raw objects' text, before they are decoded
+            except UnicodeDecodeError:
+                return None  # the reader explains
+        return _line_checked(call, plan, raw, run, line)
+    parts = [raw[:-1]]
+    if message_id is _UNSET:
+        message_id = line_message_id(run, line, raw)
+        parts.append(b',"messageId":"' + message_id.encode() + b'"')
+    if stamp is _UNSET:
+        parts.append(b',"timestamp":"' + now_timestamp().encode() + b'"')
+    parts.append(b"," + _LIBRARY_CONTEXT + b"}")
+    payload = _splice(parts)
+    if len(payload) > MAX_MESSAGE_BYTES:
+        return None  # the general path explains
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return None  # the reader explains
+    return NewRow(message_id, run, plan.kind, person, text, len(payload))
+
+
+def _line_checked(line: Any, plan: _LinePlan, raw: bytes, run: str, number: int
+                  ) -> NewRow:
+    """The row of a line the compiled check vouched for but whose rules must run, or
+    whose context needs the library added: as a dict, encoded, with the rules applied."""
+    wire: dict[str, Any] = {"type": plan.kind}
+    for name in line.__struct_fields__:
+        value = getattr(line, name)
+        if value is not _UNSET:
+            wire[name] = msgspec.json.decode(value) if name in plan.objects else value
+    if "messageId" not in wire:
+        wire["messageId"] = line_message_id(run, number, raw)
+    if "timestamp" not in wire:
+        wire["timestamp"] = now_timestamp()
+    context = wire.get("context")
+    if context is None:
+        wire["context"] = {"library": LIBRARY}
+    elif "library" not in context:
+        wire["context"] = {**context, "library": LIBRARY}
+    return _row(wire, encode_wire(wire), False, True, run)
+
+
+def _splice(parts: list[bytes]) -> bytes:
+    """The payload of a line: its bytes and the fields added (its one encoding)."""
+    return b"".join(parts)
+
+
+_UNSET = msgspec.UNSET
+
+
 
 
 @functools.cache
@@ -305,45 +617,59 @@ def prepare(
         if "timestamp" not in wire:
             wire["timestamp"] = now_timestamp()
         payload = encode_wire(wire)
+        rules_hold = False
     else:
-        wire, payload = _checked(call, idempotency_key, identity, owned)
+        wire, payload, rules_hold = _checked(call, idempotency_key, identity, owned)
+    return _row(wire, payload, rules_hold, plain, run)
+
+
+def _row(wire: dict[str, Any], payload: bytes, rules_hold: bool, plain: bool,
+         run: str | None) -> NewRow:
+    """The row of a validated wire call and its bytes, once the document's rules hold."""
     call_type = wire["type"]
-    # JSON values, as the API will see them (decoded again unless they already are).
-    seen = wire if plain else json_form(payload)
-    if call_type == "track" and wire["event"] in _semantic_names():
-        check_semantic(seen)  # first, for its message naming what the event requires
-    # The one rule set: the checks the sandbox applies to what arrives (messages.check_rules).
-    check_rules(seen)
+    if not rules_hold:
+        # JSON values, as the API will see them (decoded again unless they already are).
+        seen = wire if plain else json_form(payload)
+        if call_type == "track" and wire["event"] in _semantic_names():
+            check_semantic(seen)  # first, for its message naming what the event requires
+        # The one rule set: the checks the sandbox applies to what arrives.
+        check_rules(seen)
     return NewRow(wire["messageId"], run or "", call_type,
                   wire.get("userId") or wire.get("anonymousId") or "",
                   payload.decode("utf-8"), len(payload))
 
 
 def _checked(call: Mapping[str, Any], idempotency_key: str | None, identity: str | None,
-             owned: bool) -> tuple[dict[str, Any], bytes]:
-    """The wire dict of a mapping and its bytes: id resolved, time stamped, validated."""
+             owned: bool) -> tuple[dict[str, Any], bytes, bool]:
+    """The wire dict of a mapping, its bytes, and whether the document's rules are known
+    to hold for it: id resolved, time stamped, validated."""
     if type(call) is dict:
         fields: dict[str, Any] = call if owned else dict(call)
     elif isinstance(call, Mapping):
         fields = dict(call)
     else:
         raise MessageError("a call must be a JSON object", field="type")
+    ours: tuple[str, ...] = ()
     if idempotency_key is not None:
         if fields.get("messageId") is not None:
             raise MessageError(BOTH_IDS, field="messageId")
         fields["messageId"] = message_id_for(idempotency_key)
+        ours = ("messageId",)
     elif fields.get("messageId") is None:
         fields["messageId"] = identity or new_message_id()
+        ours = ("messageId",)
     if fields.get("timestamp") is None:
         fields["timestamp"] = now_timestamp()
-    wire = _fast_wire(fields)
-    if wire is not None:
+        ours = (*ours, "timestamp")
+    vouched = _fast_wire(fields, ours)
+    if vouched is not None:
+        wire, rules_hold = vouched
         try:
-            return wire, encode_wire(wire, fallback=False)
+            return wire, encode_wire(wire, fallback=False), rules_hold
         except TypeError:
             pass  # what orjson refuses (an integer key, a huge integer): pydantic decides
     wire = from_wire(fields).wire()
-    return wire, encode_wire(wire)
+    return wire, encode_wire(wire), False
 
 
 def prepare_many(

@@ -349,7 +349,10 @@ class Message(BaseModel):
     """Fields every call shares. Field names are the wire names (camelCase)."""
 
     # Unknown top-level fields pass through (Customer.io's document does not forbid them).
-    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+    # The validators are built on first use: an import whose lines all pass the compiled
+    # line check (intake.line_row) never needs them, and building them costs every start.
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True,
+                              defer_build=True)
     call_type: ClassVar[str]
 
     messageId: str = Field(default_factory=new_message_id)

@@ -93,6 +93,20 @@ def test_insert_is_idempotent_on_message_id_and_counted(storage: Storage) -> Non
     assert_counts_right(storage)
 
 
+
+def test_insert_counts_each_run_exactly_across_statement_boundaries(storage: Storage) -> None:
+    # SQLite writes a chunk as statements of many rows: repeats of existing ids and of ids
+    # earlier in the same chunk, on both sides of each statement's edge, in two runs.
+    assert storage.insert([new_row(i) for i in range(0, 400, 3)]) == 134
+    chunk = [new_row(i, run="r" if i < 250 else "s") for i in range(400)]
+    chunk[150:150] = [new_row(99), new_row(101, run="s"), new_row(101, run="s")]
+    added = storage.insert(chunk)
+    assert added == 400 - 134  # m99 was there already, m101 came earlier in the chunk
+    ids = [r["message_id"] for r in storage.rows(limit=1000)]
+    assert len(ids) == len(set(ids)) == 400
+    assert storage.counts("s")["pending"] == sum(1 for i in range(250, 400) if i % 3)
+    assert_counts_right(storage)
+
 def test_outbox_enqueue_skips_a_repeated_idempotency_key(outbox: Outbox) -> None:
     first = outbox.track("u1", "Paid", idempotency_key="order-1", run="shop")
     again = outbox.track("u1", "Paid", idempotency_key="order-1", run="shop")

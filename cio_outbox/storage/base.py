@@ -46,9 +46,11 @@ class Row:
         return "alias" if self.call_type == "alias" else "batch"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, which made
+# building a NewRow cost 1.3 us instead of 0.36 us, once per enqueued message.
+@dataclass(slots=True)
 class NewRow:
-    """A validated message ready to be written."""
+    """A validated message ready to be written (treat it as read-only)."""
 
     message_id: str
     run: str
