@@ -442,6 +442,42 @@ def test_a_sync_killed_midway_and_rerun_enqueues_each_change_once(
         assert {p["traits"]["plan"] for p in later} == {"changed"}
 
 
+# -- forgetting a person ----------------------------------------------------------------
+
+
+def test_forget_removes_the_persons_sync_state_so_the_next_sync_creates_them_again(
+        outbox: Outbox, tmp_path: Path) -> None:
+    source = write_csv(tmp_path / "c.csv", people(3))
+    outbox.sync(source, key="id", mapping=MAP)
+    outbox.sync(source, key="id", mapping=MAP, name="other")
+    assert outbox.forget("1") == 2  # the person's message in each sync
+    again = outbox.sync(source, key="id", mapping=MAP)
+    assert (again.new, again.changed, again.unchanged) == (1, 0, 2)
+    assert [p["userId"] for p in payloads(outbox, again.run)] == ["1"]
+    other = outbox.sync(source, key="id", mapping=MAP, name="other")
+    assert (other.new, other.unchanged) == (1, 2)
+
+
+def test_forget_before_any_sync_works_and_a_forgotten_key_leaves_no_trace_in_sqlite(
+        tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    secret = "forget-me-7f3a9c"
+    rows = [[secret, "s@example.com", "pro", "1"], ["bystander-1", "b@example.com", "free", "2"]]
+    with Outbox(path) as outbox:
+        assert outbox.forget("nobody") == 0  # no sync table yet
+        outbox.sync(write_csv(tmp_path / "c.csv", rows), key="id", mapping=MAP)
+
+        def file_bytes() -> bytes:
+            return b"".join(p.read_bytes() for p in tmp_path.iterdir()
+                            if p.name.startswith("outbox.db"))
+
+        assert secret.encode() in file_bytes()  # the check below can fail
+        outbox.forget(secret)
+        data = file_bytes()
+        assert secret.encode() not in data
+        assert b"bystander-1" in data
+
+
 # -- the command ------------------------------------------------------------------------
 
 

@@ -147,6 +147,22 @@ def forget_keys(db: Any, d: Dialect, sync: str, keys: Sequence[str]) -> None:
                    (sync, d.keys_param(keys)))
 
 
+def _exists(db: Any, d: Dialect, table: str) -> bool:
+    if d.name == "sqlite":
+        return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                          (table,)).fetchone() is not None
+    return db.execute("SELECT to_regclass(%s)", (f"{d.prefix}{table}",)).fetchone()[0] \
+        is not None
+
+
+def forget_key(db: Any, d: Dialect, key: str) -> int:
+    """Remove what every sync remembers of this key (for ``forget``): the key must not stay
+    in the outbox, and the next sync must see it as new. Returns the state rows removed."""
+    if not _exists(db, d, "sync_state"):
+        return 0
+    return int(db.execute(f"DELETE FROM {d.state} WHERE key = {d.p}", (key,)).rowcount)
+
+
 def stored_count(db: Any, d: Dialect, sync: str) -> int:
     """Keys of this sync, not counting those whose deletion was enqueued."""
     return int(db.execute(f"SELECT count(*) FROM {d.state} WHERE sync = {d.p}"
