@@ -15,6 +15,7 @@ import gzip
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -56,6 +57,18 @@ def _pyarrow() -> Any:
     return pyarrow
 
 
+@dataclass
+class RawChunk:
+    """Records of a text file as read, not parsed: ``(line, bytes)`` pairs, one CSV record
+    (which may span lines) or one JSONL line each. ``signature`` says how they are to be
+    read (format, delimiter, header bytes): equal bytes under one signature are equal
+    rows. :meth:`TextFile.parse` turns records into a :class:`Chunk`."""
+
+    header: list[str] | None
+    signature: bytes
+    records: list[tuple[int, bytes]] = field(default_factory=list)
+
+
 class Source:
     """A table to read in chunks. ``name`` is its file name (the default sync name);
     ``total`` and :meth:`position` measure progress in the same unit (bytes or rows)."""
@@ -70,8 +83,12 @@ class Source:
         raise NotImplementedError
 
 
-class _TextFile(Source):
-    """CSV or JSONL, plain or gzip, read line by line from the file."""
+class TextFile(Source):
+    """CSV or JSONL, plain or gzip, read line by line from the file.
+
+    Besides :meth:`chunks`, it gives its records unparsed (:meth:`records`), so that a
+    sync can recognize a row it has seen before by its bytes alone and :meth:`parse` only
+    the others: most of a nightly export is the same as the night before."""
 
     def __init__(self, path: str, fmt: str, gzipped: bool, delimiter: str) -> None:
         self.path = path
@@ -106,9 +123,82 @@ class _TextFile(Source):
         else:
             yield from self._csv(size)
 
+    # -- records as bytes, parsed on demand ----------------------------------------------
+
+    def records(self, size: int = CHUNK_ROWS) -> Iterator[RawChunk]:
+        """Chunks of at most ``size`` records as bytes (blank lines left out); for CSV the
+        header is read and checked first, as :meth:`chunks` does."""
+        lines = self._lines()
+        if self.format == "jsonl":
+            signature = b"jsonl"
+            header = None
+        else:
+            lines = _split_bare_cr(lines)
+            header, raw_header = self._raw_header(lines)
+            signature = b"csv\x00" + self.delimiter.encode() + b"\x00" + raw_header
+        chunk = RawChunk(header, signature)
+        records = _csv_records(lines, self.delimiter) if header is not None else lines
+        blank = (b"\n", b"\r\n", b"")
+        for number, data in records:
+            if data in blank or (header is None and not data.strip()):
+                continue
+            chunk.records.append((number, data))
+            if len(chunk.records) >= size:
+                yield chunk
+                chunk = RawChunk(header, signature)
+        yield chunk
+
+    def _raw_header(self, lines: Iterator[tuple[int, bytes]]) -> tuple[list[str], bytes]:
+        first = next(_csv_records(lines, self.delimiter), None)
+        if first is None:
+            raise SourceError(f"{self.name}: the CSV file is empty (no header line)")
+        text = first[1].decode("utf-8", "surrogateescape")
+        rows = iter(csv.reader([text], delimiter=self.delimiter, strict=True))
+        header: list[str] = []
+        for row in self._csv_rows(rows, 1):  # the same checks and messages as chunks()
+            header = row.header or []
+            break
+        return header, first[1]
+
+    def parse(self, raw: RawChunk, records: Sequence[tuple[int, bytes]]) -> Chunk:
+        """These records of ``raw`` parsed as :meth:`chunks` would have read them: rows,
+        and problems by line."""
+        if raw.header is None:
+            return self._jsonl_records(records)
+        chunk = Chunk(raw.header, text=True)
+        width = len(raw.header)
+        delimiter = self.delimiter
+        for number, data in records:
+            text = data.decode("utf-8", "surrogateescape")
+            try:
+                rows = list(csv.reader([text], delimiter=delimiter, strict=True))
+            except csv.Error as exc:
+                chunk.problems.append((number, f"invalid CSV: {exc}"))
+                continue
+            if not rows or not rows[0]:
+                continue
+            row = rows[0]
+            if len(row) != width:
+                chunk.problems.append(
+                    (number, f"the row has {len(row)} fields, the header {width}"))
+                continue
+            try:
+                "".join(row).encode("utf-8")
+            except UnicodeEncodeError:
+                chunk.problems.append((number, "the line is not valid UTF-8"))
+                continue
+            chunk.rows.append((number, row))
+        return chunk
+
+    def _jsonl_records(self, records: Iterable[tuple[int, bytes]]) -> Chunk:
+        return next(self._jsonl_lines(records, 1 << 62))
+
     def _jsonl(self, size: int) -> Iterator[Chunk]:
+        yield from self._jsonl_lines(self._lines(), size)
+
+    def _jsonl_lines(self, lines: Iterable[tuple[int, bytes]], size: int) -> Iterator[Chunk]:
         chunk = Chunk(None)
-        for number, raw in self._lines():
+        for number, raw in lines:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -183,6 +273,52 @@ class _TextFile(Source):
                 yield chunk
                 chunk = Chunk(header, text=True)
         yield chunk
+
+
+def _split_bare_cr(lines: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
+    """Lines as the CSV reader sees them (a lone CR ends a line too), renumbered so."""
+    offset = 0
+    for number, line in lines:
+        if b"\r" in line and line.find(b"\r") != len(line) - 2:
+            parts = _CR_LINES.findall(line)
+            for part in parts:
+                if part:
+                    yield number + offset, part
+                    offset += 1
+            offset -= 1
+        else:
+            yield number + offset, line
+
+
+_CR_LINES = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
+
+
+def _csv_records(lines: Iterable[tuple[int, bytes]], delimiter: str
+                 ) -> Iterator[tuple[int, bytes]]:
+    """Physical lines grouped into CSV records (a quoted field may hold line breaks), with
+    the number of each record's first line. A line with no quote is a record by itself;
+    one with a quote is a record once the CSV reader itself no longer finds it open."""
+    pending: list[bytes] = []
+    start = 0
+    for number, line in lines:
+        if not pending and b'"' not in line:
+            yield number, line
+            continue
+        if not pending:
+            start = number
+        pending.append(line)
+        data = b"".join(pending)
+        try:
+            for _ in csv.reader([data.decode("utf-8", "surrogateescape")],
+                                delimiter=delimiter, strict=True):
+                pass
+        except csv.Error as exc:
+            if "unexpected end of data" in str(exc):
+                continue  # inside a quoted field: the record goes on
+        pending = []
+        yield start, data
+    if pending:
+        yield start, b"".join(pending)
 
 
 def _has_surrogate(text: str) -> bool:
@@ -385,7 +521,7 @@ def _open_path(path: str, format: str | None, delimiter: str) -> Source:
         fmt = format or _text_format(inner) or _gzip_guess(path)
         if fmt not in ("csv", "jsonl"):
             raise SourceError(f"{base}: a gzip file must hold CSV or JSONL, not {fmt}")
-        return _TextFile(path, fmt, True, delimiter)
+        return TextFile(path, fmt, True, delimiter)
     if format in ("parquet", None) and head.startswith(_PARQUET_MAGIC):
         return _ParquetFile(path)
     if format == "parquet":
@@ -398,7 +534,7 @@ def _open_path(path: str, format: str | None, delimiter: str) -> Source:
     if fmt is None:
         raise SourceError(f"{base}: say which format it is with --format "
                           f"({', '.join(FORMATS)})")
-    return _TextFile(path, fmt, False, delimiter)
+    return TextFile(path, fmt, False, delimiter)
 
 
 def _gzip_guess(path: str) -> str:

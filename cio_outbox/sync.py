@@ -27,7 +27,8 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +43,15 @@ from cio_outbox.columns import (
 )
 from cio_outbox.messages import MessageError, build, message_id_for
 from cio_outbox.operations import object_anonymous_id
-from cio_outbox.sources import CHUNK_ROWS, Chunk, Source, SourceError, open_source
+from cio_outbox.sources import (
+    CHUNK_ROWS,
+    Chunk,
+    RawChunk,
+    Source,
+    SourceError,
+    TextFile,
+    open_source,
+)
 from cio_outbox.storage.base import NewRow
 from cio_outbox.storage.sync_state import SyncTransaction
 
@@ -55,6 +64,8 @@ MAX_LISTED_REJECTIONS = 1000
 SAMPLE_SIZE = 10
 DELETE_CHUNK = 5_000
 _TOMBSTONE = b""  # the fingerprint of a key whose deletion was enqueued
+_DIGEST_VERSION = 1  # of how row digests are made: a new one makes every row compared again
+_HALVES = struct.Struct("<qq")  # a 16-byte digest as the two signed 64-bit columns
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str,
                             check_circular=False)
 
@@ -187,12 +198,30 @@ def _key_text(value: Any) -> str | None:
     return text or None
 
 
+# Positions in a state tuple (see sync_state.lookup); the digests come last, when asked for.
+_ID, _ROW_DIGEST, _DIGESTS = 4, 5, 6
+
+
 def _digests(state: tuple[Any, ...]) -> dict[str, str] | None:
     """The per-trait digests of a stored or just written state, if it carries them."""
-    if len(state) < 5:
+    if len(state) <= _DIGESTS:
         return None
-    value = state[4]
+    value = state[_DIGESTS]
     return json.loads(value) if isinstance(value, str) else value  # type: ignore[no-any-return]
+
+
+def _keys_named(payload: Any) -> list[str]:
+    """The keys a sync message of ours may be about (see :class:`_Kind`)."""
+    try:
+        body = json.loads(payload)
+    except (TypeError, ValueError):
+        return []
+    if not isinstance(body, dict):
+        return []
+    properties = body.get("properties")
+    named = [body.get("userId"), body.get("groupId"),
+             properties.get("objectId") if isinstance(properties, dict) else None]
+    return [str(key) for key in named if key is not None]
 
 
 def _digest(value: Any) -> str:
@@ -226,8 +255,7 @@ class _Preparer:
             self._plans[tuple(header)] = cached
         return cached
 
-    def prepare(self, chunk: Chunk, result: SyncResult,
-                seen: list[str]) -> list[_Row]:
+    def prepare(self, chunk: Chunk, reject: Callable[[SyncRejection], None]) -> list[_Row]:
         """(line, key, raw values, fingerprint, plan) for each row with a key.
 
         The fingerprint hashes the repr of the row's present values by trait name (in
@@ -236,7 +264,7 @@ class _Preparer:
         rows that are sent (:meth:`Plan.convert`).
         """
         if chunk.text and chunk.header is not None:
-            return self._prepare_text(chunk, result, seen)
+            return self._prepare_text(chunk, reject)
         rows: list[_Row] = []
         blake2b = hashlib.blake2b
         fixed = self._plan(chunk.header) if chunk.header is not None else None
@@ -254,17 +282,15 @@ class _Preparer:
             key = values[key_index]
             key = key.strip() if type(key) is str else _key_text(key)
             if not key:
-                result.reject(SyncRejection(line, f"the key column {self.key!r} is empty",
-                                            self.key))
+                reject(SyncRejection(line, f"the key column {self.key!r} is empty", self.key))
                 continue
-            seen.append(key)  # a row refused for a bad value is still present: never delete
             raw = plan.raw(values)
             fingerprint = blake2b(signature + repr(raw).encode(), digest_size=16).digest()
             rows.append((line, key, raw, fingerprint, plan))
         return rows
 
-    def _prepare_text(self, chunk: Chunk, result: SyncResult,
-                      seen: list[str]) -> list[_Row]:
+    def _prepare_text(self, chunk: Chunk, reject: Callable[[SyncRejection], None]
+                      ) -> list[_Row]:
         """CSV rows: the fingerprint hashes the cells that feed traits (in trait-name order,
         empty cells included, so reordering columns changes nothing) under the plan's
         signature; the traits are built later, for the rows that are sent. A column added
@@ -277,10 +303,8 @@ class _Preparer:
         for line, values in chunk.rows:
             key = values[key_index].strip()
             if not key:
-                result.reject(SyncRejection(line, f"the key column {self.key!r} is empty",
-                                            self.key))
+                reject(SyncRejection(line, f"the key column {self.key!r} is empty", self.key))
                 continue
-            seen.append(key)
             rows.append((line, key, values,  # type: ignore[arg-type]
                          blake2b(signature + repr(pick(values)).encode(),
                                  digest_size=16).digest(), plan))
@@ -297,6 +321,12 @@ class _Outcome:
     rejections: list[SyncRejection] = field(default_factory=list)
     sample: list[dict[str, Any]] = field(default_factory=list)
     seen_added: int = 0
+    recognized: int = 0  # rows known by their digest alone
+    read: int = 0  # rows read inside the transaction (records parsed there or recognized)
+    unreadable: int = 0
+
+    def reject(self, rejection: SyncRejection) -> None:
+        self.rejections.append(rejection)
 
 
 class _Sync:
@@ -312,7 +342,8 @@ class _Sync:
         self.track_seen = track_seen
         self.dry_run = dry_run
         self.run = run
-        self.failed: set[str] = set()
+        self.failed: set[str] = set()  # messageIds dead-lettered
+        self.failed_keys: set[int] = set()  # key ids whose last message is one of them
 
     def transaction(self, body: Callable[[SyncTransaction], Any]) -> Any:
         return self.storage.sync_transaction(
@@ -321,25 +352,55 @@ class _Sync:
     def message_id(self, key: str, version: int) -> str:
         return message_id_for(_ENCODER.encode(["sync", self.name, key, version]))
 
-    def chunk(self, rows: list[_Row], seen: list[str], sample_room: int) -> _Outcome:
+    def chunk(self, lines: Sequence[int], digests: Sequence[tuple[int, int]],
+              parse: Callable[[Sequence[int], _Outcome], list[_Row]],
+              sample_room: int) -> _Outcome:
+        """One chunk in one transaction. ``digests[i]`` identifies the chunk's row ``i``
+        (at ``lines[i]``; its bytes, or its key and fingerprint); rows whose digest
+        ``sync_rows`` knows are unchanged without being read further; ``parse(indices,
+        outcome)`` gives the others as rows (their rejections into ``outcome``), which are
+        compared key by key."""
         from cio_outbox.storage import sync_state as sql
 
         def body(tx: SyncTransaction) -> _Outcome:
             outcome = _Outcome()
             db, d = tx.db, tx.dialect
-            if self.track_seen:
-                outcome.seen_added = sql.seen_add(db, d, seen)
-            stored = sql.lookup_raw(db, d, self.name, list({row[1] for row in rows}),
-                                    digests=self.changed_only or self.clear_missing)
+            known = sql.recognized(db, d, [digest[0] for digest in digests])
+            failed_keys = self.failed_keys
+            fast: list[tuple[int, int]] = []  # (row index, key id)
+            slow: list[int] = []
+            for index, (head, tail) in enumerate(digests):
+                hit = known.get(head)
+                if hit is not None and hit[0] == tail and hit[1] not in failed_keys:
+                    fast.append((index, hit[1]))
+                else:
+                    slow.append(index)
+            rows = parse(slow, outcome) if slow else []
+            with_digests = self.changed_only or self.clear_missing
+            stored = sql.lookup(db, d, self.name, list({row[1] for row in rows}),
+                                digests=with_digests) if rows else {}
+            if stored:
+                # A key met both ways in one chunk is compared row by row, in order.
+                again = {state[_ID] for state in stored.values()}
+                demoted = [index for index, key_id in fast if key_id in again]
+                if demoted:
+                    fast = [(index, key_id) for index, key_id in fast if key_id not in again]
+                    rows = sorted(rows + parse(demoted, outcome), key=lambda row: row[0])
+            outcome.unchanged = outcome.recognized = len(fast)
+            seen_ids = [key_id for _, key_id in fast]
             written: dict[str, tuple[Any, ...]] = {}
+            final: dict[str, int] = {}  # key -> row index that its state now matches
             new_rows: list[NewRow] = []
             saves: list[tuple[str, bytes, dict[str, str], int, str]] = []
             failed_ids = self.failed
+            position = {line: index for index, line in enumerate(lines)} if rows else {}
             for line, key, raw, fingerprint, plan in rows:
+                index = position[line]
                 before = written.get(key) or stored.get(key)
                 if before is not None and before[1] == fingerprint and \
                         before[3] not in failed_ids:
                     outcome.unchanged += 1
+                    final[key] = index
                     continue
                 try:
                     row_traits = plan.convert(raw if type(raw) is dict else plan.raw_text(raw))
@@ -349,8 +410,8 @@ class _Sync:
                 fresh = before is None or not before[1]  # never synced, or deleted
                 failed = before is not None and before[3] in failed_ids
                 old_digests = _digests(before) if before is not None else None
-                digests = {name: _digest(value) for name, value in row_traits.items()}
-                traits = self._traits_to_send(row_traits, digests,
+                digests_now = {name: _digest(value) for name, value in row_traits.items()}
+                traits = self._traits_to_send(row_traits, digests_now,
                                               None if fresh or failed else old_digests)
                 if self.clear_missing and old_digests:
                     for name in old_digests:
@@ -374,14 +435,93 @@ class _Sync:
                         "line": line, "messageId": message_id, "traits": traits})
                 new_rows.append(NewRow(message_id, self.run, message.call_type,
                                        message.person, payload, size))
-                saves.append((key, fingerprint, digests, version, message_id))
-                written[key] = (key, fingerprint, version, message_id, digests)
+                saves.append((key, fingerprint, digests_now, version, message_id))
+                written[key] = (key, fingerprint, version, message_id, None, None,
+                                digests_now)
+                final[key] = index
             if not self.dry_run:
                 tx.insert(new_rows)
                 sql.save(db, d, self.name, saves, _now())
+                fresh_ids = sql.key_ids(db, d, self.name,
+                                        [key for key in final if key not in stored])
+                drop: list[tuple[int, int]] = []
+                add: list[tuple[int, int, int]] = []
+                for key, index in final.items():
+                    state = stored.get(key)
+                    key_id = state[_ID] if state is not None else fresh_ids[key]
+                    head, tail = digests[index]
+                    if state is None or state[_ROW_DIGEST] != head:
+                        if state is not None and state[_ROW_DIGEST] is not None:
+                            drop.append((state[_ROW_DIGEST], key_id))
+                        add.append((head, tail, key_id))
+                sql.remember_rows(db, d, drop, add)
+                if self.track_seen:
+                    seen_ids.extend(fresh_ids.values())
+            if self.track_seen:
+                seen_ids.extend(state[_ID] for state in stored.values())
+                outcome.seen_added = sql.seen_add(db, d, seen_ids)
             return outcome
 
         return self.transaction(body)  # type: ignore[no-any-return]
+
+    def outcomes(self, table: Source, size: int) -> Iterator[_Outcome]:
+        """The outcome of each chunk, once it is committed."""
+        if isinstance(table, TextFile):
+            yield from self._run_records(table, size)
+            return
+        prefix = self._prefix(b"values")
+        blake2b, unpack = hashlib.blake2b, _HALVES.unpack
+        for chunk in table.chunks(size):
+            early = _Outcome(read=len(chunk.rows) + len(chunk.problems),
+                             unreadable=len(chunk.problems))
+            for line, problem in chunk.problems:
+                early.reject(SyncRejection(line, problem))
+            rows = self.preparer.prepare(chunk, early.reject)
+            digests = [unpack(blake2b(row[3] + row[1].encode("utf-8", "surrogatepass"),
+                                      key=prefix, digest_size=16).digest()) for row in rows]
+
+            def parse(indices: Sequence[int], _: _Outcome,
+                      rows: list[_Row] = rows) -> list[_Row]:
+                return [rows[index] for index in indices]
+
+            outcome = self.chunk([row[0] for row in rows], digests, parse, SAMPLE_SIZE)
+            outcome.read += early.read
+            outcome.unreadable += early.unreadable
+            outcome.rejections.extend(early.rejections)
+            yield outcome
+
+    def _run_records(self, table: TextFile, size: int) -> Iterator[_Outcome]:
+        blake2b, unpack = hashlib.blake2b, _HALVES.unpack
+        prefix = b""
+        signature = None
+        for raw in table.records(size):
+            if raw.signature != signature:
+                signature = raw.signature
+                prefix = self._prefix(b"records\x00" + signature)
+            records = raw.records
+            digests = [unpack(blake2b(data, key=prefix, digest_size=16).digest())
+                       for _, data in records]
+
+            def parse(indices: Sequence[int], outcome: _Outcome,
+                      raw: RawChunk = raw) -> list[_Row]:
+                chunk = table.parse(raw, [raw.records[index] for index in indices])
+                outcome.read += len(chunk.rows) + len(chunk.problems)
+                outcome.unreadable += len(chunk.problems)
+                for line, problem in chunk.problems:
+                    outcome.reject(SyncRejection(line, problem))
+                return self.preparer.prepare(chunk, outcome.reject)
+
+            outcome = self.chunk([line for line, _ in records], digests, parse, SAMPLE_SIZE)
+            outcome.read += outcome.recognized
+            yield outcome
+
+    def _prefix(self, what: bytes) -> bytes:
+        """The key of the row digests: everything besides a row that decides its traits
+        (the sync's name, the kind of call, the key column and the mapping rules)."""
+        material = _ENCODER.encode([_DIGEST_VERSION, self.name, self.kind.signature.decode(),
+                                    self.preparer.key, repr(self.preparer.rules)])
+        return hashlib.blake2b(material.encode("utf-8", "surrogatepass") + b"\x00" + what
+                               ).digest()
 
     def _traits_to_send(self, traits: dict[str, Any], digests: dict[str, str],
                         before: dict[str, str] | None) -> dict[str, Any]:
@@ -443,6 +583,7 @@ class _Sync:
                 if not self.dry_run:
                     tx.insert(rows)
                     sql.save(tx.db, tx.dialect, self.name, saves, _now())
+                    sql.forget_rows(tx.db, tx.dialect, [state.id for state in gone])
                 return len(gone), gone[-1].key if gone else after, sample
 
             done, after, sample = self.transaction(body)
@@ -531,32 +672,34 @@ def sync(
                    track_seen=delete_missing, dry_run=dry_run, run=run)
     from cio_outbox.storage import sync_state as sql
 
-    def start(tx: SyncTransaction) -> tuple[set[str], int]:
+    def start(tx: SyncTransaction) -> tuple[set[str], set[int], int]:
         if delete_missing:
             sql.seen_reset(tx.db, tx.dialect)
-        return (sql.failed_message_ids(tx.db, tx.dialect, f"sync:{name}:"),
-                sql.stored_count(tx.db, tx.dialect, name))
+        failed = sql.failed_messages(tx.db, tx.dialect, f"sync:{name}:")
+        ids = {mid for mid, _ in failed}
+        # Keys whose last message is one of these: their rows are compared, not recognized.
+        keys = {key for _, payload in failed for key in _keys_named(payload)}
+        states = sql.lookup(tx.db, tx.dialect, name, sorted(keys))
+        failed_keys = {state[_ID] for state in states.values() if state[3] in ids}
+        return ids, failed_keys, sql.stored_count(tx.db, tx.dialect, name)
 
-    engine.failed, result.synced_before = storage.sync_transaction(
+    engine.failed, engine.failed_keys, result.synced_before = storage.sync_transaction(
         start, write=False)
     seen_total = 0
     unreadable = 0
+    room = SAMPLE_SIZE - len(result.sample)
     try:
-        for chunk in table.chunks(chunk_rows):
-            result.rows_read += len(chunk.rows) + len(chunk.problems)
-            unreadable += len(chunk.problems)
-            for line, problem in chunk.problems:
-                result.reject(SyncRejection(line, problem))
-            seen: list[str] = []
-            rows = engine.preparer.prepare(chunk, result, seen)
-            outcome = engine.chunk(rows, seen, SAMPLE_SIZE - len(result.sample))
+        for outcome in engine.outcomes(table, chunk_rows):
             seen_total += outcome.seen_added
+            unreadable += outcome.unreadable
+            result.rows_read += outcome.read
             result.new += outcome.new
             result.changed += outcome.changed
             result.unchanged += outcome.unchanged
-            for rejection in outcome.rejections:
+            for rejection in sorted(outcome.rejections, key=lambda r: r.line):
                 result.reject(rejection)
-            result.sample.extend(outcome.sample)
+            room = SAMPLE_SIZE - len(result.sample)
+            result.sample.extend(outcome.sample[:max(room, 0)])
             if on_progress is not None:
                 on_progress(result, table)
     except MappingError as exc:

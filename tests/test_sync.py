@@ -172,6 +172,56 @@ def test_a_key_repeated_in_one_source_is_compared_with_its_previous_row(
     assert (result.new, result.changed, result.unchanged) == (3, 1, 1)
 
 
+def test_a_row_seen_before_comes_after_a_change_of_its_key_in_the_same_source(
+        outbox: Outbox, tmp_path: Path) -> None:
+    # Row 1 is byte for byte what was synced (recognized by its digest), row 2 changes the
+    # key, row 3 brings the first values back: the last row wins, in order.
+    source = write_csv(tmp_path / "c.csv", people(3))
+    outbox.sync(source, key="id", mapping=MAP)
+    other = ["1", "changed@example.com", "free", "1.50"]
+    write_csv(source, [*people(3), other, people(3)[1]])
+    result = outbox.sync(source, key="id", mapping=MAP)
+    assert (result.new, result.changed, result.unchanged) == (0, 2, 3)
+    assert [p["traits"]["email"] for p in payloads(outbox, result.run)] == \
+        ["changed@example.com", "p1@example.com"]
+    write_csv(source, people(3))
+    assert outbox.sync(source, key="id", mapping=MAP).unchanged == 3
+
+
+def test_a_file_written_differently_with_the_same_values_changes_nothing(
+        outbox: Outbox, tmp_path: Path) -> None:
+    source = write_csv(tmp_path / "c.csv", people(20))
+    outbox.sync(source, key="id", mapping=MAP)
+    rows = people(20)
+    with open(source, "w", newline="", encoding="utf-8") as handle:  # quoted, LF endings
+        writer = csv.writer(handle, quoting=csv.QUOTE_ALL, lineterminator="\n")
+        writer.writerow(HEADER)
+        writer.writerows(rows)
+    again = outbox.sync(source, key="id", mapping=MAP)
+    assert (again.new, again.changed, again.unchanged) == (0, 0, 20)
+    rows[4][2] = "enterprise"
+    with open(source, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, quoting=csv.QUOTE_ALL, lineterminator="\n")
+        writer.writerow(HEADER)
+        writer.writerows(rows)
+    changed = outbox.sync(source, key="id", mapping=MAP)
+    assert (changed.changed, changed.unchanged) == (1, 19)
+    assert [p["userId"] for p in payloads(outbox, changed.run)] == ["4"]
+    assert outbox.sync(source, key="id", mapping=MAP).unchanged == 20
+
+
+def test_csv_lines_ended_by_a_lone_carriage_return_are_rows_and_lines(
+        outbox: Outbox, tmp_path: Path) -> None:
+    source = tmp_path / "mac.csv"
+    source.write_bytes(b"id,name\r1,Ada\r2,\"Two\rlines\"\r3,x,extra\r4,Eve\r")
+    result = outbox.sync(source, key="id")
+    assert [(r.line, r.error) for r in result.rejections] == [
+        (5, "the row has 3 fields, the header 2")]
+    assert {p["userId"]: p["traits"] for p in payloads(outbox, result.run)} == {
+        "1": {"name": "Ada"}, "2": {"name": "Two\rlines"}, "4": {"name": "Eve"}}
+    assert outbox.sync(source, key="id").unchanged == 3
+
+
 def test_rejected_rows_name_their_line_and_field_and_are_never_deleted(
         outbox: Outbox, tmp_path: Path) -> None:
     rows = people(40)
@@ -440,6 +490,55 @@ def test_a_sync_killed_midway_and_rerun_enqueues_each_change_once(
         later = all_payloads(box)[len(first):]
         assert sorted(int(p["userId"]) for p in later) == sorted(changed)
         assert {p["traits"]["plan"] for p in later} == {"changed"}
+
+
+# -- an outbox synced by an earlier version ---------------------------------------------
+
+_OLD_TABLE = ("CREATE TABLE {p}sync_state (sync TEXT NOT NULL, key TEXT NOT NULL,"
+              " fingerprint {blob} NOT NULL, digests TEXT NOT NULL, version INTEGER NOT NULL,"
+              " message_id TEXT NOT NULL, updated_at {real} NOT NULL, PRIMARY KEY (sync, key))")
+
+
+def test_an_outbox_with_the_old_sync_state_table_is_taken_over(outbox_location: str,
+                                                               tmp_path: Path) -> None:
+    """Outboxes synced before sync_rows existed hold one table, sync_state; its rows become
+    sync_keys rows and the next sync enqueues only what changed, with the next versions."""
+    rows = people(30)
+    source = write_csv(tmp_path / "c.csv", rows)
+    with Outbox(outbox_location) as box:
+        box.sync(source, key="id", mapping=MAP)
+
+        def to_old_layout(tx: Any) -> None:  # what the earlier version left behind
+            d = tx.dialect
+            sqlite = d.name == "sqlite"
+            tx.db.execute(_OLD_TABLE.format(p=d.prefix, blob="BLOB" if sqlite else "BYTEA",
+                                            real="REAL" if sqlite else "DOUBLE PRECISION"))
+            tx.db.execute(f"INSERT INTO {d.prefix}sync_state SELECT sync, key, fingerprint,"
+                          f" digests, version, message_id, updated_at FROM {d.keys}")
+            tx.db.execute(f"DROP TABLE {d.keys}")
+            tx.db.execute(f"DROP TABLE {d.rows}")
+
+        box.storage.sync_transaction(to_old_layout)
+    rows[3][2] = "enterprise"
+    write_csv(source, rows)
+    with Outbox(outbox_location) as box:
+        result = box.sync(source, key="id", mapping=MAP)
+        assert (result.new, result.changed, result.unchanged) == (0, 1, 29)
+        sent = payloads(box, result.run)
+        assert [p["userId"] for p in sent] == ["3"]
+        assert sent[0]["messageId"] not in {p["messageId"] for p in all_payloads(box)[:30]}
+
+        def old_table_left(tx: Any) -> int:
+            d = tx.dialect
+            if d.name == "sqlite":
+                query = "SELECT count(*) FROM sqlite_master WHERE name = 'sync_state'"
+                return int(tx.db.execute(query).fetchone()[0])
+            return int(tx.db.execute("SELECT count(*) FROM information_schema.tables WHERE"
+                                     " table_schema = %s AND table_name = 'sync_state'",
+                                     (d.prefix.rstrip("."),)).fetchone()[0])
+
+        assert box.storage.sync_transaction(old_table_left, write=False) == 0
+        assert box.sync(source, key="id", mapping=MAP).unchanged == 30
 
 
 # -- forgetting a person ----------------------------------------------------------------

@@ -1,20 +1,35 @@
 """What a recurring sync remembers per key, and the SQL for it (SQLite and PostgreSQL).
 
-Table ``sync_state``, one row per (sync name, key): the fingerprint of the traits last
-enqueued for that key, a digest per trait (for ``--changed-only``; digests, not values,
-so the table holds no trait values), a version that numbers the key's messages, and the
-messageId of the last one; a key whose deletion was enqueued keeps its row with an
-empty fingerprint (so that its message count, and so its next messageId, go on). It is
-created if missing (``CREATE TABLE IF NOT EXISTS``), not
-by a numbered migration, so that it stays out of the outbox's schema history.
+Two tables, created if missing (``CREATE TABLE IF NOT EXISTS``), not by a numbered
+migration, so that they stay out of the outbox's schema history:
+
+- ``sync_keys``, one row per (sync name, key): the fingerprint of the traits last enqueued
+  for that key, a digest per trait (for ``--changed-only``; digests, not values, so the
+  table holds no trait values), a version that numbers the key's messages, the messageId
+  of the last one, and ``row_digest``, the digest of the source row that last matched this
+  state. A key whose deletion was enqueued keeps its row with an empty fingerprint (so
+  that its message count, and so its next messageId, go on). Read only for the rows that
+  are not recognized in ``sync_rows``.
+- ``sync_rows``, the hot table of an unchanged sync: 128-bit digests of source rows (of a
+  CSV or JSONL record's bytes, or of a key and its fingerprint; in two signed 64-bit
+  halves, ``digest`` the primary key and ``tail``) -> the ``sync_keys`` id of the key whose
+  current state that row is. About 30 bytes a row, so a million keys stay in SQLite's page
+  cache. A digest found here means: this very row was synced last time and nothing about
+  the key changed since; a row not found is looked up in ``sync_keys`` by key. The table is
+  a cache of ``sync_keys``: a row missing from it costs a slower lookup, never a wrong
+  answer, so a digest that collides in its first half simply replaces the other row.
+
+An outbox made before ``sync_rows`` existed has one table, ``sync_state``: :func:`create`
+copies it into ``sync_keys`` and drops it (the first sync after that recognizes nothing in
+``sync_rows`` and fills it; it enqueues only what changed, as before).
 
 Every function takes an open cursor (or SQLite connection) inside a transaction that the
 backend's ``sync_transaction`` hook opened; the caller writes the messages in the same
 transaction, which is what makes a killed sync enqueue each change exactly once.
 
-Keys seen by the current sync go into a temporary table of the connection (for
-``--delete-missing``), so memory stays flat; :func:`seen_count` lets the caller check
-that the table still holds every key it added before anything is deleted.
+Keys seen by the current sync (their ``sync_keys`` ids) go into a temporary table of the
+connection (for ``--delete-missing``), so memory stays flat; :func:`seen_count` lets the
+caller check that the table still holds every id it added before anything is deleted.
 """
 
 from __future__ import annotations
@@ -39,8 +54,12 @@ class Dialect:
         return "?" if self.name == "sqlite" else "%s"
 
     @property
-    def state(self) -> str:
-        return f"{self.prefix}sync_state"
+    def keys(self) -> str:
+        return f"{self.prefix}sync_keys"
+
+    @property
+    def rows(self) -> str:
+        return f"{self.prefix}sync_rows"
 
     @property
     def messages(self) -> str:
@@ -50,14 +69,14 @@ class Dialect:
     def seen(self) -> str:
         return "temp.cio_sync_seen" if self.name == "sqlite" else "cio_sync_seen"
 
-    def keys_in(self, column: str) -> str:
-        """``column IN (the keys given as one parameter)``."""
+    def in_list(self, column: str, kind: str = "text") -> str:
+        """``column IN (the values given as one parameter)``: one statement per chunk."""
         if self.name == "sqlite":
             return f"{column} IN (SELECT value FROM json_each(?))"
-        return f"{column} = ANY(%s::text[])"
+        return f"{column} = ANY(%s::{kind}[])"
 
-    def keys_param(self, keys: Sequence[str]) -> Any:
-        return json.dumps(list(keys)) if self.name == "sqlite" else list(keys)
+    def list_param(self, values: Sequence[Any]) -> Any:
+        return json.dumps(list(values)) if self.name == "sqlite" else list(values)
 
 
 SQLITE = Dialect("sqlite")
@@ -82,45 +101,132 @@ def postgres(schema: str) -> Dialect:
 class KeyState:
     """What the last sync enqueued for a key."""
 
+    id: int
     key: str
     fingerprint: bytes
     version: int
     message_id: str
-    digests: dict[str, str] | None = None  # trait -> digest, when asked for
+    row_digest: int | None = None
+
+
+_OLD_TABLE = "sync_state"
 
 
 def create(db: Any, d: Dialect) -> None:
-    """Create the table if it is missing (inside the caller's write transaction)."""
+    """Create the tables if they are missing, and take over an old ``sync_state`` table
+    (inside the caller's write transaction)."""
     if d.name == "sqlite":
         db.execute(
-            "CREATE TABLE IF NOT EXISTS sync_state ("
-            " sync TEXT NOT NULL, key TEXT NOT NULL, fingerprint BLOB NOT NULL,"
-            " digests TEXT NOT NULL, version INTEGER NOT NULL, message_id TEXT NOT NULL,"
-            " updated_at REAL NOT NULL, PRIMARY KEY (sync, key)) WITHOUT ROWID"
+            "CREATE TABLE IF NOT EXISTS sync_keys ("
+            " id INTEGER PRIMARY KEY, sync TEXT NOT NULL, key TEXT NOT NULL,"
+            " fingerprint BLOB NOT NULL, digests TEXT NOT NULL, version INTEGER NOT NULL,"
+            " message_id TEXT NOT NULL, row_digest INTEGER, updated_at REAL NOT NULL,"
+            " UNIQUE (sync, key))"
+        )
+        # A rowid table keyed by the digest itself: the smallest B-tree SQLite has.
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS sync_rows ("
+            " digest INTEGER PRIMARY KEY, tail INTEGER NOT NULL, key_id INTEGER NOT NULL)"
         )
     else:
         db.execute(
-            f"CREATE TABLE IF NOT EXISTS {d.state} ("
-            " sync TEXT NOT NULL, key TEXT NOT NULL, fingerprint BYTEA NOT NULL,"
-            " digests TEXT NOT NULL, version INTEGER NOT NULL, message_id TEXT NOT NULL,"
-            " updated_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (sync, key))"
+            f"CREATE TABLE IF NOT EXISTS {d.keys} ("
+            " id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, sync TEXT NOT NULL,"
+            " key TEXT NOT NULL, fingerprint BYTEA NOT NULL, digests TEXT NOT NULL,"
+            " version INTEGER NOT NULL, message_id TEXT NOT NULL, row_digest BIGINT,"
+            " updated_at DOUBLE PRECISION NOT NULL, UNIQUE (sync, key))"
         )
+        db.execute(
+            f"CREATE TABLE IF NOT EXISTS {d.rows} ("
+            " digest BIGINT PRIMARY KEY, tail BIGINT NOT NULL, key_id BIGINT NOT NULL)"
+        )
+    if _exists(db, d, _OLD_TABLE):
+        db.execute(
+            f"INSERT INTO {d.keys} (sync, key, fingerprint, digests, version, message_id,"
+            " updated_at) SELECT sync, key, fingerprint, digests, version, message_id,"
+            f" updated_at FROM {d.prefix}{_OLD_TABLE}"
+        )
+        db.execute(f"DROP TABLE {d.prefix}{_OLD_TABLE}")
 
 
-def lookup_raw(db: Any, d: Dialect, sync: str, keys: Sequence[str], *,
-               digests: bool = False) -> dict[str, tuple[Any, ...]]:
+def _exists(db: Any, d: Dialect, table: str) -> bool:
+    if d.name == "sqlite":
+        return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                          (table,)).fetchone() is not None
+    return db.execute("SELECT to_regclass(%s)", (f"{d.prefix}{table}",)).fetchone()[0] \
+        is not None
+
+
+# -- the hot table -----------------------------------------------------------------------
+
+
+def recognized(db: Any, d: Dialect, digests: Sequence[int]) -> dict[int, tuple[int, int]]:
+    """digest -> (tail, key id) for the given row digests found in ``sync_rows``."""
+    if not digests:
+        return {}
+    rows = db.execute(
+        f"SELECT digest, tail, key_id FROM {d.rows} WHERE {d.in_list('digest', 'bigint')}",
+        (d.list_param(digests),),
+    ).fetchall()
+    return {row[0]: (row[1], row[2]) for row in rows}
+
+
+def remember_rows(db: Any, d: Dialect, drop: Iterable[tuple[int, int]],
+                  add: Iterable[tuple[int, int, int]]) -> None:
+    """Drop (digest, key id) rows and add (digest, tail, key id) rows of ``sync_rows``,
+    and point each added key's ``row_digest`` at its new row."""
+    drop = list(drop)
+    add = list(add)
+    p = d.p
+    if drop:
+        db.executemany(f"DELETE FROM {d.rows} WHERE digest = {p} AND key_id = {p}", drop)
+    if add:
+        if d.name == "sqlite":
+            db.executemany("INSERT OR REPLACE INTO sync_rows (digest, tail, key_id)"
+                           " VALUES (?, ?, ?)", add)
+        else:
+            db.executemany(f"INSERT INTO {d.rows} (digest, tail, key_id) VALUES (%s, %s, %s)"
+                           " ON CONFLICT (digest) DO UPDATE SET tail = excluded.tail,"
+                           " key_id = excluded.key_id", add)
+        db.executemany(f"UPDATE {d.keys} SET row_digest = {p} WHERE id = {p}",
+                       [(digest, key_id) for digest, _, key_id in add])
+
+
+def forget_rows(db: Any, d: Dialect, key_ids: Sequence[int]) -> None:
+    """Drop the ``sync_rows`` of these keys (whose deletion is enqueued: a row of theirs
+    seen again is new, not unchanged)."""
+    if key_ids:
+        param = d.list_param(key_ids)
+        db.execute(f"DELETE FROM {d.rows} WHERE digest IN (SELECT row_digest FROM {d.keys}"
+                   f" WHERE {d.in_list('id', 'bigint')} AND row_digest IS NOT NULL)", (param,))
+        db.execute(f"UPDATE {d.keys} SET row_digest = NULL WHERE {d.in_list('id', 'bigint')}",
+                   (param,))
+
+
+# -- the keys ----------------------------------------------------------------------------
+
+
+def lookup(db: Any, d: Dialect, sync: str, keys: Sequence[str], *,
+           digests: bool = False) -> dict[str, tuple[Any, ...]]:
     """The stored state of these keys (keys never synced are absent), as tuples (key,
-    fingerprint, version, message_id[, digests JSON]): the fast path of a sync that finds
-    most keys unchanged."""
+    fingerprint, version, message_id, id, row_digest[, digests JSON])."""
     if not keys:
         return {}
     extra = ", digests" if digests else ""
     rows = db.execute(
-        f"SELECT key, fingerprint, version, message_id{extra} FROM {d.state}"
-        f" WHERE sync = {d.p} AND {d.keys_in('key')}",
-        (sync, d.keys_param(keys)),
+        f"SELECT key, fingerprint, version, message_id, id, row_digest{extra}"
+        f" FROM {d.keys} WHERE sync = {d.p} AND {d.in_list('key')}",
+        (sync, d.list_param(keys)),
     ).fetchall()
     return {row[0]: row for row in rows}
+
+
+def key_ids(db: Any, d: Dialect, sync: str, keys: Sequence[str]) -> dict[str, int]:
+    if not keys:
+        return {}
+    rows = db.execute(f"SELECT key, id FROM {d.keys} WHERE sync = {d.p} AND {d.in_list('key')}",
+                      (sync, d.list_param(keys))).fetchall()
+    return {row[0]: row[1] for row in rows}
 
 
 def save(db: Any, d: Dialect, sync: str,
@@ -132,7 +238,7 @@ def save(db: Any, d: Dialect, sync: str,
         return
     p = d.p
     db.executemany(
-        f"INSERT INTO {d.state} (sync, key, fingerprint, digests, version, message_id,"
+        f"INSERT INTO {d.keys} (sync, key, fingerprint, digests, version, message_id,"
         f" updated_at) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p})"
         " ON CONFLICT (sync, key) DO UPDATE SET fingerprint = excluded.fingerprint,"
         " digests = excluded.digests, version = excluded.version,"
@@ -141,63 +247,61 @@ def save(db: Any, d: Dialect, sync: str,
     )
 
 
-def forget_keys(db: Any, d: Dialect, sync: str, keys: Sequence[str]) -> None:
-    if keys:
-        db.execute(f"DELETE FROM {d.state} WHERE sync = {d.p} AND {d.keys_in('key')}",
-                   (sync, d.keys_param(keys)))
-
-
-def _exists(db: Any, d: Dialect, table: str) -> bool:
-    if d.name == "sqlite":
-        return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                          (table,)).fetchone() is not None
-    return db.execute("SELECT to_regclass(%s)", (f"{d.prefix}{table}",)).fetchone()[0] \
-        is not None
-
-
 def forget_key(db: Any, d: Dialect, key: str) -> int:
     """Remove what every sync remembers of this key (for ``forget``): the key must not stay
-    in the outbox, and the next sync must see it as new. Returns the state rows removed."""
-    if not _exists(db, d, "sync_state"):
+    in the outbox, and the next sync must see it as new. Returns the key rows removed."""
+    if not _exists(db, d, "sync_keys"):
+        if _exists(db, d, _OLD_TABLE):  # an outbox that no sync has opened since
+            return int(db.execute(f"DELETE FROM {d.prefix}{_OLD_TABLE} WHERE key = {d.p}",
+                                  (key,)).rowcount)
         return 0
-    return int(db.execute(f"DELETE FROM {d.state} WHERE key = {d.p}", (key,)).rowcount)
+    ids = [row[0] for row in db.execute(f"SELECT id FROM {d.keys} WHERE key = {d.p}",
+                                        (key,)).fetchall()]
+    if not ids:
+        return 0
+    db.execute(f"DELETE FROM {d.rows} WHERE {d.in_list('key_id', 'bigint')}",
+               (d.list_param(ids),))
+    db.execute(f"DELETE FROM {d.keys} WHERE {d.in_list('id', 'bigint')}",
+               (d.list_param(ids),))
+    return len(ids)
 
 
 def stored_count(db: Any, d: Dialect, sync: str) -> int:
     """Keys of this sync, not counting those whose deletion was enqueued."""
-    return int(db.execute(f"SELECT count(*) FROM {d.state} WHERE sync = {d.p}"
+    return int(db.execute(f"SELECT count(*) FROM {d.keys} WHERE sync = {d.p}"
                           " AND length(fingerprint) > 0", (sync,)).fetchone()[0])
 
 
-def failed_message_ids(db: Any, d: Dialect, run_prefix: str) -> set[str]:
-    """messageIds of dead-lettered rows of runs starting with run_prefix (few, usually)."""
+def failed_messages(db: Any, d: Dialect, run_prefix: str) -> list[tuple[str, Any]]:
+    """(messageId, payload) of dead-lettered rows of runs starting with run_prefix (few,
+    usually)."""
     rows = db.execute(
-        f"SELECT message_id FROM {d.messages} WHERE status = 'failed'"
+        f"SELECT message_id, payload FROM {d.messages} WHERE status = 'failed'"
         f" AND substr(run, 1, {len(run_prefix)}) = {d.p}",
         (run_prefix,),
     ).fetchall()
-    return {row[0] for row in rows}
+    return [(row[0], row[1]) for row in rows]
+
+
+# -- keys seen by this sync (--delete-missing) -------------------------------------------
 
 
 def seen_reset(db: Any, d: Dialect) -> None:
-    if d.name == "sqlite":
-        db.execute("CREATE TEMP TABLE IF NOT EXISTS cio_sync_seen (key TEXT PRIMARY KEY)"
-                   " WITHOUT ROWID")
-    else:
-        db.execute("CREATE TEMP TABLE IF NOT EXISTS cio_sync_seen (key TEXT PRIMARY KEY)")
+    kind = "INTEGER" if d.name == "sqlite" else "BIGINT"
+    db.execute(f"CREATE TEMP TABLE IF NOT EXISTS cio_sync_seen (id {kind} PRIMARY KEY)")
     db.execute(f"DELETE FROM {d.seen}")
 
 
-def seen_add(db: Any, d: Dialect, keys: Sequence[str]) -> int:
-    """Remember keys as seen; returns how many were not seen before."""
-    if not keys:
+def seen_add(db: Any, d: Dialect, ids: Sequence[int]) -> int:
+    """Remember key ids as seen; returns how many were not seen before."""
+    if not ids:
         return 0
     if d.name == "sqlite":
-        cursor = db.execute("INSERT OR IGNORE INTO temp.cio_sync_seen (key)"
-                            " SELECT value FROM json_each(?)", (json.dumps(list(keys)),))
+        cursor = db.execute("INSERT OR IGNORE INTO temp.cio_sync_seen (id)"
+                            " SELECT value FROM json_each(?)", (json.dumps(list(ids)),))
     else:
-        cursor = db.execute("INSERT INTO cio_sync_seen (key) SELECT unnest(%s::text[])"
-                            " ON CONFLICT DO NOTHING", (list(keys),))
+        cursor = db.execute("INSERT INTO cio_sync_seen (id) SELECT unnest(%s::bigint[])"
+                            " ON CONFLICT DO NOTHING", (list(ids),))
     return int(cursor.rowcount)
 
 
@@ -207,19 +311,19 @@ def seen_count(db: Any, d: Dialect) -> int:
 
 def _missing_where(d: Dialect) -> str:
     return (f"s.sync = {d.p} AND length(s.fingerprint) > 0 AND NOT EXISTS"
-            f" (SELECT 1 FROM {d.seen} seen WHERE seen.key = s.key)")
+            f" (SELECT 1 FROM {d.seen} seen WHERE seen.id = s.id)")
 
 
 def missing_count(db: Any, d: Dialect, sync: str) -> int:
-    return int(db.execute(f"SELECT count(*) FROM {d.state} s WHERE {_missing_where(d)}",
+    return int(db.execute(f"SELECT count(*) FROM {d.keys} s WHERE {_missing_where(d)}",
                           (sync,)).fetchone()[0])
 
 
 def missing(db: Any, d: Dialect, sync: str, limit: int, *, after: str = "") -> list[KeyState]:
     """Up to ``limit`` stored keys after ``after`` (in key order) not seen by this sync."""
     rows = db.execute(
-        f"SELECT key, fingerprint, version, message_id FROM {d.state} s"
+        f"SELECT id, key, fingerprint, version, message_id, row_digest FROM {d.keys} s"
         f" WHERE {_missing_where(d)} AND s.key > {d.p} ORDER BY s.key LIMIT {int(limit)}",
         (sync, after),
     ).fetchall()
-    return [KeyState(row[0], bytes(row[1]), row[2], row[3]) for row in rows]
+    return [KeyState(row[0], row[1], bytes(row[2]), row[3], row[4], row[5]) for row in rows]
