@@ -13,9 +13,9 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import json
 import os
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -27,6 +27,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _PARQUET_MAGIC = b"PAR1"
 _ARROW_MAGIC = b"ARROW1"
 _BOM = b"\xef\xbb\xbf"
+_BLOCK = 1 << 20
 
 
 class SourceError(ValueError):
@@ -59,14 +60,16 @@ def _pyarrow() -> Any:
 
 @dataclass
 class RawChunk:
-    """Records of a text file as read, not parsed: ``(line, bytes)`` pairs, one CSV record
-    (which may span lines) or one JSONL line each. ``signature`` says how they are to be
-    read (format, delimiter, header bytes): equal bytes under one signature are equal
-    rows. :meth:`TextFile.parse` turns records into a :class:`Chunk`."""
+    """Records of a text file as read, not parsed: one CSV record (which may span lines)
+    or one JSONL line each, without its line end, and the number of its first line.
+    ``signature`` says how they are to be read (format, delimiter, header bytes): equal
+    bytes under one signature are equal rows. :meth:`TextFile.parse` turns records into a
+    :class:`Chunk`."""
 
     header: list[str] | None
     signature: bytes
-    records: list[tuple[int, bytes]] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+    records: list[bytes] = field(default_factory=list)
 
 
 class Source:
@@ -126,45 +129,115 @@ class TextFile(Source):
     # -- records as bytes, parsed on demand ----------------------------------------------
 
     def records(self, size: int = CHUNK_ROWS) -> Iterator[RawChunk]:
-        """Chunks of at most ``size`` records as bytes (blank lines left out); for CSV the
-        header is read and checked first, as :meth:`chunks` does."""
-        lines = self._lines()
-        if self.format == "jsonl":
-            signature = b"jsonl"
-            header = None
-        else:
-            lines = _split_bare_cr(lines)
-            header, raw_header = self._raw_header(lines)
-            signature = b"csv\x00" + self.delimiter.encode() + b"\x00" + raw_header
+        """Chunks of at most ``size`` records as bytes, without their line ends (blank
+        lines left out); for CSV the header is read and checked first, as :meth:`chunks`
+        does. Read a megabyte at a time: a block without quotes or lone carriage returns
+        (most of a typical export) is split into records in one call."""
+        runs = self._record_runs()
+        header: list[str] | None = None
+        signature = b"jsonl"
+        if self.format != "jsonl":
+            first = next((run for run in runs if run[1]), None)
+            if first is None:
+                raise SourceError(f"{self.name}: the CSV file is empty (no header line)")
+            numbers, found = first
+            header = self._header(found[0])
+            signature = b"csv\x00" + self.delimiter.encode() + b"\x00" + found[0]
+            runs = itertools.chain([(numbers[1:], found[1:])], runs)
         chunk = RawChunk(header, signature)
-        records = _csv_records(lines, self.delimiter) if header is not None else lines
-        blank = (b"\n", b"\r\n", b"")
-        for number, data in records:
-            if data in blank or (header is None and not data.strip()):
-                continue
-            chunk.records.append((number, data))
-            if len(chunk.records) >= size:
-                yield chunk
-                chunk = RawChunk(header, signature)
+        for numbers, found in runs:
+            chunk.lines.extend(numbers)
+            chunk.records.extend(found)
+            while len(chunk.records) >= size:
+                yield RawChunk(header, signature, chunk.lines[:size], chunk.records[:size])
+                chunk = RawChunk(header, signature, chunk.lines[size:], chunk.records[size:])
         yield chunk
 
-    def _raw_header(self, lines: Iterator[tuple[int, bytes]]) -> tuple[list[str], bytes]:
-        first = next(_csv_records(lines, self.delimiter), None)
-        if first is None:
-            raise SourceError(f"{self.name}: the CSV file is empty (no header line)")
-        text = first[1].decode("utf-8", "surrogateescape")
+    def _header(self, data: bytes) -> list[str]:
+        text = data.decode("utf-8", "surrogateescape")
         rows = iter(csv.reader([text], delimiter=self.delimiter, strict=True))
-        header: list[str] = []
-        for row in self._csv_rows(rows, 1):  # the same checks and messages as chunks()
-            header = row.header or []
-            break
-        return header, first[1]
+        for chunk in self._csv_rows(rows, 1):  # the same checks and messages as chunks()
+            return chunk.header or []
+        return []
 
-    def parse(self, raw: RawChunk, records: Sequence[tuple[int, bytes]]) -> Chunk:
+    def _blocks(self) -> Iterator[tuple[int, bytes, list[bytes]]]:
+        """(number of the first line, the block, its lines without line ends), whole lines
+        only."""
+        with open(self.path, "rb") as raw:
+            self._raw = raw
+            stream: IO[bytes] = gzip.GzipFile(fileobj=raw) if self.gzipped else raw
+            number = 1
+            carry = b""
+            try:
+                while True:
+                    data = stream.read(_BLOCK)
+                    if not data:
+                        break
+                    data = carry + data
+                    cut = data.rfind(b"\n")
+                    if cut < 0:
+                        carry = data
+                        continue
+                    if number == 1 and data.startswith(_BOM):  # the first line is whole
+                        data = data[len(_BOM):]
+                        cut -= len(_BOM)
+                    carry = data[cut + 1:]
+                    block = data[:cut]
+                    lines = block.split(b"\n")
+                    yield number, block, lines
+                    number += len(lines)
+            except (OSError, EOFError) as exc:  # a damaged or truncated gzip stream
+                raise SourceError(f"{self.name}: cannot decompress ({exc})") from None
+            if number == 1:
+                carry = carry.removeprefix(_BOM)
+            if carry:
+                yield number, carry, [carry]
+
+    def _record_runs(self) -> Iterator[tuple[Sequence[int], list[bytes]]]:
+        """(line numbers, records) runs, in file order. Blank lines are records too: they
+        are never synced, so a sync parses them, and skips them as :meth:`chunks` does."""
+        csv_file = self.format != "jsonl"
+        pending: list[bytes] = []  # a CSV record in a quoted field, with its line ends
+        start = 0
+        shift = 0  # lines that lone carriage returns added so far
+        for first, block, lines in self._blocks():
+            first += shift
+            plain = not csv_file or (b'"' not in block and
+                                     block.count(b"\r") == block.count(b"\r\n") + (
+                                         1 if block.endswith(b"\r") else 0))
+            if plain and not pending:
+                yield range(first, first + len(lines)), lines
+                continue
+            numbers: list[int] = []
+            found: list[bytes] = []
+            number = first - 1
+            for line, end in _split_bare_cr(lines):
+                number += 1
+                if not pending:
+                    if b'"' not in line:
+                        numbers.append(number)
+                        found.append(line)
+                        continue
+                    start = number
+                pending.append(line)
+                data = b"".join(pending)
+                if _still_open(data, self.delimiter):
+                    pending.append(end)
+                    continue
+                pending = []
+                numbers.append(start)
+                found.append(data)
+            shift += number + 1 - first - len(lines)
+            yield numbers, found
+        if pending:
+            yield [start], [b"".join(pending[:-1])]
+
+    def parse(self, raw: RawChunk, indices: Sequence[int]) -> Chunk:
         """These records of ``raw`` parsed as :meth:`chunks` would have read them: rows,
         and problems by line."""
+        records = [(raw.lines[index], raw.records[index]) for index in indices]
         if raw.header is None:
-            return self._jsonl_records(records)
+            return next(self._jsonl_lines(records, 1 << 62))
         chunk = Chunk(raw.header, text=True)
         width = len(raw.header)
         delimiter = self.delimiter
@@ -190,8 +263,6 @@ class TextFile(Source):
             chunk.rows.append((number, row))
         return chunk
 
-    def _jsonl_records(self, records: Iterable[tuple[int, bytes]]) -> Chunk:
-        return next(self._jsonl_lines(records, 1 << 62))
 
     def _jsonl(self, size: int) -> Iterator[Chunk]:
         yield from self._jsonl_lines(self._lines(), size)
@@ -275,50 +346,30 @@ class TextFile(Source):
         yield chunk
 
 
-def _split_bare_cr(lines: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
-    """Lines as the CSV reader sees them (a lone CR ends a line too), renumbered so."""
-    offset = 0
-    for number, line in lines:
-        if b"\r" in line and line.find(b"\r") != len(line) - 2:
-            parts = _CR_LINES.findall(line)
-            for part in parts:
-                if part:
-                    yield number + offset, part
-                    offset += 1
-            offset -= 1
-        else:
-            yield number + offset, line
-
-
-_CR_LINES = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
-
-
-def _csv_records(lines: Iterable[tuple[int, bytes]], delimiter: str
-                 ) -> Iterator[tuple[int, bytes]]:
-    """Physical lines grouped into CSV records (a quoted field may hold line breaks), with
-    the number of each record's first line. A line with no quote is a record by itself;
-    one with a quote is a record once the CSV reader itself no longer finds it open."""
-    pending: list[bytes] = []
-    start = 0
-    for number, line in lines:
-        if not pending and b'"' not in line:
-            yield number, line
+def _split_bare_cr(lines: Iterable[bytes]) -> Iterator[tuple[bytes, bytes]]:
+    """Lines as the CSV reader sees them (a lone CR ends a line too), each with the line
+    end it lost (LF) or none (a lone CR is kept on its line)."""
+    for line in lines:
+        cr = line.find(b"\r")
+        if cr < 0 or cr == len(line) - 1:
+            yield line, b"\n"
             continue
-        if not pending:
-            start = number
-        pending.append(line)
-        data = b"".join(pending)
-        try:
-            for _ in csv.reader([data.decode("utf-8", "surrogateescape")],
-                                delimiter=delimiter, strict=True):
-                pass
-        except csv.Error as exc:
-            if "unexpected end of data" in str(exc):
-                continue  # inside a quoted field: the record goes on
-        pending = []
-        yield start, data
-    if pending:
-        yield start, b"".join(pending)
+        parts = line.split(b"\r")
+        for part in parts[:-1]:
+            yield part + b"\r", b""
+        if parts[-1]:
+            yield parts[-1], b"\n"
+
+
+def _still_open(data: bytes, delimiter: str) -> bool:
+    """Whether the CSV reader, given this text, is inside a quoted field at its end."""
+    try:
+        for _ in csv.reader([data.decode("utf-8", "surrogateescape")], delimiter=delimiter,
+                            strict=True):
+            pass
+    except csv.Error as exc:
+        return "unexpected end of data" in str(exc)
+    return False
 
 
 def _has_surrogate(text: str) -> bool:

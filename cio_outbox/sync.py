@@ -498,20 +498,19 @@ class _Sync:
             if raw.signature != signature:
                 signature = raw.signature
                 prefix = self._prefix(b"records\x00" + signature)
-            records = raw.records
-            digests = [unpack(blake2b(data, key=prefix, digest_size=16).digest())
-                       for _, data in records]
+            digests = [unpack(blake2b(prefix + data, digest_size=16).digest())
+                       for data in raw.records]
 
             def parse(indices: Sequence[int], outcome: _Outcome,
                       raw: RawChunk = raw) -> list[_Row]:
-                chunk = table.parse(raw, [raw.records[index] for index in indices])
+                chunk = table.parse(raw, indices)
                 outcome.read += len(chunk.rows) + len(chunk.problems)
                 outcome.unreadable += len(chunk.problems)
                 for line, problem in chunk.problems:
                     outcome.reject(SyncRejection(line, problem))
                 return self.preparer.prepare(chunk, outcome.reject)
 
-            outcome = self.chunk([line for line, _ in records], digests, parse, SAMPLE_SIZE)
+            outcome = self.chunk(raw.lines, digests, parse, SAMPLE_SIZE)
             outcome.read += outcome.recognized
             yield outcome
 
@@ -520,8 +519,8 @@ class _Sync:
         (the sync's name, the kind of call, the key column and the mapping rules)."""
         material = _ENCODER.encode([_DIGEST_VERSION, self.name, self.kind.signature.decode(),
                                     self.preparer.key, repr(self.preparer.rules)])
-        return hashlib.blake2b(material.encode("utf-8", "surrogatepass") + b"\x00" + what
-                               ).digest()
+        return hashlib.blake2b(material.encode("utf-8", "surrogatepass") + b"\x00" + what,
+                               digest_size=16).digest()
 
     def _traits_to_send(self, traits: dict[str, Any], digests: dict[str, str],
                         before: dict[str, str] | None) -> dict[str, Any]:

@@ -492,6 +492,47 @@ def test_a_sync_killed_midway_and_rerun_enqueues_each_change_once(
         assert {p["traits"]["plan"] for p in later} == {"changed"}
 
 
+# -- reading records as bytes ----------------------------------------------------------
+
+_AWKWARD_CSV = (
+    b"\xef\xbb\xbfid,name,note\r\n1,Ada,plain\r\n2,\"Lovelace, Ada\",\"said \"\"hi\"\"\"\r\n"
+    b"\r\n3,\"Multi\r\nline\nfield\",x\n4,a\"b,\"c\nd\"\n5,bad\"quote\"x,y\n"
+    b"6,\"lone\rcr\",z\r7,B\xe9a,q\n8,too,many,fields\n\n9,last,\"open at the end\n"
+)
+
+
+@pytest.mark.parametrize("block", [1, 7, 16, 33, 64, 1 << 20])
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_records_parsed_are_the_rows_and_problems_the_reader_gives(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int, fmt: str) -> None:
+    """Records read as bytes (a block at a time, any block size) and parsed on demand are
+    what the csv module (and json) read from the same file, with the same line numbers."""
+    from cio_outbox import sources
+
+    if fmt == "csv":
+        data = _AWKWARD_CSV
+    else:
+        data = (b'{"id": 1}\n\n  \n{"id": 2, "x": "a\\nb"}\r\nnot json\n[1]\n'
+                b'{"id": 3, "n": "\xe9"}\n{"id": 4}')
+    path = tmp_path / f"t.{fmt}"
+    path.write_bytes(data)
+    expected = list(sources.open_source(path).chunks(1000))
+    monkeypatch.setattr(sources, "_BLOCK", block)
+    table = sources.open_source(path)
+    assert isinstance(table, sources.TextFile)
+    rows: list[Any] = []
+    problems: list[Any] = []
+    for raw in table.records(3):
+        chunk = table.parse(raw, range(len(raw.records)))
+        assert chunk.header == expected[0].header
+        rows += chunk.rows
+        problems += chunk.problems
+    assert rows == [row for chunk in expected for row in chunk.rows]
+    assert [line for line, _ in problems] == \
+        [line for chunk in expected for line, _ in chunk.problems]
+    assert len(rows) >= 3 and problems
+
+
 # -- an outbox synced by an earlier version ---------------------------------------------
 
 _OLD_TABLE = ("CREATE TABLE {p}sync_state (sync TEXT NOT NULL, key TEXT NOT NULL,"
