@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import itertools
 import json
-import struct
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import mmh3
 
 from cio_outbox.columns import (
     ColumnRule,
@@ -65,7 +68,7 @@ SAMPLE_SIZE = 10
 DELETE_CHUNK = 5_000
 _TOMBSTONE = b""  # the fingerprint of a key whose deletion was enqueued
 _DIGEST_VERSION = 1  # of how row digests are made: a new one makes every row compared again
-_HALVES = struct.Struct("<qq")  # a 16-byte digest as the two signed 64-bit columns
+_RUN = 16  # rows in a run, on average (a power of two)
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str,
                             check_circular=False)
 
@@ -365,16 +368,9 @@ class _Sync:
         def body(tx: SyncTransaction) -> _Outcome:
             outcome = _Outcome()
             db, d = tx.db, tx.dialect
-            known = sql.recognized(db, d, [digest[0] for digest in digests])
-            failed_keys = self.failed_keys
-            fast: list[tuple[int, int]] = []  # (row index, key id)
-            slow: list[int] = []
-            for index, (head, tail) in enumerate(digests):
-                hit = known.get(head)
-                if hit is not None and hit[0] == tail and hit[1] not in failed_keys:
-                    fast.append((index, hit[1]))
-                else:
-                    slow.append(index)
+            ids, runs = self._recognize(db, d, digests)
+            fast = [(index, key_id) for index, key_id in enumerate(ids) if key_id is not None]
+            slow = [index for index, key_id in enumerate(ids) if key_id is None]
             rows = parse(slow, outcome) if slow else []
             with_digests = self.changed_only or self.clear_missing
             stored = sql.lookup(db, d, self.name, list({row[1] for row in rows}),
@@ -455,6 +451,19 @@ class _Sync:
                             drop.append((state[_ROW_DIGEST], key_id))
                         add.append((head, tail, key_id))
                 sql.remember_rows(db, d, drop, add)
+                # Runs not recognized whose rows all are their keys' state now: next time
+                # one lookup says the whole run is unchanged.
+                row_ids: dict[int, int] = dict(fast)
+                for key, index in final.items():
+                    state = stored.get(key)
+                    row_ids[index] = state[_ID] if state is not None else fresh_ids[key]
+                new_runs = []
+                for start, end, run_digest in runs:
+                    members = [row_ids.get(index) for index in range(start, end)]
+                    if None not in members and len(set(members)) == len(members):
+                        new_runs.append((run_digest, members,
+                                         [digests[index][0] for index in range(start, end)]))
+                sql.remember_runs(db, d, new_runs)
                 if self.track_seen:
                     seen_ids.extend(fresh_ids.values())
             if self.track_seen:
@@ -464,21 +473,66 @@ class _Sync:
 
         return self.transaction(body)  # type: ignore[no-any-return]
 
+    def _recognize(self, db: Any, d: Any, digests: Sequence[tuple[int, int]]
+                   ) -> tuple[list[int | None], list[tuple[int, int, tuple[int, int]]]]:
+        """The key id of each row recognized as unchanged (else None), and the runs of
+        the chunk that were not recognized whole: (start, end, digest).
+
+        Rows are grouped into runs that end where a row's digest has its low bits zero
+        (about ``_RUN`` rows; cut by content, so a row added or removed changes only its
+        own run): a run found in ``sync_runs`` makes all its rows unchanged in one lookup;
+        the rows of the others are looked up one by one in ``sync_rows``."""
+        from cio_outbox.storage import sync_state as sql
+
+        count = len(digests)
+        bounds: list[tuple[int, int]] = []
+        start = 0
+        mask = _RUN - 1
+        for index, (head, _) in enumerate(digests):
+            if not head & mask:
+                bounds.append((start, index + 1))
+                start = index + 1
+        if start < count:
+            bounds.append((start, count))
+        hash64 = mmh3.hash64
+        flat = array("q", itertools.chain.from_iterable(digests)).tobytes()
+        run_digests = [hash64(flat[start * 16:end * 16], signed=True) for start, end in bounds]
+        found = sql.recognized_runs(db, d, [digest[0] for digest in run_digests])
+        ids: list[int | None] = [None] * count
+        failed_keys = self.failed_keys
+        missed: list[int] = []
+        runs: list[tuple[int, int, tuple[int, int]]] = []
+        for (start, end), run_digest in zip(bounds, run_digests, strict=True):
+            members = found.get(run_digest)
+            if members is not None and len(members) == end - start and (
+                    not failed_keys or failed_keys.isdisjoint(members)):
+                ids[start:end] = members
+            else:
+                missed.extend(range(start, end))
+                runs.append((start, end, run_digest))
+        if missed:
+            known = sql.recognized(db, d, [digests[index][0] for index in missed])
+            for index in missed:
+                key_id = known.get(digests[index])
+                if key_id is not None and key_id not in failed_keys:
+                    ids[index] = key_id
+        return ids, runs
+
     def outcomes(self, table: Source, size: int) -> Iterator[_Outcome]:
         """The outcome of each chunk, once it is committed."""
         if isinstance(table, TextFile):
             yield from self._run_records(table, size)
             return
         prefix = self._prefix(b"values")
-        blake2b, unpack = hashlib.blake2b, _HALVES.unpack
+        hash64 = mmh3.hash64
         for chunk in table.chunks(size):
             early = _Outcome(read=len(chunk.rows) + len(chunk.problems),
                              unreadable=len(chunk.problems))
             for line, problem in chunk.problems:
                 early.reject(SyncRejection(line, problem))
             rows = self.preparer.prepare(chunk, early.reject)
-            digests = [unpack(blake2b(row[3] + row[1].encode("utf-8", "surrogatepass"),
-                                      key=prefix, digest_size=16).digest()) for row in rows]
+            digests = [hash64(prefix + row[3] + row[1].encode("utf-8", "surrogatepass"),
+                              signed=True) for row in rows]
 
             def parse(indices: Sequence[int], _: _Outcome,
                       rows: list[_Row] = rows) -> list[_Row]:
@@ -491,15 +545,14 @@ class _Sync:
             yield outcome
 
     def _run_records(self, table: TextFile, size: int) -> Iterator[_Outcome]:
-        blake2b, unpack = hashlib.blake2b, _HALVES.unpack
+        hash64 = mmh3.hash64
         prefix = b""
         signature = None
         for raw in table.records(size):
             if raw.signature != signature:
                 signature = raw.signature
                 prefix = self._prefix(b"records\x00" + signature)
-            digests = [unpack(blake2b(prefix + data, digest_size=16).digest())
-                       for data in raw.records]
+            digests = [hash64(prefix + data, signed=True) for data in raw.records]
 
             def parse(indices: Sequence[int], outcome: _Outcome,
                       raw: RawChunk = raw) -> list[_Row]:

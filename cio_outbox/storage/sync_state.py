@@ -35,9 +35,12 @@ caller check that the table still holds every id it added before anything is del
 from __future__ import annotations
 
 import json
+from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from cio_outbox.storage.base import NewRow
 
@@ -62,6 +65,10 @@ class Dialect:
         return f"{self.prefix}sync_rows"
 
     @property
+    def runs(self) -> str:
+        return f"{self.prefix}sync_runs"
+
+    @property
     def messages(self) -> str:
         return f"{self.prefix}messages"
 
@@ -76,7 +83,12 @@ class Dialect:
         return f"{column} = ANY(%s::{kind}[])"
 
     def list_param(self, values: Sequence[Any]) -> Any:
-        return json.dumps(list(values)) if self.name == "sqlite" else list(values)
+        if self.name != "sqlite":
+            return list(values)
+        try:
+            return orjson.dumps(list(values)).decode()
+        except TypeError:  # a lone surrogate in a key from Python: json escapes it
+            return json.dumps(list(values))
 
 
 SQLITE = Dialect("sqlite")
@@ -126,7 +138,12 @@ def create(db: Any, d: Dialect) -> None:
         # A rowid table keyed by the digest itself: the smallest B-tree SQLite has.
         db.execute(
             "CREATE TABLE IF NOT EXISTS sync_rows ("
-            " digest INTEGER PRIMARY KEY, tail INTEGER NOT NULL, key_id INTEGER NOT NULL)"
+            " digest INTEGER PRIMARY KEY, tail INTEGER NOT NULL, key_id INTEGER NOT NULL,"
+            " run INTEGER)"
+        )
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS sync_runs ("
+            " digest INTEGER PRIMARY KEY, tail INTEGER NOT NULL, ids BLOB NOT NULL)"
         )
     else:
         db.execute(
@@ -138,7 +155,12 @@ def create(db: Any, d: Dialect) -> None:
         )
         db.execute(
             f"CREATE TABLE IF NOT EXISTS {d.rows} ("
-            " digest BIGINT PRIMARY KEY, tail BIGINT NOT NULL, key_id BIGINT NOT NULL)"
+            " digest BIGINT PRIMARY KEY, tail BIGINT NOT NULL, key_id BIGINT NOT NULL,"
+            " run BIGINT)"
+        )
+        db.execute(
+            f"CREATE TABLE IF NOT EXISTS {d.runs} ("
+            " digest BIGINT PRIMARY KEY, tail BIGINT NOT NULL, ids BYTEA NOT NULL)"
         )
     if _exists(db, d, _OLD_TABLE):
         db.execute(
@@ -160,34 +182,83 @@ def _exists(db: Any, d: Dialect, table: str) -> bool:
 # -- the hot table -----------------------------------------------------------------------
 
 
-def recognized(db: Any, d: Dialect, digests: Sequence[int]) -> dict[int, tuple[int, int]]:
-    """digest -> (tail, key id) for the given row digests found in ``sync_rows``."""
-    if not digests:
+def recognized(db: Any, d: Dialect, heads: Sequence[int]) -> dict[tuple[int, int], int]:
+    """(digest, tail) -> key id for the rows of ``sync_rows`` with these digests."""
+    if not heads:
         return {}
     rows = db.execute(
         f"SELECT digest, tail, key_id FROM {d.rows} WHERE {d.in_list('digest', 'bigint')}",
-        (d.list_param(digests),),
+        (d.list_param(sorted(heads)),),  # in order: each page is read once
     ).fetchall()
-    return {row[0]: (row[1], row[2]) for row in rows}
+    return {(head, tail): key_id for head, tail, key_id in rows}
+
+
+def recognized_runs(db: Any, d: Dialect, heads: Sequence[int]
+                    ) -> dict[tuple[int, int], array[int]]:
+    """(digest, tail) -> member key ids for the runs of ``sync_runs`` with these digests."""
+    if not heads:
+        return {}
+    rows = db.execute(
+        f"SELECT digest, tail, ids FROM {d.runs} WHERE {d.in_list('digest', 'bigint')}",
+        (d.list_param(sorted(heads)),),
+    ).fetchall()
+    found: dict[tuple[int, int], array[int]] = {}
+    for head, tail, blob in rows:
+        members = array("q")
+        members.frombytes(bytes(blob))
+        found[(head, tail)] = members
+    return found
+
+
+def _drop_runs_of(db: Any, d: Dialect, heads: Sequence[int]) -> None:
+    """Delete the runs that these ``sync_rows`` rows belong to: a run stays only while
+    every row of it is its key's current state."""
+    if heads:
+        db.execute(f"DELETE FROM {d.runs} WHERE digest IN (SELECT run FROM {d.rows}"
+                   f" WHERE {d.in_list('digest', 'bigint')} AND run IS NOT NULL)",
+                   (d.list_param(heads),))
+
+
+def remember_runs(db: Any, d: Dialect,
+                  runs: Sequence[tuple[tuple[int, int], Sequence[int], Sequence[int]]]) -> None:
+    """Add runs ((digest, tail), member key ids, member row digests), each row in one run
+    at most (its former run is dropped)."""
+    if not runs:
+        return
+    _drop_runs_of(db, d, [head for _, _, heads in runs for head in heads])
+    p = d.p
+    params = [(digest, tail, array("q", members).tobytes())
+              for (digest, tail), members, _ in runs]
+    if d.name == "sqlite":
+        db.executemany("INSERT OR REPLACE INTO sync_runs (digest, tail, ids) VALUES (?, ?, ?)",
+                       params)
+    else:
+        db.executemany(f"INSERT INTO {d.runs} (digest, tail, ids) VALUES (%s, %s, %s)"
+                       " ON CONFLICT (digest) DO UPDATE SET tail = excluded.tail,"
+                       " ids = excluded.ids", params)
+    db.executemany(f"UPDATE {d.rows} SET run = {p} WHERE digest = {p}",
+                   [(digest, head) for (digest, _), _, heads in runs for head in heads])
 
 
 def remember_rows(db: Any, d: Dialect, drop: Iterable[tuple[int, int]],
                   add: Iterable[tuple[int, int, int]]) -> None:
     """Drop (digest, key id) rows and add (digest, tail, key id) rows of ``sync_rows``,
-    and point each added key's ``row_digest`` at its new row."""
+    and point each added key's ``row_digest`` at its new row. The runs of the rows
+    dropped or replaced go too."""
     drop = list(drop)
     add = list(add)
     p = d.p
+    _drop_runs_of(db, d, [head for head, _ in drop] + [head for head, _, _ in add])
     if drop:
         db.executemany(f"DELETE FROM {d.rows} WHERE digest = {p} AND key_id = {p}", drop)
     if add:
         if d.name == "sqlite":
-            db.executemany("INSERT OR REPLACE INTO sync_rows (digest, tail, key_id)"
-                           " VALUES (?, ?, ?)", add)
+            db.executemany("INSERT OR REPLACE INTO sync_rows (digest, tail, key_id, run)"
+                           " VALUES (?, ?, ?, NULL)", add)
         else:
             db.executemany(f"INSERT INTO {d.rows} (digest, tail, key_id) VALUES (%s, %s, %s)"
                            " ON CONFLICT (digest) DO UPDATE SET tail = excluded.tail,"
-                           " key_id = excluded.key_id", add)
+                           " key_id = excluded.key_id, run = NULL", add)
         db.executemany(f"UPDATE {d.keys} SET row_digest = {p} WHERE id = {p}",
                        [(digest, key_id) for digest, _, key_id in add])
 
@@ -197,6 +268,10 @@ def forget_rows(db: Any, d: Dialect, key_ids: Sequence[int]) -> None:
     seen again is new, not unchanged)."""
     if key_ids:
         param = d.list_param(key_ids)
+        own_rows = (f"SELECT row_digest FROM {d.keys} WHERE {d.in_list('id', 'bigint')}"
+                    " AND row_digest IS NOT NULL")
+        db.execute(f"DELETE FROM {d.runs} WHERE digest IN (SELECT run FROM {d.rows}"
+                   f" WHERE digest IN ({own_rows}) AND run IS NOT NULL)", (param,))
         db.execute(f"DELETE FROM {d.rows} WHERE digest IN (SELECT row_digest FROM {d.keys}"
                    f" WHERE {d.in_list('id', 'bigint')} AND row_digest IS NOT NULL)", (param,))
         db.execute(f"UPDATE {d.keys} SET row_digest = NULL WHERE {d.in_list('id', 'bigint')}",
@@ -259,6 +334,9 @@ def forget_key(db: Any, d: Dialect, key: str) -> int:
                                         (key,)).fetchall()]
     if not ids:
         return 0
+    db.execute(f"DELETE FROM {d.runs} WHERE digest IN (SELECT run FROM {d.rows}"
+               f" WHERE {d.in_list('key_id', 'bigint')} AND run IS NOT NULL)",
+               (d.list_param(ids),))
     db.execute(f"DELETE FROM {d.rows} WHERE {d.in_list('key_id', 'bigint')}",
                (d.list_param(ids),))
     db.execute(f"DELETE FROM {d.keys} WHERE {d.in_list('id', 'bigint')}",
