@@ -368,9 +368,8 @@ class _Sync:
         def body(tx: SyncTransaction) -> _Outcome:
             outcome = _Outcome()
             db, d = tx.db, tx.dialect
-            ids, runs = self._recognize(db, d, digests)
-            fast = [(index, key_id) for index, key_id in enumerate(ids) if key_id is not None]
-            slow = [index for index, key_id in enumerate(ids) if key_id is None]
+            # ids[i]: the key id of row i if it is recognized as unchanged, else None.
+            ids, runs, slow = self._recognize(db, d, digests)
             rows = parse(slow, outcome) if slow else []
             with_digests = self.changed_only or self.clear_missing
             stored = sql.lookup(db, d, self.name, list({row[1] for row in rows}),
@@ -378,12 +377,13 @@ class _Sync:
             if stored:
                 # A key met both ways in one chunk is compared row by row, in order.
                 again = {state[_ID] for state in stored.values()}
-                demoted = [index for index, key_id in fast if key_id in again]
-                if demoted:
-                    fast = [(index, key_id) for index, key_id in fast if key_id not in again]
+                if not again.isdisjoint(ids):
+                    demoted = [index for index, key_id in enumerate(ids) if key_id in again]
+                    for index in demoted:
+                        ids[index] = None
+                    slow = sorted(slow + demoted)
                     rows = sorted(rows + parse(demoted, outcome), key=lambda row: row[0])
-            outcome.unchanged = outcome.recognized = len(fast)
-            seen_ids = [key_id for _, key_id in fast]
+            outcome.unchanged = outcome.recognized = len(digests) - len(slow)
             written: dict[str, tuple[Any, ...]] = {}
             final: dict[str, int] = {}  # key -> row index that its state now matches
             new_rows: list[NewRow] = []
@@ -453,30 +453,31 @@ class _Sync:
                 sql.remember_rows(db, d, drop, add)
                 # Runs not recognized whose rows all are their keys' state now: next time
                 # one lookup says the whole run is unchanged.
-                row_ids: dict[int, int] = dict(fast)
                 for key, index in final.items():
                     state = stored.get(key)
-                    row_ids[index] = state[_ID] if state is not None else fresh_ids[key]
+                    ids[index] = state[_ID] if state is not None else fresh_ids[key]
                 new_runs = []
                 for start, end, run_digest in runs:
-                    members = [row_ids.get(index) for index in range(start, end)]
+                    members = ids[start:end]
                     if None not in members and len(set(members)) == len(members):
                         new_runs.append((run_digest, members,
                                          [digests[index][0] for index in range(start, end)]))
                 sql.remember_runs(db, d, new_runs)
-                if self.track_seen:
-                    seen_ids.extend(fresh_ids.values())
             if self.track_seen:
-                seen_ids.extend(state[_ID] for state in stored.values())
-                outcome.seen_added = sql.seen_add(db, d, seen_ids)
+                # Every key present is seen, a row of it refused for a bad value too.
+                seen_ids = {key_id for key_id in ids if key_id is not None}
+                seen_ids.update(state[_ID] for state in stored.values())
+                outcome.seen_added = sql.seen_add(db, d, sorted(seen_ids))
             return outcome
 
         return self.transaction(body)  # type: ignore[no-any-return]
 
     def _recognize(self, db: Any, d: Any, digests: Sequence[tuple[int, int]]
-                   ) -> tuple[list[int | None], list[tuple[int, int, tuple[int, int]]]]:
-        """The key id of each row recognized as unchanged (else None), and the runs of
-        the chunk that were not recognized whole: (start, end, digest).
+                   ) -> tuple[list[int | None], list[tuple[int, int, tuple[int, int]]],
+                              list[int]]:
+        """The key id of each row recognized as unchanged (else None), the runs of the
+        chunk that were not recognized whole (start, end, digest), and the rows not
+        recognized.
 
         Rows are grouped into runs that end where a row's digest has its low bits zero
         (about ``_RUN`` rows; cut by content, so a row added or removed changes only its
@@ -485,15 +486,11 @@ class _Sync:
         from cio_outbox.storage import sync_state as sql
 
         count = len(digests)
-        bounds: list[tuple[int, int]] = []
-        start = 0
         mask = _RUN - 1
-        for index, (head, _) in enumerate(digests):
-            if not head & mask:
-                bounds.append((start, index + 1))
-                start = index + 1
-        if start < count:
-            bounds.append((start, count))
+        ends = [index + 1 for index, (head, _) in enumerate(digests) if not head & mask]
+        if not ends or ends[-1] != count:
+            ends.append(count)
+        bounds = list(zip([0, *ends[:-1]], ends, strict=True))
         hash64 = mmh3.hash64
         flat = array("q", itertools.chain.from_iterable(digests)).tobytes()
         run_digests = [hash64(flat[start * 16:end * 16], signed=True) for start, end in bounds]
@@ -510,13 +507,16 @@ class _Sync:
             else:
                 missed.extend(range(start, end))
                 runs.append((start, end, run_digest))
+        slow: list[int] = []
         if missed:
             known = sql.recognized(db, d, [digests[index][0] for index in missed])
             for index in missed:
                 key_id = known.get(digests[index])
                 if key_id is not None and key_id not in failed_keys:
                     ids[index] = key_id
-        return ids, runs
+                else:
+                    slow.append(index)
+        return ids, runs, slow
 
     def outcomes(self, table: Source, size: int) -> Iterator[_Outcome]:
         """The outcome of each chunk, once it is committed."""
