@@ -202,7 +202,8 @@ def _key_text(value: Any) -> str | None:
 
 
 # Positions in a state tuple (see sync_state.lookup); the digests come last, when asked for.
-_ID, _ROW_DIGEST, _DIGESTS = 4, 5, 6
+_ID, _RUN_AT, _DIGESTS = 4, 5, 6
+_Run = tuple[int, int, int, tuple[int, int]]  # start, end, anchor, content digest
 
 
 def _digests(state: tuple[Any, ...]) -> dict[str, str] | None:
@@ -359,10 +360,10 @@ class _Sync:
               parse: Callable[[Sequence[int], _Outcome], list[_Row]],
               sample_room: int) -> _Outcome:
         """One chunk in one transaction. ``digests[i]`` identifies the chunk's row ``i``
-        (at ``lines[i]``; its bytes, or its key and fingerprint); rows whose digest
-        ``sync_rows`` knows are unchanged without being read further; ``parse(indices,
-        outcome)`` gives the others as rows (their rejections into ``outcome``), which are
-        compared key by key."""
+        (at ``lines[i]``; its bytes, or its key and fingerprint); rows of runs that
+        ``sync_runs`` knows (see :meth:`_recognize`) are unchanged without being read;
+        ``parse(indices, outcome)`` gives the others as rows (their rejections into
+        ``outcome``), which are compared key by key."""
         from cio_outbox.storage import sync_state as sql
 
         def body(tx: SyncTransaction) -> _Outcome:
@@ -440,29 +441,30 @@ class _Sync:
                 sql.save(db, d, self.name, saves, _now())
                 fresh_ids = sql.key_ids(db, d, self.name,
                                         [key for key in final if key not in stored])
-                drop: list[tuple[int, int]] = []
-                add: list[tuple[int, int, int]] = []
-                for key, index in final.items():
-                    state = stored.get(key)
-                    key_id = state[_ID] if state is not None else fresh_ids[key]
-                    head, tail = digests[index]
-                    if state is None or state[_ROW_DIGEST] != head:
-                        if state is not None and state[_ROW_DIGEST] is not None:
-                            drop.append((state[_ROW_DIGEST], key_id))
-                        add.append((head, tail, key_id))
-                sql.remember_rows(db, d, drop, add)
-                # Runs not recognized whose rows all are their keys' state now: next time
-                # one lookup says the whole run is unchanged.
+                # A run is kept only while each of its rows is its key's state: the runs
+                # of the keys that changed go, and the runs not recognized whose rows all
+                # are their keys' state now are added (next time one lookup says the whole
+                # run is unchanged).
+                drop = {stored[key][_RUN_AT] for key, *_ in saves if key in stored}
+                pointer: dict[int, int | None] = {}  # row index -> its key's run now
                 for key, index in final.items():
                     state = stored.get(key)
                     ids[index] = state[_ID] if state is not None else fresh_ids[key]
+                    pointer[index] = state[_RUN_AT] if state is not None else None
                 new_runs = []
-                for start, end, run_digest in runs:
+                repoint = []
+                for start, end, anchor, content in runs:
                     members = ids[start:end]
-                    if None not in members and len(set(members)) == len(members):
-                        new_runs.append((run_digest, members,
-                                         [digests[index][0] for index in range(start, end)]))
-                sql.remember_runs(db, d, new_runs)
+                    if None in members or len(set(members)) != len(members):
+                        continue
+                    new_runs.append((anchor, content, members))
+                    for index in range(start, end):
+                        was = pointer.get(index, anchor)
+                        if was != anchor:
+                            repoint.append((anchor, ids[index]))
+                            drop.add(was)
+                drop.discard(None)
+                sql.remember_runs(db, d, sorted(drop), new_runs, repoint)
             if self.track_seen:
                 # Every key present is seen, a row of it refused for a bad value too.
                 seen_ids = {key_id for key_id in ids if key_id is not None}
@@ -473,16 +475,16 @@ class _Sync:
         return self.transaction(body)  # type: ignore[no-any-return]
 
     def _recognize(self, db: Any, d: Any, digests: Sequence[tuple[int, int]]
-                   ) -> tuple[list[int | None], list[tuple[int, int, tuple[int, int]]],
-                              list[int]]:
+                   ) -> tuple[list[int | None], list[_Run], list[int]]:
         """The key id of each row recognized as unchanged (else None), the runs of the
-        chunk that were not recognized whole (start, end, digest), and the rows not
-        recognized.
+        chunk that were not recognized, and the rows not recognized.
 
         Rows are grouped into runs that end where a row's digest has its low bits zero
-        (about ``_RUN`` rows; cut by content, so a row added or removed changes only its
-        own run): a run found in ``sync_runs`` makes all its rows unchanged in one lookup;
-        the rows of the others are looked up one by one in ``sync_rows``."""
+        (about ``_RUN`` rows; cut by content, so a row added, removed or changed changes
+        only its own run). A run is stored under the digest of its first row with the
+        digest of all its rows and its keys' ids: found with the same content, its rows
+        are unchanged, all of them in one lookup; the rows of the others are compared
+        key by key."""
         from cio_outbox.storage import sync_state as sql
 
         count = len(digests)
@@ -490,32 +492,25 @@ class _Sync:
         ends = [index + 1 for index, (head, _) in enumerate(digests) if not head & mask]
         if not ends or ends[-1] != count:
             ends.append(count)
-        bounds = list(zip([0, *ends[:-1]], ends, strict=True))
+        starts = [0, *ends[:-1]]
         hash64 = mmh3.hash64
         flat = array("q", itertools.chain.from_iterable(digests)).tobytes()
-        run_digests = [hash64(flat[start * 16:end * 16], signed=True) for start, end in bounds]
-        found = sql.recognized_runs(db, d, [digest[0] for digest in run_digests])
+        contents = [hash64(flat[start * 16:end * 16], signed=True)
+                    for start, end in zip(starts, ends, strict=True)]
+        anchors = [digests[start][0] for start in starts]
+        found = sql.recognized_runs(db, d, anchors)
         ids: list[int | None] = [None] * count
         failed_keys = self.failed_keys
-        missed: list[int] = []
-        runs: list[tuple[int, int, tuple[int, int]]] = []
-        for (start, end), run_digest in zip(bounds, run_digests, strict=True):
-            members = found.get(run_digest)
-            if members is not None and len(members) == end - start and (
-                    not failed_keys or failed_keys.isdisjoint(members)):
-                ids[start:end] = members
-            else:
-                missed.extend(range(start, end))
-                runs.append((start, end, run_digest))
         slow: list[int] = []
-        if missed:
-            known = sql.recognized(db, d, [digests[index][0] for index in missed])
-            for index in missed:
-                key_id = known.get(digests[index])
-                if key_id is not None and key_id not in failed_keys:
-                    ids[index] = key_id
-                else:
-                    slow.append(index)
+        runs: list[_Run] = []
+        for start, end, anchor, content in zip(starts, ends, anchors, contents, strict=True):
+            hit = found.get(anchor)
+            if hit is not None and hit[0] == content and len(hit[1]) == end - start and (
+                    not failed_keys or failed_keys.isdisjoint(hit[1])):
+                ids[start:end] = hit[1]
+            else:
+                slow.extend(range(start, end))
+                runs.append((start, end, anchor, content))
         return ids, runs, slow
 
     def outcomes(self, table: Source, size: int) -> Iterator[_Outcome]:
@@ -635,7 +630,7 @@ class _Sync:
                 if not self.dry_run:
                     tx.insert(rows)
                     sql.save(tx.db, tx.dialect, self.name, saves, _now())
-                    sql.forget_rows(tx.db, tx.dialect, [state.id for state in gone])
+                    sql.forget_runs(tx.db, tx.dialect, [state.id for state in gone])
                 return len(gone), gone[-1].key if gone else after, sample
 
             done, after, sample = self.transaction(body)

@@ -573,7 +573,7 @@ _OLD_TABLE = ("CREATE TABLE {p}sync_state (sync TEXT NOT NULL, key TEXT NOT NULL
 
 def test_an_outbox_with_the_old_sync_state_table_is_taken_over(outbox_location: str,
                                                                tmp_path: Path) -> None:
-    """Outboxes synced before sync_rows existed hold one table, sync_state; its rows become
+    """Outboxes synced before sync_runs existed hold one table, sync_state; its rows become
     sync_keys rows and the next sync enqueues only what changed, with the next versions."""
     rows = people(30)
     source = write_csv(tmp_path / "c.csv", rows)
@@ -588,7 +588,7 @@ def test_an_outbox_with_the_old_sync_state_table_is_taken_over(outbox_location: 
             tx.db.execute(f"INSERT INTO {d.prefix}sync_state SELECT sync, key, fingerprint,"
                           f" digests, version, message_id, updated_at FROM {d.keys}")
             tx.db.execute(f"DROP TABLE {d.keys}")
-            tx.db.execute(f"DROP TABLE {d.rows}")
+            tx.db.execute(f"DROP TABLE {d.runs}")
 
         box.storage.sync_transaction(to_old_layout)
     rows[3][2] = "enterprise"
