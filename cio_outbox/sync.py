@@ -488,6 +488,8 @@ class _Sync:
         from cio_outbox.storage import sync_state as sql
 
         count = len(digests)
+        if not count:
+            return [], [], []
         mask = _RUN - 1
         ends = [index + 1 for index, (head, _) in enumerate(digests) if not head & mask]
         if not ends or ends[-1] != count:

@@ -73,6 +73,9 @@ def test_a_second_sync_of_the_same_file_enqueues_nothing(outbox: Outbox,
     second = outbox.sync(source, key="id", mapping=MAP)
     assert (second.new, second.changed, second.unchanged, second.enqueued) == (0, 0, 50, 0)
     assert outbox.status()["total"] == 50
+    # chunks that divide the file exactly (the last one is empty)
+    third = outbox.sync(source, key="id", mapping=MAP, chunk_rows=10)
+    assert (third.rows_read, third.unchanged) == (50, 50)
 
 
 def test_only_changed_and_new_rows_are_enqueued_with_their_full_traits(outbox: Outbox,
