@@ -241,16 +241,24 @@ class TextFile(Source):
         chunk = Chunk(raw.header, text=True)
         width = len(raw.header)
         delimiter = self.delimiter
-        for number, data in records:
-            text = data.decode("utf-8", "surrogateescape")
-            try:
-                rows = list(csv.reader([text], delimiter=delimiter, strict=True))
-            except csv.Error as exc:
-                chunk.problems.append((number, f"invalid CSV: {exc}"))
+        texts = [data.decode("utf-8", "surrogateescape") for _, data in records]
+        try:  # one reader for all: each text is one whole record
+            parsed: list[list[str] | None] = list(csv.reader(texts, delimiter=delimiter,
+                                                             strict=True))
+        except csv.Error:
+            parsed = []
+        if len(parsed) != len(texts):  # a record in error: one reader each, to say which
+            parsed = [None] * len(texts)
+        for (number, _), text, row in zip(records, texts, parsed, strict=True):
+            if row is None:
+                try:
+                    rows = list(csv.reader([text], delimiter=delimiter, strict=True))
+                except csv.Error as exc:
+                    chunk.problems.append((number, f"invalid CSV: {exc}"))
+                    continue
+                row = rows[0] if rows else []
+            if not row:
                 continue
-            if not rows or not rows[0]:
-                continue
-            row = rows[0]
             if len(row) != width:
                 chunk.problems.append(
                     (number, f"the row has {len(row)} fields, the header {width}"))

@@ -390,7 +390,7 @@ class _Sync:
             new_rows: list[NewRow] = []
             saves: list[tuple[str, bytes, dict[str, str], int, str]] = []
             failed_ids = self.failed
-            position = {line: index for index, line in enumerate(lines)} if rows else {}
+            position = {lines[index]: index for index in slow}
             for line, key, raw, fingerprint, plan in rows:
                 index = position[line]
                 before = written.get(key) or stored.get(key)
@@ -457,7 +457,8 @@ class _Sync:
                     members = ids[start:end]
                     if None in members or len(set(members)) != len(members):
                         continue
-                    new_runs.append((anchor, content, members))
+                    new_runs.append((anchor, content, members,
+                                     [digests[index][0] for index in range(start, end)]))
                     for index in range(start, end):
                         was = pointer.get(index, anchor)
                         if was != anchor:
@@ -482,9 +483,10 @@ class _Sync:
         Rows are grouped into runs that end where a row's digest has its low bits zero
         (about ``_RUN`` rows; cut by content, so a row added, removed or changed changes
         only its own run). A run is stored under the digest of its first row with the
-        digest of all its rows and its keys' ids: found with the same content, its rows
-        are unchanged, all of them in one lookup; the rows of the others are compared
-        key by key."""
+        digest of all its rows, its keys' ids and its rows' digests: found with the same
+        content, its rows are unchanged, all of them in one lookup; found with another
+        content (a row of it changed), those of its rows found in it are unchanged; the
+        other rows are compared key by key."""
         from cio_outbox.storage import sync_state as sql
 
         count = len(digests)
@@ -507,12 +509,21 @@ class _Sync:
         runs: list[_Run] = []
         for start, end, anchor, content in zip(starts, ends, anchors, contents, strict=True):
             hit = found.get(anchor)
-            if hit is not None and hit[0] == content and len(hit[1]) == end - start and (
+            if hit is None:
+                slow.extend(range(start, end))
+            elif hit[0] == content and len(hit[1]) == end - start and (
                     not failed_keys or failed_keys.isdisjoint(hit[1])):
                 ids[start:end] = hit[1]
-            else:
-                slow.extend(range(start, end))
-                runs.append((start, end, anchor, content))
+                continue
+            else:  # the run under this anchor changed: its other rows are still known
+                members = dict(zip(hit[2], hit[1], strict=True))
+                for index in range(start, end):
+                    key_id = members.get(digests[index][0])
+                    if key_id is not None and key_id not in failed_keys:
+                        ids[index] = key_id
+                    else:
+                        slow.append(index)
+            runs.append((start, end, anchor, content))
         return ids, runs, slow
 
     def outcomes(self, table: Source, size: int) -> Iterator[_Outcome]:

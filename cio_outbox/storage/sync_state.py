@@ -13,9 +13,9 @@ migration, so that they stay out of the outbox's schema history:
   order.
 - ``sync_runs``, what makes an unchanged sync cheap: runs of about 16 consecutive source
   rows, cut by content (see ``cio_outbox.sync``), each under the digest of its first row
-  (``anchor``), with the 128-bit digest of all its rows (two signed 64-bit halves) and its
-  keys' ids. About 150 bytes a run, so ten bytes a row: a million keys take a few
-  megabytes. A run found with the same content means: these very rows were synced and
+  (``anchor``), with the 128-bit digest of all its rows (two signed 64-bit halves), its
+  keys' ids and its rows' digests. About 300 bytes a run, so 20 bytes a row: a million
+  keys take 20 megabytes. A run found with the same content means: these very rows were synced and
   nothing about their keys changed since. A run is deleted as soon as one of its keys
   changes, is deleted or forgotten, and each key is in one run at most (``run``); the
   table is a cache of ``sync_keys``: a run missing costs a slower comparison, never a
@@ -173,35 +173,39 @@ def _exists(db: Any, d: Dialect, table: str) -> bool:
 
 
 def recognized_runs(db: Any, d: Dialect, anchors: Sequence[int]
-                    ) -> dict[int, tuple[tuple[int, int], array[int]]]:
-    """anchor -> ((head, tail) of the run's content, its keys' ids) for the stored runs
-    starting with these row digests."""
+                    ) -> dict[int, tuple[tuple[int, int], array[int], array[int]]]:
+    """anchor -> ((head, tail) of the run's content, its keys' ids, its rows' digests
+    (first halves)) for the stored runs starting with these row digests."""
     if not anchors:
         return {}
     rows = db.execute(
         f"SELECT anchor, head, tail, ids FROM {d.runs} WHERE {d.in_list('anchor', 'bigint')}",
         (d.list_param(sorted(anchors)),),  # in order: each page is read once
     ).fetchall()
-    found: dict[int, tuple[tuple[int, int], array[int]]] = {}
+    found: dict[int, tuple[tuple[int, int], array[int], array[int]]] = {}
     for anchor, head, tail, blob in rows:
         members = array("q")
-        members.frombytes(bytes(blob))
-        found[anchor] = ((head, tail), members)
+        members.frombytes(bytes(blob))  # the key ids, then the row digests
+        half = len(members) // 2
+        if len(members) % 2:
+            continue  # not a run this version wrote: compare its rows by key
+        found[anchor] = ((head, tail), members[:half], members[half:])
     return found
 
 
 def remember_runs(db: Any, d: Dialect, drop: Sequence[int],
-                  runs: Sequence[tuple[int, tuple[int, int], Sequence[int]]],
+                  runs: Sequence[tuple[int, tuple[int, int], Sequence[int], Sequence[int]]],
                   repoint: Sequence[tuple[int, int]]) -> None:
-    """Delete the runs anchored at ``drop``, add (anchor, (head, tail), key ids) runs, and
-    point (anchor, key id) keys at their run: each key is in one stored run at most."""
+    """Delete the runs anchored at ``drop``, add (anchor, (head, tail), key ids, row
+    digests) runs, and point (anchor, key id) keys at their run: each key is in one stored
+    run at most."""
     p = d.p
     if drop:
         db.execute(f"DELETE FROM {d.runs} WHERE {d.in_list('anchor', 'bigint')}",
                    (d.list_param(drop),))
     if runs:
-        params = [(anchor, head, tail, array("q", members).tobytes())
-                  for anchor, (head, tail), members in runs]
+        params = [(anchor, head, tail, array("q", [*members, *heads]).tobytes())
+                  for anchor, (head, tail), members, heads in runs]
         if d.name == "sqlite":
             db.executemany("INSERT OR REPLACE INTO sync_runs (anchor, head, tail, ids)"
                            " VALUES (?, ?, ?, ?)", params)
