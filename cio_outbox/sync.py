@@ -14,9 +14,18 @@ other columns, typed and renamed by :mod:`cio_outbox.columns` rules), or with
 For every key the outbox keeps, under the sync's name (default: the source's file name),
 a fingerprint of the traits last enqueued (see :mod:`cio_outbox.storage.sync_state`). A
 row is enqueued only when its key is new, its traits' fingerprint changed, or the key's
-last message was dead-lettered; an unchanged row costs a lookup. Each chunk of rows is one
-transaction that reads the stored fingerprints, writes the new messages and the new
-fingerprints: a sync killed at any moment and run again enqueues each change exactly once.
+last message was dead-lettered. Each chunk of rows is one transaction that reads the stored
+state, writes the new messages and the new fingerprints: a sync killed at any moment and
+run again enqueues each change exactly once.
+
+Most of a nightly export is what it was the night before, so rows are first recognized by
+their bytes: each row (a CSV record or JSONL line as read, or a key and its fingerprint
+for rows from Python) gets a 128-bit digest, consecutive rows are grouped into runs of
+about 16 cut where a digest's low bits are zero, and a run stored by the last sync with
+the same digests makes all its rows unchanged in one lookup, without parsing them. Only
+the rows of runs not recognized are parsed and compared key by key (a row whose bytes
+changed but whose values did not, as in a file written with other quoting, stays
+unchanged). See :meth:`_Sync._recognize` and :mod:`cio_outbox.storage.sync_state`.
 
 Messages go under the run label ``sync:<name>:<UTC time>`` (``status --run``), with
 messageIds made from the name, the key and the key's message count.
