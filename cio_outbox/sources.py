@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -26,6 +27,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _PARQUET_MAGIC = b"PAR1"
 _ARROW_MAGIC = b"ARROW1"
 _BOM = b"\xef\xbb\xbf"
+_BLOCK = 1 << 20
 
 
 class SourceError(ValueError):
@@ -56,6 +58,20 @@ def _pyarrow() -> Any:
     return pyarrow
 
 
+@dataclass
+class RawChunk:
+    """Records of a text file as read, not parsed: one CSV record (which may span lines)
+    or one JSONL line each, without its line end, and the number of its first line.
+    ``signature`` says how they are to be read (format, delimiter, header bytes): equal
+    bytes under one signature are equal rows. :meth:`TextFile.parse` turns records into a
+    :class:`Chunk`."""
+
+    header: list[str] | None
+    signature: bytes
+    lines: list[int] = field(default_factory=list)
+    records: list[bytes] = field(default_factory=list)
+
+
 class Source:
     """A table to read in chunks. ``name`` is its file name (the default sync name);
     ``total`` and :meth:`position` measure progress in the same unit (bytes or rows)."""
@@ -70,8 +86,12 @@ class Source:
         raise NotImplementedError
 
 
-class _TextFile(Source):
-    """CSV or JSONL, plain or gzip, read line by line from the file."""
+class TextFile(Source):
+    """CSV or JSONL, plain or gzip, read line by line from the file.
+
+    Besides :meth:`chunks`, it gives its records unparsed (:meth:`records`), so that a
+    sync can recognize a row it has seen before by its bytes alone and :meth:`parse` only
+    the others: most of a nightly export is the same as the night before."""
 
     def __init__(self, path: str, fmt: str, gzipped: bool, delimiter: str) -> None:
         self.path = path
@@ -106,9 +126,158 @@ class _TextFile(Source):
         else:
             yield from self._csv(size)
 
+    # -- records as bytes, parsed on demand ----------------------------------------------
+
+    def records(self, size: int = CHUNK_ROWS) -> Iterator[RawChunk]:
+        """Chunks of at most ``size`` records as bytes, without their line ends (blank
+        lines left out); for CSV the header is read and checked first, as :meth:`chunks`
+        does. Read a megabyte at a time: a block without quotes or lone carriage returns
+        (most of a typical export) is split into records in one call."""
+        runs = self._record_runs()
+        header: list[str] | None = None
+        signature = b"jsonl"
+        if self.format != "jsonl":
+            first = next((run for run in runs if run[1]), None)
+            if first is None:
+                raise SourceError(f"{self.name}: the CSV file is empty (no header line)")
+            numbers, found = first
+            header = self._header(found[0])
+            signature = b"csv\x00" + self.delimiter.encode() + b"\x00" + found[0]
+            runs = itertools.chain([(numbers[1:], found[1:])], runs)
+        chunk = RawChunk(header, signature)
+        for numbers, found in runs:
+            chunk.lines.extend(numbers)
+            chunk.records.extend(found)
+            while len(chunk.records) >= size:
+                yield RawChunk(header, signature, chunk.lines[:size], chunk.records[:size])
+                chunk = RawChunk(header, signature, chunk.lines[size:], chunk.records[size:])
+        yield chunk
+
+    def _header(self, data: bytes) -> list[str]:
+        text = data.decode("utf-8", "surrogateescape")
+        rows = iter(csv.reader([text], delimiter=self.delimiter, strict=True))
+        for chunk in self._csv_rows(rows, 1):  # the same checks and messages as chunks()
+            return chunk.header or []
+        return []
+
+    def _blocks(self) -> Iterator[tuple[int, bytes, list[bytes]]]:
+        """(number of the first line, the block, its lines without line ends), whole lines
+        only."""
+        with open(self.path, "rb") as raw:
+            self._raw = raw
+            stream: IO[bytes] = gzip.GzipFile(fileobj=raw) if self.gzipped else raw
+            number = 1
+            carry = b""
+            try:
+                while True:
+                    data = stream.read(_BLOCK)
+                    if not data:
+                        break
+                    data = carry + data
+                    cut = data.rfind(b"\n")
+                    if cut < 0:
+                        carry = data
+                        continue
+                    if number == 1 and data.startswith(_BOM):  # the first line is whole
+                        data = data[len(_BOM):]
+                        cut -= len(_BOM)
+                    carry = data[cut + 1:]
+                    block = data[:cut]
+                    lines = block.split(b"\n")
+                    yield number, block, lines
+                    number += len(lines)
+            except (OSError, EOFError) as exc:  # a damaged or truncated gzip stream
+                raise SourceError(f"{self.name}: cannot decompress ({exc})") from None
+            if number == 1:
+                carry = carry.removeprefix(_BOM)
+            if carry:
+                yield number, carry, [carry]
+
+    def _record_runs(self) -> Iterator[tuple[Sequence[int], list[bytes]]]:
+        """(line numbers, records) runs, in file order. Blank lines are records too: they
+        are never synced, so a sync parses them, and skips them as :meth:`chunks` does."""
+        csv_file = self.format != "jsonl"
+        pending: list[bytes] = []  # a CSV record in a quoted field, with its line ends
+        start = 0
+        shift = 0  # lines that lone carriage returns added so far
+        for first, block, lines in self._blocks():
+            first += shift
+            plain = not csv_file or (b'"' not in block and
+                                     block.count(b"\r") == block.count(b"\r\n") + (
+                                         1 if block.endswith(b"\r") else 0))
+            if plain and not pending:
+                yield range(first, first + len(lines)), lines
+                continue
+            numbers: list[int] = []
+            found: list[bytes] = []
+            number = first - 1
+            for line, end in _split_bare_cr(lines):
+                number += 1
+                if not pending:
+                    if b'"' not in line:
+                        numbers.append(number)
+                        found.append(line)
+                        continue
+                    start = number
+                pending.append(line)
+                data = b"".join(pending)
+                if _still_open(data, self.delimiter):
+                    pending.append(end)
+                    continue
+                pending = []
+                numbers.append(start)
+                found.append(data)
+            shift += number + 1 - first - len(lines)
+            yield numbers, found
+        if pending:
+            yield [start], [b"".join(pending[:-1])]
+
+    def parse(self, raw: RawChunk, indices: Sequence[int]) -> Chunk:
+        """These records of ``raw`` parsed as :meth:`chunks` would have read them: rows,
+        and problems by line."""
+        records = [(raw.lines[index], raw.records[index]) for index in indices]
+        if raw.header is None:
+            return next(self._jsonl_lines(records, 1 << 62))
+        chunk = Chunk(raw.header, text=True)
+        width = len(raw.header)
+        delimiter = self.delimiter
+        texts = [data.decode("utf-8", "surrogateescape") for _, data in records]
+        try:  # one reader for all: each text is one whole record
+            parsed: list[list[str] | None] = list(csv.reader(texts, delimiter=delimiter,
+                                                             strict=True))
+        except csv.Error:
+            parsed = []
+        if len(parsed) != len(texts):  # a record in error: one reader each, to say which
+            parsed = [None] * len(texts)
+        for (number, _), text, row in zip(records, texts, parsed, strict=True):
+            if row is None:
+                try:
+                    rows = list(csv.reader([text], delimiter=delimiter, strict=True))
+                except csv.Error as exc:
+                    chunk.problems.append((number, f"invalid CSV: {exc}"))
+                    continue
+                row = rows[0] if rows else []
+            if not row:
+                continue
+            if len(row) != width:
+                chunk.problems.append(
+                    (number, f"the row has {len(row)} fields, the header {width}"))
+                continue
+            try:
+                "".join(row).encode("utf-8")
+            except UnicodeEncodeError:
+                chunk.problems.append((number, "the line is not valid UTF-8"))
+                continue
+            chunk.rows.append((number, row))
+        return chunk
+
+
     def _jsonl(self, size: int) -> Iterator[Chunk]:
+        yield from self._jsonl_lines(self._lines(), size)
+
+    def _jsonl_lines(self, lines: Iterable[tuple[int, bytes]], size: int) -> Iterator[Chunk]:
         chunk = Chunk(None)
-        for number, raw in self._lines():
+        for number, raw in lines:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -183,6 +352,32 @@ class _TextFile(Source):
                 yield chunk
                 chunk = Chunk(header, text=True)
         yield chunk
+
+
+def _split_bare_cr(lines: Iterable[bytes]) -> Iterator[tuple[bytes, bytes]]:
+    """Lines as the CSV reader sees them (a lone CR ends a line too), each with the line
+    end it lost (LF) or none (a lone CR is kept on its line)."""
+    for line in lines:
+        cr = line.find(b"\r")
+        if cr < 0 or cr == len(line) - 1:
+            yield line, b"\n"
+            continue
+        parts = line.split(b"\r")
+        for part in parts[:-1]:
+            yield part + b"\r", b""
+        if parts[-1]:
+            yield parts[-1], b"\n"
+
+
+def _still_open(data: bytes, delimiter: str) -> bool:
+    """Whether the CSV reader, given this text, is inside a quoted field at its end."""
+    try:
+        for _ in csv.reader([data.decode("utf-8", "surrogateescape")], delimiter=delimiter,
+                            strict=True):
+            pass
+    except csv.Error as exc:
+        return "unexpected end of data" in str(exc)
+    return False
 
 
 def _has_surrogate(text: str) -> bool:
@@ -385,7 +580,7 @@ def _open_path(path: str, format: str | None, delimiter: str) -> Source:
         fmt = format or _text_format(inner) or _gzip_guess(path)
         if fmt not in ("csv", "jsonl"):
             raise SourceError(f"{base}: a gzip file must hold CSV or JSONL, not {fmt}")
-        return _TextFile(path, fmt, True, delimiter)
+        return TextFile(path, fmt, True, delimiter)
     if format in ("parquet", None) and head.startswith(_PARQUET_MAGIC):
         return _ParquetFile(path)
     if format == "parquet":
@@ -398,7 +593,7 @@ def _open_path(path: str, format: str | None, delimiter: str) -> Source:
     if fmt is None:
         raise SourceError(f"{base}: say which format it is with --format "
                           f"({', '.join(FORMATS)})")
-    return _TextFile(path, fmt, False, delimiter)
+    return TextFile(path, fmt, False, delimiter)
 
 
 def _gzip_guess(path: str) -> str:

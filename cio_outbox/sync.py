@@ -14,9 +14,18 @@ other columns, typed and renamed by :mod:`cio_outbox.columns` rules), or with
 For every key the outbox keeps, under the sync's name (default: the source's file name),
 a fingerprint of the traits last enqueued (see :mod:`cio_outbox.storage.sync_state`). A
 row is enqueued only when its key is new, its traits' fingerprint changed, or the key's
-last message was dead-lettered; an unchanged row costs a lookup. Each chunk of rows is one
-transaction that reads the stored fingerprints, writes the new messages and the new
-fingerprints: a sync killed at any moment and run again enqueues each change exactly once.
+last message was dead-lettered. Each chunk of rows is one transaction that reads the stored
+state, writes the new messages and the new fingerprints: a sync killed at any moment and
+run again enqueues each change exactly once.
+
+Most of a nightly export is what it was the night before, so rows are first recognized by
+their bytes: each row (a CSV record or JSONL line as read, or a key and its fingerprint
+for rows from Python) gets a 128-bit digest, consecutive rows are grouped into runs of
+about 16 cut where a digest's low bits are zero, and a run stored by the last sync with
+the same digests makes all its rows unchanged in one lookup, without parsing them. Only
+the rows of runs not recognized are parsed and compared key by key (a row whose bytes
+changed but whose values did not, as in a file written with other quoting, stays
+unchanged). See :meth:`_Sync._recognize` and :mod:`cio_outbox.storage.sync_state`.
 
 Messages go under the run label ``sync:<name>:<UTC time>`` (``status --run``), with
 messageIds made from the name, the key and the key's message count.
@@ -26,10 +35,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import itertools
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import mmh3
 
 from cio_outbox.columns import (
     ColumnRule,
@@ -42,7 +55,15 @@ from cio_outbox.columns import (
 )
 from cio_outbox.messages import MessageError, build, message_id_for
 from cio_outbox.operations import object_anonymous_id
-from cio_outbox.sources import CHUNK_ROWS, Chunk, Source, SourceError, open_source
+from cio_outbox.sources import (
+    CHUNK_ROWS,
+    Chunk,
+    RawChunk,
+    Source,
+    SourceError,
+    TextFile,
+    open_source,
+)
 from cio_outbox.storage.base import NewRow
 from cio_outbox.storage.sync_state import SyncTransaction
 
@@ -55,6 +76,8 @@ MAX_LISTED_REJECTIONS = 1000
 SAMPLE_SIZE = 10
 DELETE_CHUNK = 5_000
 _TOMBSTONE = b""  # the fingerprint of a key whose deletion was enqueued
+_DIGEST_VERSION = 1  # of how row digests are made: a new one makes every row compared again
+_RUN = 16  # rows in a run, on average (a power of two)
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str,
                             check_circular=False)
 
@@ -187,12 +210,31 @@ def _key_text(value: Any) -> str | None:
     return text or None
 
 
+# Positions in a state tuple (see sync_state.lookup); the digests come last, when asked for.
+_ID, _RUN_AT, _DIGESTS = 4, 5, 6
+_Run = tuple[int, int, int, tuple[int, int]]  # start, end, anchor, content digest
+
+
 def _digests(state: tuple[Any, ...]) -> dict[str, str] | None:
     """The per-trait digests of a stored or just written state, if it carries them."""
-    if len(state) < 5:
+    if len(state) <= _DIGESTS:
         return None
-    value = state[4]
+    value = state[_DIGESTS]
     return json.loads(value) if isinstance(value, str) else value  # type: ignore[no-any-return]
+
+
+def _keys_named(payload: Any) -> list[str]:
+    """The keys a sync message of ours may be about (see :class:`_Kind`)."""
+    try:
+        body = json.loads(payload)
+    except (TypeError, ValueError):
+        return []
+    if not isinstance(body, dict):
+        return []
+    properties = body.get("properties")
+    named = [body.get("userId"), body.get("groupId"),
+             properties.get("objectId") if isinstance(properties, dict) else None]
+    return [str(key) for key in named if key is not None]
 
 
 def _digest(value: Any) -> str:
@@ -226,8 +268,7 @@ class _Preparer:
             self._plans[tuple(header)] = cached
         return cached
 
-    def prepare(self, chunk: Chunk, result: SyncResult,
-                seen: list[str]) -> list[_Row]:
+    def prepare(self, chunk: Chunk, reject: Callable[[SyncRejection], None]) -> list[_Row]:
         """(line, key, raw values, fingerprint, plan) for each row with a key.
 
         The fingerprint hashes the repr of the row's present values by trait name (in
@@ -236,7 +277,7 @@ class _Preparer:
         rows that are sent (:meth:`Plan.convert`).
         """
         if chunk.text and chunk.header is not None:
-            return self._prepare_text(chunk, result, seen)
+            return self._prepare_text(chunk, reject)
         rows: list[_Row] = []
         blake2b = hashlib.blake2b
         fixed = self._plan(chunk.header) if chunk.header is not None else None
@@ -254,17 +295,15 @@ class _Preparer:
             key = values[key_index]
             key = key.strip() if type(key) is str else _key_text(key)
             if not key:
-                result.reject(SyncRejection(line, f"the key column {self.key!r} is empty",
-                                            self.key))
+                reject(SyncRejection(line, f"the key column {self.key!r} is empty", self.key))
                 continue
-            seen.append(key)  # a row refused for a bad value is still present: never delete
             raw = plan.raw(values)
             fingerprint = blake2b(signature + repr(raw).encode(), digest_size=16).digest()
             rows.append((line, key, raw, fingerprint, plan))
         return rows
 
-    def _prepare_text(self, chunk: Chunk, result: SyncResult,
-                      seen: list[str]) -> list[_Row]:
+    def _prepare_text(self, chunk: Chunk, reject: Callable[[SyncRejection], None]
+                      ) -> list[_Row]:
         """CSV rows: the fingerprint hashes the cells that feed traits (in trait-name order,
         empty cells included, so reordering columns changes nothing) under the plan's
         signature; the traits are built later, for the rows that are sent. A column added
@@ -277,10 +316,8 @@ class _Preparer:
         for line, values in chunk.rows:
             key = values[key_index].strip()
             if not key:
-                result.reject(SyncRejection(line, f"the key column {self.key!r} is empty",
-                                            self.key))
+                reject(SyncRejection(line, f"the key column {self.key!r} is empty", self.key))
                 continue
-            seen.append(key)
             rows.append((line, key, values,  # type: ignore[arg-type]
                          blake2b(signature + repr(pick(values)).encode(),
                                  digest_size=16).digest(), plan))
@@ -297,6 +334,12 @@ class _Outcome:
     rejections: list[SyncRejection] = field(default_factory=list)
     sample: list[dict[str, Any]] = field(default_factory=list)
     seen_added: int = 0
+    recognized: int = 0  # rows known by their digest alone
+    read: int = 0  # rows read inside the transaction (records parsed there or recognized)
+    unreadable: int = 0
+
+    def reject(self, rejection: SyncRejection) -> None:
+        self.rejections.append(rejection)
 
 
 class _Sync:
@@ -312,7 +355,8 @@ class _Sync:
         self.track_seen = track_seen
         self.dry_run = dry_run
         self.run = run
-        self.failed: set[str] = set()
+        self.failed: set[str] = set()  # messageIds dead-lettered
+        self.failed_keys: set[int] = set()  # key ids whose last message is one of them
 
     def transaction(self, body: Callable[[SyncTransaction], Any]) -> Any:
         return self.storage.sync_transaction(
@@ -321,25 +365,48 @@ class _Sync:
     def message_id(self, key: str, version: int) -> str:
         return message_id_for(_ENCODER.encode(["sync", self.name, key, version]))
 
-    def chunk(self, rows: list[_Row], seen: list[str], sample_room: int) -> _Outcome:
+    def chunk(self, lines: Sequence[int], digests: Sequence[tuple[int, int]],
+              parse: Callable[[Sequence[int], _Outcome], list[_Row]],
+              sample_room: int) -> _Outcome:
+        """One chunk in one transaction. ``digests[i]`` identifies the chunk's row ``i``
+        (at ``lines[i]``; its bytes, or its key and fingerprint); rows of runs that
+        ``sync_runs`` knows (see :meth:`_recognize`) are unchanged without being read;
+        ``parse(indices, outcome)`` gives the others as rows (their rejections into
+        ``outcome``), which are compared key by key."""
         from cio_outbox.storage import sync_state as sql
 
         def body(tx: SyncTransaction) -> _Outcome:
             outcome = _Outcome()
             db, d = tx.db, tx.dialect
-            if self.track_seen:
-                outcome.seen_added = sql.seen_add(db, d, seen)
-            stored = sql.lookup_raw(db, d, self.name, list({row[1] for row in rows}),
-                                    digests=self.changed_only or self.clear_missing)
+            # ids[i]: the key id of row i if it is recognized as unchanged, else None.
+            ids, runs, slow = self._recognize(db, d, digests)
+            rows = parse(slow, outcome) if slow else []
+            with_digests = self.changed_only or self.clear_missing
+            stored = sql.lookup(db, d, self.name, list({row[1] for row in rows}),
+                                digests=with_digests) if rows else {}
+            if stored:
+                # A key met both ways in one chunk is compared row by row, in order.
+                again = {state[_ID] for state in stored.values()}
+                if not again.isdisjoint(ids):
+                    demoted = [index for index, key_id in enumerate(ids) if key_id in again]
+                    for index in demoted:
+                        ids[index] = None
+                    slow = sorted(slow + demoted)
+                    rows = sorted(rows + parse(demoted, outcome), key=lambda row: row[0])
+            outcome.unchanged = outcome.recognized = len(digests) - len(slow)
             written: dict[str, tuple[Any, ...]] = {}
+            final: dict[str, int] = {}  # key -> row index that its state now matches
             new_rows: list[NewRow] = []
             saves: list[tuple[str, bytes, dict[str, str], int, str]] = []
             failed_ids = self.failed
+            position = {lines[index]: index for index in slow}
             for line, key, raw, fingerprint, plan in rows:
+                index = position[line]
                 before = written.get(key) or stored.get(key)
                 if before is not None and before[1] == fingerprint and \
                         before[3] not in failed_ids:
                     outcome.unchanged += 1
+                    final[key] = index
                     continue
                 try:
                     row_traits = plan.convert(raw if type(raw) is dict else plan.raw_text(raw))
@@ -349,8 +416,8 @@ class _Sync:
                 fresh = before is None or not before[1]  # never synced, or deleted
                 failed = before is not None and before[3] in failed_ids
                 old_digests = _digests(before) if before is not None else None
-                digests = {name: _digest(value) for name, value in row_traits.items()}
-                traits = self._traits_to_send(row_traits, digests,
+                digests_now = {name: _digest(value) for name, value in row_traits.items()}
+                traits = self._traits_to_send(row_traits, digests_now,
                                               None if fresh or failed else old_digests)
                 if self.clear_missing and old_digests:
                     for name in old_digests:
@@ -374,14 +441,156 @@ class _Sync:
                         "line": line, "messageId": message_id, "traits": traits})
                 new_rows.append(NewRow(message_id, self.run, message.call_type,
                                        message.person, payload, size))
-                saves.append((key, fingerprint, digests, version, message_id))
-                written[key] = (key, fingerprint, version, message_id, digests)
+                saves.append((key, fingerprint, digests_now, version, message_id))
+                written[key] = (key, fingerprint, version, message_id, None, None,
+                                digests_now)
+                final[key] = index
             if not self.dry_run:
                 tx.insert(new_rows)
                 sql.save(db, d, self.name, saves, _now())
+                fresh_ids = sql.key_ids(db, d, self.name,
+                                        [key for key in final if key not in stored])
+                # A run is kept only while each of its rows is its key's state: the runs
+                # of the keys that changed go, and the runs not recognized whose rows all
+                # are their keys' state now are added (next time one lookup says the whole
+                # run is unchanged).
+                drop = {stored[key][_RUN_AT] for key, *_ in saves if key in stored}
+                pointer: dict[int, int | None] = {}  # row index -> its key's run now
+                for key, index in final.items():
+                    state = stored.get(key)
+                    ids[index] = state[_ID] if state is not None else fresh_ids[key]
+                    pointer[index] = state[_RUN_AT] if state is not None else None
+                new_runs = []
+                repoint = []
+                for start, end, anchor, content in runs:
+                    members = ids[start:end]
+                    if None in members or len(set(members)) != len(members):
+                        continue
+                    new_runs.append((anchor, content, members,
+                                     [digests[index][0] for index in range(start, end)]))
+                    for index in range(start, end):
+                        was = pointer.get(index, anchor)
+                        if was != anchor:
+                            repoint.append((anchor, ids[index]))
+                            drop.add(was)
+                drop.discard(None)
+                sql.remember_runs(db, d, sorted(drop), new_runs, repoint)
+            if self.track_seen:
+                # Every key present is seen, a row of it refused for a bad value too.
+                seen_ids = {key_id for key_id in ids if key_id is not None}
+                seen_ids.update(state[_ID] for state in stored.values())
+                outcome.seen_added = sql.seen_add(db, d, sorted(seen_ids))
             return outcome
 
         return self.transaction(body)  # type: ignore[no-any-return]
+
+    def _recognize(self, db: Any, d: Any, digests: Sequence[tuple[int, int]]
+                   ) -> tuple[list[int | None], list[_Run], list[int]]:
+        """The key id of each row recognized as unchanged (else None), the runs of the
+        chunk that were not recognized, and the rows not recognized.
+
+        Rows are grouped into runs that end where a row's digest has its low bits zero
+        (about ``_RUN`` rows; cut by content, so a row added, removed or changed changes
+        only its own run). A run is stored under the digest of its first row with the
+        digest of all its rows, its keys' ids and its rows' digests: found with the same
+        content, its rows are unchanged, all of them in one lookup; found with another
+        content (a row of it changed), those of its rows found in it are unchanged; the
+        other rows are compared key by key."""
+        from cio_outbox.storage import sync_state as sql
+
+        count = len(digests)
+        if not count:
+            return [], [], []
+        mask = _RUN - 1
+        ends = [index + 1 for index, (head, _) in enumerate(digests) if not head & mask]
+        if not ends or ends[-1] != count:
+            ends.append(count)
+        starts = [0, *ends[:-1]]
+        hash64 = mmh3.hash64
+        flat = array("q", itertools.chain.from_iterable(digests)).tobytes()
+        contents = [hash64(flat[start * 16:end * 16], signed=True)
+                    for start, end in zip(starts, ends, strict=True)]
+        anchors = [digests[start][0] for start in starts]
+        found = sql.recognized_runs(db, d, anchors)
+        ids: list[int | None] = [None] * count
+        failed_keys = self.failed_keys
+        slow: list[int] = []
+        runs: list[_Run] = []
+        for start, end, anchor, content in zip(starts, ends, anchors, contents, strict=True):
+            hit = found.get(anchor)
+            if hit is None:
+                slow.extend(range(start, end))
+            elif hit[0] == content and len(hit[1]) == end - start and (
+                    not failed_keys or failed_keys.isdisjoint(hit[1])):
+                ids[start:end] = hit[1]
+                continue
+            else:  # the run under this anchor changed: its other rows are still known
+                members = dict(zip(hit[2], hit[1], strict=True))
+                for index in range(start, end):
+                    key_id = members.get(digests[index][0])
+                    if key_id is not None and key_id not in failed_keys:
+                        ids[index] = key_id
+                    else:
+                        slow.append(index)
+            runs.append((start, end, anchor, content))
+        return ids, runs, slow
+
+    def outcomes(self, table: Source, size: int) -> Iterator[_Outcome]:
+        """The outcome of each chunk, once it is committed."""
+        if isinstance(table, TextFile):
+            yield from self._run_records(table, size)
+            return
+        prefix = self._prefix(b"values")
+        hash64 = mmh3.hash64
+        for chunk in table.chunks(size):
+            early = _Outcome(read=len(chunk.rows) + len(chunk.problems),
+                             unreadable=len(chunk.problems))
+            for line, problem in chunk.problems:
+                early.reject(SyncRejection(line, problem))
+            rows = self.preparer.prepare(chunk, early.reject)
+            digests = [hash64(prefix + row[3] + row[1].encode("utf-8", "surrogatepass"),
+                              signed=True) for row in rows]
+
+            def parse(indices: Sequence[int], _: _Outcome,
+                      rows: list[_Row] = rows) -> list[_Row]:
+                return [rows[index] for index in indices]
+
+            outcome = self.chunk([row[0] for row in rows], digests, parse, SAMPLE_SIZE)
+            outcome.read += early.read
+            outcome.unreadable += early.unreadable
+            outcome.rejections.extend(early.rejections)
+            yield outcome
+
+    def _run_records(self, table: TextFile, size: int) -> Iterator[_Outcome]:
+        hash64 = mmh3.hash64
+        prefix = b""
+        signature = None
+        for raw in table.records(size):
+            if raw.signature != signature:
+                signature = raw.signature
+                prefix = self._prefix(b"records\x00" + signature)
+            digests = [hash64(prefix + data, signed=True) for data in raw.records]
+
+            def parse(indices: Sequence[int], outcome: _Outcome,
+                      raw: RawChunk = raw) -> list[_Row]:
+                chunk = table.parse(raw, indices)
+                outcome.read += len(chunk.rows) + len(chunk.problems)
+                outcome.unreadable += len(chunk.problems)
+                for line, problem in chunk.problems:
+                    outcome.reject(SyncRejection(line, problem))
+                return self.preparer.prepare(chunk, outcome.reject)
+
+            outcome = self.chunk(raw.lines, digests, parse, SAMPLE_SIZE)
+            outcome.read += outcome.recognized
+            yield outcome
+
+    def _prefix(self, what: bytes) -> bytes:
+        """The key of the row digests: everything besides a row that decides its traits
+        (the sync's name, the kind of call, the key column and the mapping rules)."""
+        material = _ENCODER.encode([_DIGEST_VERSION, self.name, self.kind.signature.decode(),
+                                    self.preparer.key, repr(self.preparer.rules)])
+        return hashlib.blake2b(material.encode("utf-8", "surrogatepass") + b"\x00" + what,
+                               digest_size=16).digest()
 
     def _traits_to_send(self, traits: dict[str, Any], digests: dict[str, str],
                         before: dict[str, str] | None) -> dict[str, Any]:
@@ -443,6 +652,7 @@ class _Sync:
                 if not self.dry_run:
                     tx.insert(rows)
                     sql.save(tx.db, tx.dialect, self.name, saves, _now())
+                    sql.forget_runs(tx.db, tx.dialect, [state.id for state in gone])
                 return len(gone), gone[-1].key if gone else after, sample
 
             done, after, sample = self.transaction(body)
@@ -531,32 +741,34 @@ def sync(
                    track_seen=delete_missing, dry_run=dry_run, run=run)
     from cio_outbox.storage import sync_state as sql
 
-    def start(tx: SyncTransaction) -> tuple[set[str], int]:
+    def start(tx: SyncTransaction) -> tuple[set[str], set[int], int]:
         if delete_missing:
             sql.seen_reset(tx.db, tx.dialect)
-        return (sql.failed_message_ids(tx.db, tx.dialect, f"sync:{name}:"),
-                sql.stored_count(tx.db, tx.dialect, name))
+        failed = sql.failed_messages(tx.db, tx.dialect, f"sync:{name}:")
+        ids = {mid for mid, _ in failed}
+        # Keys whose last message is one of these: their rows are compared, not recognized.
+        keys = {key for _, payload in failed for key in _keys_named(payload)}
+        states = sql.lookup(tx.db, tx.dialect, name, sorted(keys))
+        failed_keys = {state[_ID] for state in states.values() if state[3] in ids}
+        return ids, failed_keys, sql.stored_count(tx.db, tx.dialect, name)
 
-    engine.failed, result.synced_before = storage.sync_transaction(
+    engine.failed, engine.failed_keys, result.synced_before = storage.sync_transaction(
         start, write=False)
     seen_total = 0
     unreadable = 0
+    room = SAMPLE_SIZE - len(result.sample)
     try:
-        for chunk in table.chunks(chunk_rows):
-            result.rows_read += len(chunk.rows) + len(chunk.problems)
-            unreadable += len(chunk.problems)
-            for line, problem in chunk.problems:
-                result.reject(SyncRejection(line, problem))
-            seen: list[str] = []
-            rows = engine.preparer.prepare(chunk, result, seen)
-            outcome = engine.chunk(rows, seen, SAMPLE_SIZE - len(result.sample))
+        for outcome in engine.outcomes(table, chunk_rows):
             seen_total += outcome.seen_added
+            unreadable += outcome.unreadable
+            result.rows_read += outcome.read
             result.new += outcome.new
             result.changed += outcome.changed
             result.unchanged += outcome.unchanged
-            for rejection in outcome.rejections:
+            for rejection in sorted(outcome.rejections, key=lambda r: r.line):
                 result.reject(rejection)
-            result.sample.extend(outcome.sample)
+            room = SAMPLE_SIZE - len(result.sample)
+            result.sample.extend(outcome.sample[:max(room, 0)])
             if on_progress is not None:
                 on_progress(result, table)
     except MappingError as exc:

@@ -737,9 +737,13 @@ class SQLStorage:
                     cur.executemany(self.q(f"UPDATE {{s}}{table} SET {column} = ? WHERE id = ?"),
                                     changes)
                 redacted += len(changes)
+            from cio_outbox.storage import sync_state
+
+            synced = sync_state.forget_key(cur, self._sync_dialect(), person)
             cur.execute(self.q("INSERT INTO {s}forgotten (at, rows_deleted) VALUES ({now}, ?)"),
                         (deleted,))
-            return {"deleted": deleted, "by_status": by_status, "redacted": redacted}
+            return {"deleted": deleted, "by_status": by_status, "redacted": redacted,
+                    "sync_keys": synced}
 
         report = self._tx(body)
         self.vacuum()
