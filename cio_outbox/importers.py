@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import IO, Any
 
-import orjson
+import msgspec
 
 from cio_outbox import intake
 from cio_outbox.columns import ColumnRule, MappingError, Plan, ValueProblem
@@ -98,6 +98,9 @@ _BOM = b"\xef\xbb\xbf"
 _HASH_MASK = (1 << 64) - 1
 _HEAD_BYTES = 65_536
 """How much of the (decompressed) start of a file is looked at to recognise its format."""
+
+
+_decode_json = msgspec.json.Decoder().decode
 
 
 class FormatError(ValueError):
@@ -273,10 +276,12 @@ class JsonlReader(_Reader):
     def _record(self, raw: bytes, number: int) -> Record | None:
         """The record of one line (None for a blank line)."""
         try:
-            call = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            # Blank, not UTF-8, not JSON, or JSON that orjson refuses and Python reads
-            # (integers over 64 bits): the slow path decides and explains.
+            # msgspec, not orjson: orjson reads an integer beyond 64 bits as a float,
+            # which would change the user's number; msgspec keeps it exactly.
+            call = _decode_json(raw)
+        except (msgspec.DecodeError, RecursionError):
+            # Blank, not UTF-8, not JSON, a number out of range or nested too deeply:
+            # the slow path decides and explains.
             record = self._slowly(raw, number)
             if record is None or record.call is None:
                 return record

@@ -41,6 +41,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, ClassVar, Literal
 
+import msgspec
 import orjson
 from pydantic import (
     BaseModel,
@@ -220,14 +221,15 @@ def dumps(wire: dict[str, Any]) -> str:
 # _json_default so they keep our millisecond form, dataclasses so they are refused as before.
 _ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 _orjson_dumps = orjson.dumps
+_decode_json = msgspec.json.Decoder().decode
 
 
 def json_form(data: bytes) -> Any:
-    """Encoded JSON decoded again, as the API will see it; json when orjson cannot (integers
-    beyond 64 bits, which orjson reads as floats or refuses)."""
+    """Encoded JSON decoded again, as the API will see it. msgspec, not orjson: orjson reads
+    integers beyond 64 bits as floats; json when msgspec cannot (a number out of range)."""
     try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
+        return _decode_json(data)
+    except (msgspec.DecodeError, RecursionError):
         return json.loads(data)
 
 

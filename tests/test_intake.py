@@ -319,6 +319,30 @@ def test_a_line_with_a_big_integer_keeps_it_exactly() -> None:
     assert row.payload.startswith(raw[:-1].decode())
 
 
+@pytest.mark.parametrize("line", [
+    # Each of these leaves the line path (an unknown field, a numeric userId, a null
+    # messageId), so the general reader decodes it; orjson 3.13 reads an integer beyond
+    # 64 bits as a float instead of refusing it, which must not reach the outbox.
+    '{"type":"track","userId":"u","event":"E","foo":1,"properties":{"n":N}}',
+    '{"type":"track","userId":5,"event":"E","properties":{"n":N}}',
+    '{"type":"track","userId":"u","event":"E","messageId":null,"properties":{"n":N}}',
+])
+def test_the_general_reader_keeps_a_big_integer_exactly(tmp_path: Path, line: str) -> None:
+    from cio_outbox.importers import enqueue_file
+    number = 123456789012345678901234567890
+    path = tmp_path / "big.jsonl"
+    path.write_text(line.replace("N", str(number)) + "\n")
+    outbox = Outbox(tmp_path / "outbox.db")
+    assert intake.line_row(path.read_bytes().strip(), "r", 1) is None
+    result = enqueue_file(outbox, path)
+    assert result.added == 1, result.rejected
+    (row,) = outbox.rows()
+    payload = row["payload"] if isinstance(row, dict) else row.payload
+    payload = json.loads(payload) if isinstance(payload, str) else payload
+    assert payload["properties"]["n"] == number
+    assert str(number) in json.dumps(payload)
+
+
 def test_a_rule_the_fast_check_does_not_prove_still_refuses_the_call(
         outbox: Outbox) -> None:
     calls = [{"type": "identify", "userId": "u1", "traits": {"email": None}},
