@@ -7,7 +7,9 @@ Retry policy, declared with tenacity:
   with jitter;
 - 400, 413, 422: the batch holds a bad message. Items the server names
   (``batch[3]...``) are dead-lettered with its reason and the rest resent; without
-  names the batch is split in halves until the bad ones stand alone;
+  names the batch is split in halves until the bad ones stand alone. A refusal counts
+  as an attempt only for a row refused on its own, never for the good rows beside a bad
+  one;
 - 401, 403: stop at once; rows go back to pending with no attempt counted;
 - after ``max_attempts`` answered HTTP attempts a row is dead-lettered with its last
   error. Attempts that never reached the server (refused, connect timeout) are audited
@@ -661,9 +663,13 @@ class Worker:
             self._counters.add(rejected_requests=1)
             error = reply.describe()
             self._counters.last_error = error  # not a retry: the progress line stays calm
+            # A refusal of several rows is charged to none of them: it is the bad one's,
+            # which isolation finds and dead-letters; charged to all, the good rows beside
+            # it would use up their attempts while it is being found.
             held_ids = set(self._store(
                 self.storage.record_attempt,
-                self._attempt(rows, endpoint, body_size, reply, "rejected", error), count=True))
+                self._attempt(rows, endpoint, body_size, reply, "rejected", error),
+                count=len(rows) == 1))
             self._late(rows, held_ids)
             still = [row for row in rows if row.id in held_ids]
             return self._isolate(still, reply) if still else set()

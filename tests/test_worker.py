@@ -159,6 +159,48 @@ def test_400_without_item_indexes_is_isolated_by_splitting(outbox: Outbox) -> No
     assert outbox.failed()[0]["summary"] == "track Poison for bad"
 
 
+def test_refusals_while_isolating_a_bad_neighbour_cost_the_good_rows_no_attempt(
+    outbox: Outbox,
+) -> None:
+    # Halving a refused batch of 64 down to its one bad message refuses the rows beside it
+    # six times over. Those refusals are the bad row's, not theirs: with max_attempts=3 and
+    # one transient 500 on each part's first try, every good row must still arrive. The
+    # body is the documented one, naming no item, as a real server's.
+    calls = _events(64)
+    calls[21] = {"type": "track", "userId": "bad", "event": "Poison"}
+    outbox.enqueue_many(calls)
+    delivered: list[str] = []
+    failed_once: set[str] = set()
+
+    def answer(request):  # type: ignore[no-untyped-def]
+        batch = json.loads(request.body)["batch"]
+        if any(m["event"] == "Poison" for m in batch):
+            return (400, {}, json.dumps({"meta": {"error": "invalid event"}}))
+        if batch[0]["messageId"] not in failed_once:
+            failed_once.add(batch[0]["messageId"])
+            return (500, {}, "busy")
+        delivered.extend(m["messageId"] for m in batch)
+        return (200, {}, "{}")
+
+    key = ApiKey("testkey")
+    client = Client(key, resolve_target(key, host="https://cdp.customer.io"), gzip=False)
+    with responses.RequestsMock() as mock:
+        mock.add_callback(responses.POST, "https://cdp.customer.io/v1/batch", callback=answer)
+        result = Worker(outbox.storage, client, concurrency=1, max_attempts=3,
+                        backoff_initial=0.01, backoff_max=0.02
+                        ).run(until_empty=True)
+    assert (result.sent, result.failed) == (63, 1)
+    assert len(delivered) == 63
+    failed = outbox.failed()
+    assert [f["summary"] for f in failed] == ["track Poison for bad"]
+    # Each good row was charged only its own two answers (its part's 500, then the 200);
+    # the bad row its refusal alone.
+    attempts = {row["person"]: row["attempts"] for row in outbox.rows(limit=100)
+                if row["status"] == "sent"}
+    assert set(attempts.values()) == {2}, attempts
+    assert failed[0]["attempts"] == 1
+
+
 def test_wrong_key_stops_at_once_and_counts_no_attempt(outbox: Outbox, sandbox: Sandbox) -> None:
     outbox.enqueue_many(_events(500))
     worker = outbox.worker(key="sk_us_wrongsecret", host=sandbox.url, concurrency=3)
