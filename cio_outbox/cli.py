@@ -850,13 +850,21 @@ def forget(user_id: str, db: str, as_json: bool) -> None:
     trail keeps its counts."""
     with _opened(db) as outbox:
         try:
-            deleted = outbox.forget(user_id)
+            report = outbox.forget_report(user_id)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="USER_ID") from None
+    deleted, kept_by = report["deleted"], report["traces_kept_by"]
     if as_json:
-        _print_json({"deleted": deleted})
-    else:
+        _print_json({"deleted": deleted, "traces_kept_by": kept_by})
+    elif not kept_by:
         click.echo(f"removed {deleted:,} row(s) naming that person; {_masked(db)} was vacuumed")
+    else:
+        click.echo(f"removed {deleted:,} row(s) naming that person")
+    if kept_by:
+        raise Failure(
+            "the deleted rows stay in the table files while older transactions of other "
+            f"clients are open (pids {', '.join(map(str, kept_by))}); run this forget again "
+            "once they end")
 
 
 # -- pre-flight ------------------------------------------------------------------------

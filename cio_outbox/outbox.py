@@ -663,9 +663,17 @@ class Outbox:
 
         The audit trail keeps its counts; error texts naming the person are redacted.
         """
+        return int(self.forget_report(person_id)["deleted"])
+
+    def forget_report(self, person_id: str) -> dict[str, Any]:
+        """:meth:`forget`, returning what it did: ``deleted`` rows, ``by_status``,
+        ``redacted`` audit texts, ``sync_keys`` and ``traces_kept_by``, the process ids of
+        other PostgreSQL clients whose transactions, open since before the forget, kept the
+        deleted rows in the table files (empty when none is left; forget the same person
+        again once they end)."""
         if not person_id or not str(person_id).strip():
             raise ValueError("forget needs a non-empty user id")
-        return int(self.storage.forget(str(person_id))["deleted"])
+        return self.storage.forget(str(person_id))
 
     # -- repair and inspection at scale (cio_outbox.repair, .retention, .inspection) ----
 

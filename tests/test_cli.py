@@ -263,6 +263,8 @@ def test_purge_and_forget(runner: CliRunner, migrated: str) -> None:
     assert "u9" not in forgot.stdout
     assert _run(runner, "history", message_id_for("bad"), "--db", migrated).exit_code == 1
     assert _run(runner, "forget", " ", "--db", migrated).exit_code == 2
+    nobody = _run(runner, "forget", "nobody-at-all", "--db", migrated, "--json")
+    assert json.loads(nobody.stdout) == {"deleted": 0, "traces_kept_by": []}
 
 
 # -- worker ----------------------------------------------------------------------------

@@ -509,40 +509,112 @@ def test_sqlite_forget_leaves_no_trace_in_the_file_or_wal(tmp_path: Path) -> Non
         assert b"bystander" in data
 
 
-def test_postgres_forget_leaves_no_trace_in_table_files(postgres_location: str) -> None:
+def _table_file_bytes(conn: Any, schema: str) -> bytes:
+    """Every byte of a schema's table, TOAST and index files, after a checkpoint."""
+    conn.execute("CHECKPOINT")
+    paths = conn.execute(
+        "SELECT pg_relation_filepath(c.oid) FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s"
+        " UNION SELECT pg_relation_filepath(c.reltoastrelid) FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.reltoastrelid != 0",
+        (schema, schema),
+    ).fetchall()
+    read = "SELECT pg_read_binary_file(%s, 0, (pg_stat_file(%s, true)).size, true)"
+    return b"".join(conn.execute(read, (p, p)).fetchone()[0] or b"" for (p,) in paths if p)
+
+
+@pytest.fixture
+def superuser_conn(postgres_location: str) -> Iterator[tuple[Any, str]]:
+    """An autocommit superuser connection to the outbox's server, and the outbox's schema."""
     import psycopg
 
     from cio_outbox.storage.postgres import split_location
 
     plain, schema = split_location(postgres_location)
+    with psycopg.connect(plain, autocommit=True) as conn:
+        if not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
+                            ).fetchone()[0]:
+            pytest.skip("reading table files needs a superuser connection")
+        yield conn, schema
+
+
+def _older_snapshot(plain: str, held: threading.Event, release: threading.Event) -> None:
+    """Another client's transaction, opened before the forget and kept open until told."""
+    import psycopg
+
+    with psycopg.connect(plain) as other:
+        other.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        other.execute("SELECT count(*) FROM pg_class").fetchone()  # takes its snapshot
+        held.set()
+        release.wait(60)
+        other.rollback()
+
+
+def test_postgres_forget_leaves_no_trace_in_table_files(
+    postgres_location: str, superuser_conn: tuple[Any, str]
+) -> None:
+    conn, schema = superuser_conn
     with Outbox(postgres_location) as outbox:
         _enqueue_person_data(outbox)
-        with psycopg.connect(plain, autocommit=True) as conn:
-            if not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
-                                ).fetchone()[0]:
-                pytest.skip("reading table files needs a superuser connection")
+        assert SECRET_EMAIL.encode() in _table_file_bytes(conn, schema)  # the check can fail
+        report = outbox.storage.forget(SECRET_ID)
+        data = _table_file_bytes(conn, schema)
+        assert SECRET_ID.encode() not in data
+        assert SECRET_EMAIL.encode() not in data
+        assert b"bystander" in data
+        assert report["traces_kept_by"] == []
 
-            def file_bytes() -> bytes:
-                conn.execute("CHECKPOINT")
-                paths = conn.execute(
-                    "SELECT pg_relation_filepath(c.oid) FROM pg_class c"
-                    " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s"
-                    " UNION SELECT pg_relation_filepath(c.reltoastrelid) FROM pg_class c"
-                    " JOIN pg_namespace n ON n.oid = c.relnamespace"
-                    " WHERE n.nspname = %s AND c.reltoastrelid != 0",
-                    (schema, schema),
-                ).fetchall()
-                read = "SELECT pg_read_binary_file(%s, 0, (pg_stat_file(%s, true)).size, true)"
-                return b"".join(
-                    conn.execute(read, (p, p)).fetchone()[0] or b"" for (p,) in paths if p
-                )
 
-            assert SECRET_EMAIL.encode() in file_bytes()  # the check below can fail
-            outbox.forget(SECRET_ID)
-            data = file_bytes()
-            assert SECRET_ID.encode() not in data
-            assert SECRET_EMAIL.encode() not in data
-            assert b"bystander" in data
+def test_postgres_forget_waits_for_an_older_transaction_before_it_rewrites_the_files(
+    postgres_location: str, superuser_conn: tuple[Any, str]
+) -> None:
+    # PostgreSQL keeps a deleted row, in VACUUM FULL's new files too, while any
+    # transaction that may still see it is open: another client's, on the same server.
+    from cio_outbox.storage.postgres import split_location
+
+    conn, schema = superuser_conn
+    held, release = threading.Event(), threading.Event()
+    other = threading.Thread(target=_older_snapshot,
+                             args=(split_location(postgres_location)[0], held, release))
+    with Outbox(postgres_location) as outbox:
+        _enqueue_person_data(outbox)
+        other.start()
+        assert held.wait(30)
+        threading.Timer(1.0, release.set).start()
+        report = outbox.storage.forget(SECRET_ID)
+        other.join(30)
+        data = _table_file_bytes(conn, schema)
+    assert SECRET_EMAIL.encode() not in data and SECRET_ID.encode() not in data
+    assert report["traces_kept_by"] == []
+
+
+def test_postgres_forget_names_a_transaction_that_outlives_its_wait_then_a_rerun_erases(
+    postgres_location: str, superuser_conn: tuple[Any, str]
+) -> None:
+    from cio_outbox.storage.postgres import split_location
+
+    conn, schema = superuser_conn
+    held, release = threading.Event(), threading.Event()
+    other = threading.Thread(target=_older_snapshot,
+                             args=(split_location(postgres_location)[0], held, release))
+    with Outbox(postgres_location) as outbox:
+        _enqueue_person_data(outbox)
+        other.start()
+        assert held.wait(30)
+        outbox.storage.vacuum_wait = 0.5  # type: ignore[attr-defined]
+        try:
+            report = outbox.storage.forget(SECRET_ID)
+        finally:
+            release.set()
+            other.join(30)
+        holders = report["traces_kept_by"]
+        assert len(holders) == 1 and isinstance(holders[0], int)  # the other client's pid
+        assert report["deleted"] == 3
+        again = outbox.storage.forget(SECRET_ID)  # deletes nothing; rewrites the files
+        data = _table_file_bytes(conn, schema)
+    assert (again["deleted"], again["traces_kept_by"]) == (0, [])
+    assert SECRET_EMAIL.encode() not in data and SECRET_ID.encode() not in data
 
 
 # -- counts under random operations --------------------------------------------------------
@@ -1101,22 +1173,31 @@ def test_postgres_ends_a_transaction_left_open_by_a_paused_process(
     storage.close()
 
 
-def test_postgres_forget_reports_sessions_whose_snapshots_keep_deleted_rows(
-    postgres_location: str,
+def test_the_forget_command_fails_while_an_older_transaction_keeps_the_traces(
+    postgres_location: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import psycopg
+    from click.testing import CliRunner
 
-    from cio_outbox.storage.postgres import split_location
+    from cio_outbox.cli import cli
+    from cio_outbox.storage.postgres import PostgresStorage, split_location
 
-    storage = open_storage(postgres_location)
-    storage.insert([new_row(0, "gone"), new_row(1, "kept")])
-    with psycopg.connect(split_location(postgres_location)[0]) as other:
-        other.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        other.execute("SELECT 1")  # a transaction holding its snapshot, left open
-        report = storage.forget("gone")
-        assert report["deleted"] == 1 and report["older_snapshots"] >= 1
-        other.rollback()
-    storage.close()
+    with Outbox(postgres_location) as outbox:
+        _enqueue_person_data(outbox)
+    monkeypatch.setattr(PostgresStorage, "vacuum_wait", 0.3)
+    held, release = threading.Event(), threading.Event()
+    other = threading.Thread(target=_older_snapshot,
+                             args=(split_location(postgres_location)[0], held, release))
+    other.start()
+    try:
+        assert held.wait(30)
+        result = CliRunner().invoke(cli, ["forget", SECRET_ID, "--db", postgres_location])
+    finally:
+        release.set()
+        other.join(30)
+    assert result.exit_code == 1, result.output
+    assert "removed 3 row(s)" in result.stdout and "was vacuumed" not in result.stdout
+    assert "older transactions of other clients are open (pids " in result.stderr
+    assert SECRET_ID not in result.output
 
 
 def test_postgres_leases_follow_the_server_clock(

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -88,8 +89,22 @@ def _driver() -> Any:
     return psycopg
 
 
+#: The tables that can hold a person's data (the sync tables exist once a sync ran).
+_PERSONAL_TABLES = ("messages", "attempts", "sync_keys", "sync_runs")
+# Other clients' transactions in this database that began before a moment and may see
+# rows deleted since (a snapshot, or an id of their own, holds VACUUM back).
+_OLDER_TRANSACTIONS = (
+    "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+    " AND pid <> pg_backend_pid() AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)"
+    " AND coalesce(xact_start, query_start) < %s ORDER BY pid"
+)
+
+
 class PostgresStorage(SQLStorage):
     """An outbox in a PostgreSQL schema. Safe for many threads, processes and machines."""
+
+    #: Seconds :meth:`vacuum` waits for older transactions before it rewrites the tables.
+    vacuum_wait: float = 60.0
 
     placeholder = "%s"
     fields: ClassVar[dict[str, str]] = {
@@ -333,28 +348,32 @@ class PostgresStorage(SQLStorage):
         )
         return cur.fetchall()
 
-    def forget(self, person: str) -> dict[str, Any]:
-        """As SQLStorage.forget; the report also says how many other sessions have held a
-        snapshot since before the delete: until they end, VACUUM FULL must keep the
-        deleted rows (run ``vacuum()`` again afterwards)."""
-        started = self._read("SELECT clock_timestamp() AS t")[0]["t"]
-        report = super().forget(person)
-        report["older_snapshots"] = int(self._read(
-            "SELECT count(*) AS n FROM pg_stat_activity"
-            " WHERE (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)"
-            " AND pid <> pg_backend_pid() AND xact_start < %s", (started,))[0]["n"])
-        return report
-
-    def vacuum(self) -> None:
+    def vacuum(self) -> list[int]:
         """Rewrite the tables that hold personal data so deleted rows leave no trace.
 
-        VACUUM FULL rewrites the tables (and their TOAST and indexes) into new files, so
-        deleted rows are in no table file afterwards. PostgreSQL still keeps them in WAL
-        segments until they are recycled, and in any WAL archive, base backup or replica
-        made before: those are the operator's to expire."""
+        VACUUM FULL rewrites the tables (and their TOAST and indexes) into new files. It
+        copies a deleted row too while any transaction that may still see it is open, in
+        this database, by any client: so it first waits, up to :attr:`vacuum_wait`
+        seconds, for the transactions that began before it to end, and returns the
+        process ids of those still open (their rows' traces stay until a later vacuum).
+        Prepared transactions and replication slots hold rows back the same way and are
+        not waited for. PostgreSQL also keeps deleted rows in WAL segments until they are
+        recycled, and in any WAL archive, base backup or replica made before: those are
+        the operator's to expire."""
         try:
             with self.conn.cursor() as cur:  # autocommit: VACUUM cannot run in a transaction
-                cur.execute(f"VACUUM FULL {self._s}.messages, {self._s}.attempts")
+                started = cur.execute("SELECT clock_timestamp()").fetchone()[0]
+                deadline = time.monotonic() + self.vacuum_wait
+                while True:
+                    older = [pid for (pid,) in cur.execute(_OLDER_TRANSACTIONS, (started,))]
+                    if not older or time.monotonic() >= deadline:
+                        break
+                    time.sleep(0.1)
+                present = {name for (name,) in cur.execute(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = %s", (self.schema,))}
+                tables = ", ".join(f"{self._s}.{t}" for t in _PERSONAL_TABLES if t in present)
+                cur.execute(f"VACUUM FULL {tables}")
+                return older
         except self._psycopg.Error as exc:
             raise self._explain(exc) from None
 

@@ -191,8 +191,9 @@ class SQLStorage:
         """Delete the rows matching where (rendered); (run, status, count) of them."""
         raise NotImplementedError
 
-    def vacuum(self) -> None:
-        """Rewrite the storage so that deleted rows leave no trace."""
+    def vacuum(self) -> list[int]:
+        """Rewrite the storage so that deleted rows leave no trace. Returns the process ids
+        of other clients whose open transactions kept deleted rows in it (none: no trace)."""
         raise NotImplementedError
 
     def _read_tx(self, body: Callable[[Any], T]) -> T:
@@ -721,7 +722,10 @@ class SQLStorage:
 
         Rows are chosen by the ``person`` column and by an alias's ``previousId``, by
         exact value; rows in flight go too (a late outcome then finds nothing to change).
-        Audit text is redacted where the id stands as a whole token."""
+        Audit text is redacted where the id stands as a whole token. ``traces_kept_by``
+        names the clients whose older transactions kept the deleted rows in the files (see
+        the backend's ``vacuum``): empty when no trace is left; otherwise forgetting the
+        same person again once they end erases them."""
         def body(cur: Any) -> dict[str, Any]:
             deleted, by_status = self._removed(cur, _FORGET, (person, person))
             redacted = 0
@@ -746,7 +750,7 @@ class SQLStorage:
                     "sync_keys": synced}
 
         report = self._tx(body)
-        self.vacuum()
+        report["traces_kept_by"] = self.vacuum()
         return report
 
     # -- status bookkeeping, in the caller's transaction -------------------------------

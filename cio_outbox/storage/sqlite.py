@@ -321,7 +321,7 @@ class SQLiteStorage(SQLStorage):
             cur.execute(f"DELETE FROM messages WHERE {where}", params)
         return gone
 
-    def vacuum(self) -> None:
+    def vacuum(self) -> list[int]:
         """Rewrite the file so deleted data leaves no trace, and empty the WAL."""
         conn = self.conn
         try:
@@ -330,6 +330,7 @@ class SQLiteStorage(SQLStorage):
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             raise self._explain(exc) from None
+        return []
 
     def worker_slot(self) -> WorkerSlot:
         """A slot of this outbox on this host, held until released (see slots.py)."""
