@@ -611,6 +611,7 @@ def test_postgres_forget_names_a_transaction_that_outlives_its_wait_then_a_rerun
         holders = report["traces_kept_by"]
         assert len(holders) == 1 and isinstance(holders[0], int)  # the other client's pid
         assert report["deleted"] == 3
+        del outbox.storage.vacuum_wait  # type: ignore[attr-defined]  # the default again
         again = outbox.storage.forget(SECRET_ID)  # deletes nothing; rewrites the files
         data = _table_file_bytes(conn, schema)
     assert (again["deleted"], again["traces_kept_by"]) == (0, [])
