@@ -8,8 +8,8 @@ Retry policy, declared with tenacity:
 - 400, 413, 422: the batch holds a bad message. Items the server names
   (``batch[3]...``) are dead-lettered with its reason and the rest resent; without
   names the batch is split in halves until the bad ones stand alone. A refusal counts
-  as an attempt only for a row refused on its own, never for the good rows beside a bad
-  one;
+  as an attempt for the rows it names or for a row refused on its own, never for the good
+  rows beside a bad one;
 - 401, 403: stop at once; rows go back to pending with no attempt counted;
 - after ``max_attempts`` answered HTTP attempts a row is dead-lettered with its last
   error. Attempts that never reached the server (refused, connect timeout) are audited
@@ -703,7 +703,7 @@ class Worker:
                 (rows[i], f"HTTP {reply.status_code}: " + "; ".join(texts))
                 for i, texts in sorted(named.items())
             ]
-            self._dead_letter(bad)
+            self._dead_letter(bad, attempted=True)  # the refusal was theirs
             good = [row for i, row in enumerate(rows) if i not in named]
             return self._deliver(good) if good else set()
         middle = len(rows) // 2
@@ -733,8 +733,8 @@ class Worker:
         self._store(self.storage.release, rows,
                     next_attempt_at=time.time() + self.backoff_initial)
 
-    def _dead_letter(self, bad: Sequence[tuple[Row, str]]) -> None:
-        done = self._store(self.storage.dead_letter, bad)
+    def _dead_letter(self, bad: Sequence[tuple[Row, str]], *, attempted: bool = False) -> None:
+        done = self._store(self.storage.dead_letter, bad, attempted=attempted)
         self._counters.add(failed=len(done))
         self._counters.dead_letter(bad[0][1])
         # info, not warning: an unconfigured logger would print every one to stderr;

@@ -134,7 +134,10 @@ class Storage(Protocol):
 
     def mark_sent(self, rows: Sequence[Row]) -> list[int]: ...
 
-    def dead_letter(self, errors: Sequence[tuple[Row, str]]) -> list[int]: ...
+    def dead_letter(self, errors: Sequence[tuple[Row, str]], *, attempted: bool = False
+                    ) -> list[int]:
+        """Mark held rows failed with their errors; ``attempted`` also counts an attempt
+        for each (a refusal that named them among others, which counted none)."""
 
     def release(
         self, rows: Sequence[Row], *, next_attempt_at: float | None = None

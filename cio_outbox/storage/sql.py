@@ -533,15 +533,17 @@ class SQLStorage:
         return self._signalled(self._tx(lambda cur: self._fenced(
             cur, rows, "sent", "updated_at = {now}, " + _SENT, ())))
 
-    def dead_letter(self, errors: Sequence[tuple[Row, str]]) -> list[int]:
+    def dead_letter(self, errors: Sequence[tuple[Row, str]], *, attempted: bool = False
+                    ) -> list[int]:
         by_error: dict[str, list[Row]] = defaultdict(list)
         for row, error in errors:
             by_error[error].append(row)
+        counted = "attempts = attempts + 1, " if attempted else ""
 
         def body(cur: Any) -> list[int]:
             return sorted(row_id for error, rows in by_error.items() for row_id in self._fenced(
                 cur, rows, "failed",
-                "last_error = ?, next_attempt_at = NULL, " + _DROP_LEASE, (error,)))
+                counted + "last_error = ?, next_attempt_at = NULL, " + _DROP_LEASE, (error,)))
 
         return self._signalled(self._tx(body))
 
