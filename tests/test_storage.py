@@ -149,10 +149,11 @@ def test_a_persons_later_rows_wait_while_an_earlier_one_is_in_flight(storage: St
 
 def test_expired_lease_comes_back_to_another_worker(storage: Storage) -> None:
     storage.insert([new_row(i, person=f"p{i}") for i in range(3)])
-    taken = claim(storage, "dead-worker", lease=0.2)
+    # A lease long enough that the claim below comes within it on a loaded machine.
+    taken = claim(storage, "dead-worker", lease=1.5)
     assert len(taken) == 3
     assert claim(storage, "w2") == []  # still leased
-    time.sleep(0.4)
+    time.sleep(1.7)
     again = claim(storage, "w2")
     assert sorted(r.id for r in again) == sorted(r.id for r in taken)
     assert {r["worker_id"] for r in storage.rows(status="in_flight")} == {"w2"}
