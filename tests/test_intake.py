@@ -312,6 +312,21 @@ def test_a_line_with_a_number_out_of_range_takes_the_general_path(number: bytes)
     assert intake.line_row(raw, "r", 1) is None
 
 
+def test_the_out_of_range_guess_finds_what_its_pattern_describes() -> None:
+    import random
+    import re
+
+    pattern = re.compile(rb"[0-9][eE]|[0-9]{300}")
+    rng = random.Random(7)
+    alphabet = b"0123456789eE.-+ {}:,abcxyz\"\\"
+    samples = [b"", b"1e5", b"1E5", b"e1", b"x9e", b"9" * 299, b"9" * 300, b"a" + b"5" * 300,
+               b"1" * 150 + b"x" + b"1" * 150, b'{"n":1.5e3}', b'{"n":"e"}']
+    samples += [bytes(rng.choice(alphabet) for _ in range(rng.randrange(1, 40)))
+                for _ in range(3000)]
+    for raw in samples:
+        assert intake._may_be_out_of_range(raw) == (pattern.search(raw) is not None), raw
+
+
 def test_a_line_with_a_big_integer_keeps_it_exactly() -> None:
     raw = b'{"type":"track","userId":"u","event":"E","properties":{"n":' + b"9" * 30 + b"}}"
     row = intake.line_row(raw, "r", 1)
@@ -464,6 +479,14 @@ def test_line_ids_are_uuids_that_depend_on_run_place_and_content() -> None:
     assert len({one, line_message_id("r", 13, b"{}"), line_message_id("s", 12, b"{}"),
                 line_message_id("r", 12, b"{ }")}) == 4
     assert line_of("r", one) == 12 and line_of("s", one) is None
+
+
+def test_line_ids_do_not_change_between_versions() -> None:
+    # A rerun of an import after an upgrade must find the rows of the first one.
+    assert line_message_id("calls.jsonl", 123456789, b'{"a":1}') == (
+        "f2e0744b-0007-85bc-8d15-7823357dd1d3")
+    assert line_message_id("r", 1, b"{}") == "4ea9c1da-0000-8000-8001-b4b8bf78e9ad"
+    assert line_message_id("r", 2**40 - 1, b"x") == "4ea9c1da-ffff-8fff-8fff-0a7651f82b16"
 
 
 # -- migration from an event archive -------------------------------------------------------
