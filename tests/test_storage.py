@@ -107,6 +107,22 @@ def test_insert_counts_each_run_exactly_across_statement_boundaries(storage: Sto
     assert storage.counts("s")["pending"] == sum(1 for i in range(250, 400) if i % 3)
     assert_counts_right(storage)
 
+def test_single_row_inserts_are_counted_skipped_and_all_or_nothing(storage: Storage) -> None:
+    # One row at a time is how Outbox.enqueue writes (SQLite has a path of its own for it).
+    assert [storage.insert([new_row(i, run=("a", "b")[i % 2])]) for i in range(6)] == [1] * 6
+    assert storage.insert([new_row(2, run="a")]) == 0  # a repeated messageId
+    assert storage.insert([new_row(7, run="new run")]) == 1
+    assert storage.counts("a")["pending"] == 3 and storage.counts("new run")["pending"] == 1
+    broken = new_row(8)
+    broken.payload = object()  # type: ignore[assignment]  # a value no driver can bind
+    with pytest.raises(StorageError, match="type 'object'"):
+        storage.insert([broken])
+    assert storage.message("m8") is None
+    assert storage.insert([new_row(8)]) == 1  # the failed one left no transaction open
+    assert_counts_right(storage)
+    assert storage.counts()["pending"] == 8
+
+
 def test_outbox_enqueue_skips_a_repeated_idempotency_key(outbox: Outbox) -> None:
     first = outbox.track("u1", "Paid", idempotency_key="order-1", run="shop")
     again = outbox.track("u1", "Paid", idempotency_key="order-1", run="shop")
