@@ -1166,3 +1166,17 @@ def test_sqlite_connections_get_a_cache_large_enough_for_random_message_ids(
         for conn in conns:
             assert conn.execute("PRAGMA cache_size").fetchone()[0] == -CACHE_KIB
     assert CACHE_KIB >= 65_536
+
+
+def test_sqlite_rows_get_their_persons_lane_on_every_insert_path(tmp_path: Path) -> None:
+    from cio_outbox.storage.lanes import lane_of
+    from cio_outbox.storage.sqlite import SQLiteStorage
+
+    storage = SQLiteStorage(tmp_path / "o.db")
+    storage.insert([new_row(i, person=f"p{i % 37}", run=f"r{i % 3}") for i in range(300)])
+    for i in range(300, 310):
+        storage.insert([new_row(i, person=f"p{i}")])
+    stored = storage.conn.execute("SELECT person, lane FROM messages").fetchall()
+    assert len(stored) == 310
+    assert all(lane == lane_of(person, storage.lanes) for person, lane in stored)
+    assert len({lane for _, lane in stored}) > 20

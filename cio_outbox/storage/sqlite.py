@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import os
 import sqlite3
 import threading
@@ -66,6 +67,16 @@ _COUNT_ONE = (
     "INSERT INTO counts AS c (run, status, n) VALUES (?, 'pending', 1)"
     " ON CONFLICT (run, status) DO UPDATE SET n = c.n + 1"
 )
+
+
+_run_of = operator.attrgetter("run")
+#: People whose lane a process remembers, per number of lanes (then forgotten at once).
+_LANES_KNOWN = 65_536
+
+
+@functools.cache
+def _lanes_known(lanes: int) -> dict[str, int]:
+    return {}
 
 
 def _create_private_file(path: Path) -> None:
@@ -324,13 +335,20 @@ class SQLiteStorage(SQLStorage):
         now = time.time()
         deltas: Deltas = defaultdict(int)
         lanes = self.lanes
+        known = _lanes_known(lanes)  # a person's lane, without a call per row
+        if len(known) > _LANES_KNOWN:
+            known.clear()
         step = ROWS_PER_STATEMENT * _COLUMNS
-        for run, group in groupby(chunk, key=lambda r: r.run):
+        for run, group in groupby(chunk, key=_run_of):
             params: list[Any] = []
             add = params.extend
             for r in group:
-                add((r.message_id, run, r.call_type, r.person, r.payload, r.size,
-                     lane_of(r.person, lanes), now, now))
+                person = r.person
+                lane = known.get(person)
+                if lane is None:
+                    lane = known[person] = lane_of(person, lanes)
+                add((r.message_id, run, r.call_type, person, r.payload, r.size, lane, now,
+                     now))
             added = 0
             for start in range(0, len(params), step):
                 part = params[start:start + step]
