@@ -113,9 +113,11 @@ def line_message_id(run: str, line: int, content: bytes) -> str:
     point of the messageId index however large the outbox is.
     """
     number = f"{line:010x}"
-    digest = hashlib.blake2b(content, digest_size=6).hexdigest()
-    prefix = _run_hexes.get(run) or _run_hex(run)
-    return f"{prefix}-{number[:4]}-8{number[4:7]}-8{number[7:]}-{digest}"
+    return "".join((_run_hexes.get(run) or _run_hex(run), "-", number[:4], "-8", number[4:7],
+                    "-8", number[7:], "-", _blake2b(content, digest_size=6).hexdigest()))
+
+
+_blake2b = hashlib.blake2b
 
 
 def line_of(run: str, message_id: str) -> int | None:
