@@ -294,7 +294,8 @@ class _Rules:
         return cls(True, frozenset(unproven), tuple(guarded))
 
     def hold_for(self, line: Any) -> bool:
-        """:meth:`hold` for a decoded line (a struct whose absent fields are UNSET)."""
+        """Whether the rules are sure to hold for a decoded line (a struct whose absent
+        fields are UNSET) that the compiled check vouched for."""
         if not self.known:
             return False
         for name in self.unproven:
@@ -303,16 +304,6 @@ class _Rules:
         for name, keys in self.guarded:
             value = getattr(line, name, _UNSET)
             if value is not _UNSET and not keys.isdisjoint(value):
-                return False
-        return True
-
-    def hold(self, call: dict[str, Any]) -> bool:
-        """Whether the rules are sure to hold for ``call`` (the fast check vouched for it)."""
-        if not self.known or not self.unproven.isdisjoint(call):
-            return False
-        for name, keys in self.guarded:
-            value = call.get(name)
-            if value is not None and not keys.isdisjoint(value):
                 return False
         return True
 
@@ -345,31 +336,69 @@ def _fast_wire(call: dict[str, Any], ours: tuple[str, ...] = ()
     shape = _SHAPES.get(kind) if type(kind) is str else None
     if shape is None or not shape.usable:
         return None
-    checks = shape.checks
-    for name, value in call.items():
-        check = checks.get(name)
+    key = (kind, ours, *call)
+    plan = _KEY_PLANS.get(key, _NO_PLAN)
+    if plan is _NO_PLAN:
+        if len(_KEY_PLANS) >= _KEY_PLANS_KEPT:
+            _KEY_PLANS.clear()
+        plan = _KEY_PLANS[key] = _key_plan(shape, key[2:], ours)
+    if plan is None:
+        return None
+    checks, guarded, rules_hold = plan
+    for name, check in checks:
+        value = call[name]
         if check is _is_id:  # inlined: the commonest checks, called for every message
             if type(value) is not str or not value or value.isspace():
                 return None
         elif check is _is_dict:
             if type(value) is not dict:
                 return None
-        elif check is None or (name not in ours and not check(value)):
+        elif not check(value):
             return None
-    for name in shape.required:
-        if name not in call:
-            return None
-    if "userId" not in call and "anonymousId" not in call:
-        return None
     # Before the library context is added: the rules see the caller's context.
-    rules_hold = shape.rules.hold(call) and not (
-        kind == "track" and call["event"] in _semantic_names())
+    if rules_hold:
+        for name, keys in guarded:
+            if not keys.isdisjoint(call[name]):
+                rules_hold = False
+                break
+        if rules_hold and kind == "track" and call["event"] in _semantic_names():
+            rules_hold = False
     context = call.get("context")
     if context is None:
         call["context"] = {"library": LIBRARY}
     elif "library" not in context:
         call["context"] = {**context, "library": LIBRARY}
     return call, rules_hold
+
+
+_KeyPlan = tuple[tuple[tuple[str, Callable[[Any], bool]], ...],
+                 tuple[tuple[str, frozenset[str]], ...], bool]
+# What the fast check does for calls of one type with one set of keys (in one order) and
+# the same fields set by the intake: bulk calls share a few key sets, so which check each
+# field needs, which fields are required and which rules can hold are worked out once per
+# set, not once per call.
+_KEY_PLANS: dict[tuple[Any, ...], _KeyPlan | None] = {}
+_KEY_PLANS_KEPT = 4096
+_NO_PLAN: Any = object()
+
+
+def _key_plan(shape: _Shape, keys: tuple[Any, ...], ours: tuple[str, ...]) -> _KeyPlan | None:
+    """The value checks of a call with these keys, the guarded objects among them, and
+    whether the document's rules can hold without running; None when a key has no
+    check, a required field is missing, or the call names nobody."""
+    checks: list[tuple[str, Callable[[Any], bool]]] = []
+    for name in keys:
+        check = shape.checks.get(name)
+        if check is None:
+            return None
+        if name not in ours:
+            checks.append((name, check))
+    if any(name not in keys for name in shape.required) or (
+            "userId" not in keys and "anonymousId" not in keys):
+        return None
+    rules = shape.rules
+    guarded = tuple((name, names) for name, names in rules.guarded if name in keys)
+    return tuple(checks), guarded, rules.known and rules.unproven.isdisjoint(keys)
 
 
 # -- a JSONL line written from its own bytes ----------------------------------------------

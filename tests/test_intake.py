@@ -182,6 +182,21 @@ def test_the_fast_check_agrees_with_the_models() -> None:
     assert vouched >= 6  # the common shapes do take the fast path
 
 
+def test_the_fast_check_checks_every_value_of_calls_that_share_their_keys() -> None:
+    # What the fast check works out per set of keys must not stand in for the values.
+    good = {"type": "track", "userId": "u1", "event": "Paid", "context": {"source": "crm"}}
+    assert intake._fast_wire(dict(good)) == (
+        {**good, "context": {"source": "crm", "library": messages.LIBRARY}}, True)
+    assert intake._fast_wire({**good, "userId": " "}) is None
+    assert intake._fast_wire({**good, "event": ""}) is None
+    assert intake._fast_wire({**good, "context": "ip"}) is None
+    assert intake._fast_wire({**good, "context": {"channel": "server"}})[1] is False
+    assert intake._fast_wire({**good, "event": "Email Bounced"})[1] is False
+    assert intake._fast_wire(dict(good))[1] is True
+    del good["userId"]
+    assert intake._fast_wire(dict(good)) is None  # nobody named
+
+
 T0 = "2024-05-01T12:00:00.000Z"
 # Values for each field, some of which break a rule of the document that the models do not
 # check (traits.email must be a string, context.channel one of three words, ...).
