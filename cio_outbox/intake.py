@@ -699,6 +699,23 @@ def prepare_many(
             rejected(index, exc)
 
 
+def _plain_rows(calls: Iterable[Mapping[str, Any] | Message], start: int, run: str | None,
+                rejected: Callable[[int, MessageError], None]) -> Iterator[NewRow]:
+    """:func:`prepare_many` of calls without keys or identities, numbered from ``start``:
+    a dict goes straight to the checks (the commonest bulk call, without the per-call
+    item tuple and keyword call)."""
+    checked, row = _checked, _row
+    for index, call in enumerate(calls, start):
+        try:
+            if type(call) is dict:
+                wire, payload, rules_hold = checked(call, None, None, False)
+                yield row(wire, payload, rules_hold, False, run)
+            else:
+                yield prepare(call, run)
+        except MessageError as exc:
+            rejected(index, exc)
+
+
 def write(storage: Storage, rows: Iterable[NewRow], chunk_size: int = CHUNK_ROWS
           ) -> tuple[int, int]:
     """Write rows in transactions of ``chunk_size``; returns (added, skipped).
@@ -745,14 +762,16 @@ def enqueue_many(
 
     if callable(idempotency_keys):
         key_of = idempotency_keys
-        items: Iterable[Any] = (
+        items: Iterable[Any] | None = (
             (index, call, key_of(index, call), None) for index, call in enumerate(calls, start))
     elif idempotency_keys is not None:
         keys = iter(idempotency_keys)
         items = ((index, call, next(keys), None) for index, call in enumerate(calls, start))
     else:
-        items = ((index, call, None, None) for index, call in enumerate(calls, start))
-    rows: Iterable[NewRow] = prepare_many(items, run, reject)
+        items = None
+    rows: Iterable[NewRow] = (
+        _plain_rows(calls, start, run, reject) if items is None
+        else prepare_many(items, run, reject))
     if on_invalid == "raise":
         rows = list(rows)
         if result.rejected:
