@@ -116,7 +116,6 @@ class Record:
     error: str | None = None
     field: str | None = None
     duplicate: bool = False  # a repeat of an earlier row, dropped (counted, not enqueued)
-    row: NewRow | None = None  # the row itself, written from the line's bytes (see prepared)
 
 
 class _Lines:
@@ -150,11 +149,15 @@ class _Lines:
         self._position = self.bytes_read  # the final position, while the file is open
 
     def _plain(self) -> Iterator[bytes]:
-        for raw in self.source:
+        source = iter(self.source)
+        for raw in source:  # the first line, without its byte order mark
             self.number += 1
             self._bytes += len(raw)
-            if self.number == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM):]
+            yield raw[len(_BOM):] if raw.startswith(_BOM) else raw
+            break
+        for raw in source:
+            self.number += 1
+            self._bytes += len(raw)
             yield raw
 
 
@@ -181,12 +184,12 @@ class _Reader:
     def __iter__(self) -> Iterator[Record]:
         return self._read(self._records)
 
-    def prepared(self) -> Iterator[Record]:
+    def prepared(self) -> Iterator[Record | tuple[int, NewRow]]:
         """The records as :func:`enqueue_records` writes them: where the reader can make a
-        line's row itself, the record holds that ``row`` instead of a ``call``."""
+        line's row itself, ``(line, row)`` instead of a record of its call."""
         return self._read(self._rows)
 
-    def _read(self, records: Callable[[_Lines], Iterator[Record]]) -> Iterator[Record]:
+    def _read(self, records: Callable[[_Lines], Iterator[Any]]) -> Iterator[Any]:
         if isinstance(self._source, (str, os.PathLike)):
             with open(self._source, "rb") as handle:
                 self._lines = self._open(handle, os.path.basename(self._source))
@@ -228,7 +231,7 @@ class _Reader:
     def _records(self, lines: _Lines) -> Iterator[Record]:
         raise NotImplementedError
 
-    def _rows(self, lines: _Lines) -> Iterator[Record]:
+    def _rows(self, lines: _Lines) -> Iterator[Record | tuple[int, NewRow]]:
         return self._records(lines)
 
     def _key_id(self, key: str) -> str:
@@ -259,15 +262,15 @@ class JsonlReader(_Reader):
             if found is not None:
                 yield found
 
-    def _rows(self, lines: _Lines) -> Iterator[Record]:
-        """Lines the intake can write from their own bytes (intake.line_row) as rows, the
-        others as records of their parsed calls."""
+    def _rows(self, lines: _Lines) -> Iterator[Record | tuple[int, NewRow]]:
+        """Lines the intake can write from their own bytes (intake.line_row) as
+        ``(line, row)``, the others as records of their parsed calls."""
         run, line_row, record = self.run, intake.line_row, self._record
         for raw in lines:
             number = lines.number
             row = line_row(raw.strip(), run, number)
             if row is not None:
-                yield Record(number, row=row)
+                yield number, row
                 continue
             found = record(raw, number)
             if found is not None:
@@ -686,15 +689,16 @@ def enqueue_records(
     earlier = _earlier_ids(outbox, run)
     storage = outbox.storage
 
-    def rows(chunk: list[Record]) -> Iterator[NewRow]:
+    def rows(chunk: list[Record | tuple[int, NewRow]]) -> Iterator[NewRow]:
         prepare = intake.prepare
         for record in chunk:
-            row, call = record.row, record.call
-            if row is not None:
-                if earlier and earlier.get(record.line, row.message_id) != row.message_id:
+            if type(record) is tuple:  # a row the reader made (JsonlReader.prepared)
+                line, row = record
+                if earlier and earlier.get(line, row.message_id) != row.message_id:
                     result.changed += 1
                 yield row
                 continue
+            call = record.call
             if call is None:
                 if record.duplicate:
                     result.duplicates += 1

@@ -90,7 +90,7 @@ def new_message_id() -> str:
         | 0b10 << 62
     )
     text = f"{value:032x}"
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    return "-".join((text[:8], text[8:12], text[12:16], text[16:20], text[20:]))
 
 
 # The 74 random bits of a UUIDv7: 12 after the version nibble, 62 after the variant.

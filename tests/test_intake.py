@@ -61,8 +61,8 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
 
     line_decoder = intake._line_decoder
 
-    def counting_line_check(raw_objects: bool) -> tuple[Callable[[bytes], Any], dict[type, Any]]:
-        decode, kinds = line_decoder(raw_objects)
+    def counting_line_check() -> tuple[Callable[[bytes], Any], dict[type, Any]]:
+        decode, kinds = line_decoder()
 
         def counting_decode(raw: bytes) -> Any:
             line = decode(raw)  # raises for what it does not vouch for
@@ -180,6 +180,21 @@ def test_the_fast_check_agrees_with_the_models() -> None:
             vouched += 1
             assert fast[0] == model, case
     assert vouched >= 6  # the common shapes do take the fast path
+
+
+def test_the_fast_check_checks_every_value_of_calls_that_share_their_keys() -> None:
+    # What the fast check works out per set of keys must not stand in for the values.
+    good = {"type": "track", "userId": "u1", "event": "Paid", "context": {"source": "crm"}}
+    assert intake._fast_wire(dict(good)) == (
+        {**good, "context": {"source": "crm", "library": messages.LIBRARY}}, True)
+    assert intake._fast_wire({**good, "userId": " "}) is None
+    assert intake._fast_wire({**good, "event": ""}) is None
+    assert intake._fast_wire({**good, "context": "ip"}) is None
+    assert intake._fast_wire({**good, "context": {"channel": "server"}})[1] is False
+    assert intake._fast_wire({**good, "event": "Email Bounced"})[1] is False
+    assert intake._fast_wire(dict(good))[1] is True
+    del good["userId"]
+    assert intake._fast_wire(dict(good)) is None  # nobody named
 
 
 T0 = "2024-05-01T12:00:00.000Z"
@@ -464,6 +479,14 @@ def test_line_ids_are_uuids_that_depend_on_run_place_and_content() -> None:
     assert len({one, line_message_id("r", 13, b"{}"), line_message_id("s", 12, b"{}"),
                 line_message_id("r", 12, b"{ }")}) == 4
     assert line_of("r", one) == 12 and line_of("s", one) is None
+
+
+def test_line_ids_do_not_change_between_versions() -> None:
+    # A rerun of an import after an upgrade must find the rows of the first one.
+    assert line_message_id("calls.jsonl", 123456789, b'{"a":1}') == (
+        "f2e0744b-0007-85bc-8d15-7823357dd1d3")
+    assert line_message_id("r", 1, b"{}") == "4ea9c1da-0000-8000-8001-b4b8bf78e9ad"
+    assert line_message_id("r", 2**40 - 1, b"x") == "4ea9c1da-ffff-8fff-8fff-0a7651f82b16"
 
 
 # -- migration from an event archive -------------------------------------------------------

@@ -107,6 +107,22 @@ def test_insert_counts_each_run_exactly_across_statement_boundaries(storage: Sto
     assert storage.counts("s")["pending"] == sum(1 for i in range(250, 400) if i % 3)
     assert_counts_right(storage)
 
+def test_single_row_inserts_are_counted_skipped_and_all_or_nothing(storage: Storage) -> None:
+    # One row at a time is how Outbox.enqueue writes (SQLite has a path of its own for it).
+    assert [storage.insert([new_row(i, run=("a", "b")[i % 2])]) for i in range(6)] == [1] * 6
+    assert storage.insert([new_row(2, run="a")]) == 0  # a repeated messageId
+    assert storage.insert([new_row(7, run="new run")]) == 1
+    assert storage.counts("a")["pending"] == 3 and storage.counts("new run")["pending"] == 1
+    broken = new_row(8)
+    broken.payload = object()  # type: ignore[assignment]  # a value no driver can bind
+    with pytest.raises(StorageError, match="type 'object'"):
+        storage.insert([broken])
+    assert storage.message("m8") is None
+    assert storage.insert([new_row(8)]) == 1  # the failed one left no transaction open
+    assert_counts_right(storage)
+    assert storage.counts()["pending"] == 8
+
+
 def test_outbox_enqueue_skips_a_repeated_idempotency_key(outbox: Outbox) -> None:
     first = outbox.track("u1", "Paid", idempotency_key="order-1", run="shop")
     again = outbox.track("u1", "Paid", idempotency_key="order-1", run="shop")
@@ -1233,3 +1249,17 @@ def test_sqlite_connections_get_a_cache_large_enough_for_random_message_ids(
         for conn in conns:
             assert conn.execute("PRAGMA cache_size").fetchone()[0] == -CACHE_KIB
     assert CACHE_KIB >= 65_536
+
+
+def test_sqlite_rows_get_their_persons_lane_on_every_insert_path(tmp_path: Path) -> None:
+    from cio_outbox.storage.lanes import lane_of
+    from cio_outbox.storage.sqlite import SQLiteStorage
+
+    storage = SQLiteStorage(tmp_path / "o.db")
+    storage.insert([new_row(i, person=f"p{i % 37}", run=f"r{i % 3}") for i in range(300)])
+    for i in range(300, 310):
+        storage.insert([new_row(i, person=f"p{i}")])
+    stored = storage.conn.execute("SELECT person, lane FROM messages").fetchall()
+    assert len(stored) == 310
+    assert all(lane == lane_of(person, storage.lanes) for person, lane in stored)
+    assert len({lane for _, lane in stored}) > 20

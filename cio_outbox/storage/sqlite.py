@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import os
 import sqlite3
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from itertools import groupby
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from cio_outbox.storage.base import NewRow, StorageError
+from cio_outbox.storage.base import CHUNK_ROWS, NewRow, StorageError
 from cio_outbox.storage.lanes import lane_of
 from cio_outbox.storage.schema import LANES_VERSION, SCHEMA_VERSION, SQLITE, render
 from cio_outbox.storage.slots import WorkerSlot, file_slot
@@ -58,6 +59,24 @@ ROWS_PER_STATEMENT = 100
 @functools.cache
 def _insert_sql(rows: int) -> str:
     return _INSERT + ", ".join([_VALUES] * rows)
+
+
+_INSERT_ONE = _insert_sql(1)
+# The pending count of the run, +1 (the counts' (run, status) row may not exist yet).
+_COUNT_ONE = (
+    "INSERT INTO counts AS c (run, status, n) VALUES (?, 'pending', 1)"
+    " ON CONFLICT (run, status) DO UPDATE SET n = c.n + 1"
+)
+
+
+_run_of = operator.attrgetter("run")
+#: People whose lane a process remembers, per number of lanes (then forgotten at once).
+_LANES_KNOWN = 65_536
+
+
+@functools.cache
+def _lanes_known(lanes: int) -> dict[str, int]:
+    return {}
 
 
 def _create_private_file(path: Path) -> None:
@@ -278,19 +297,58 @@ class SQLiteStorage(SQLStorage):
     def schema_version(self) -> int:
         return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
 
+    # -- enqueue -----------------------------------------------------------------------
+
+    def insert(self, rows: Iterable[NewRow], *, chunk_size: int = CHUNK_ROWS) -> int:
+        if type(rows) is list and len(rows) == 1:
+            return self._insert_one(rows[0])
+        return super().insert(rows, chunk_size=chunk_size)
+
+    def _insert_one(self, row: NewRow) -> int:
+        """One row in a transaction of its own (``Outbox.enqueue``): the same statements
+        as a chunk's, without the chunk's grouping and bookkeeping, which cost a single
+        enqueue about 40 us of its 130 us of CPU."""
+        conn = self.conn
+        lane = lane_of(row.person, self.lanes)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            now = time.time()
+            added = conn.execute(_INSERT_ONE, (
+                row.message_id, row.run, row.call_type, row.person, row.payload, row.size,
+                lane, now, now)).rowcount
+            if added:
+                conn.execute(_COUNT_ONE, (row.run,))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _rollback(conn)
+            raise self._explain(exc) from None
+        except BaseException:
+            _rollback(conn)
+            raise
+        if added:
+            self._signal()
+        return added
+
     # -- hooks -------------------------------------------------------------------------
 
     def _insert_chunk(self, cur: Any, chunk: list[NewRow]) -> Deltas:
         now = time.time()
         deltas: Deltas = defaultdict(int)
         lanes = self.lanes
+        known = _lanes_known(lanes)  # a person's lane, without a call per row
+        if len(known) > _LANES_KNOWN:
+            known.clear()
         step = ROWS_PER_STATEMENT * _COLUMNS
-        for run, group in groupby(chunk, key=lambda r: r.run):
+        for run, group in groupby(chunk, key=_run_of):
             params: list[Any] = []
             add = params.extend
             for r in group:
-                add((r.message_id, run, r.call_type, r.person, r.payload, r.size,
-                     lane_of(r.person, lanes), now, now))
+                person = r.person
+                lane = known.get(person)
+                if lane is None:
+                    lane = known[person] = lane_of(person, lanes)
+                add((r.message_id, run, r.call_type, person, r.payload, r.size, lane, now,
+                     now))
             added = 0
             for start in range(0, len(params), step):
                 part = params[start:start + step]
