@@ -7,8 +7,8 @@ fields, which :meth:`SQLStorage.q` fills in for the dialect:
 - ``{s}``: the table prefix; ``{ids}``: "id is in the id list of this parameter";
 - ``{now}``: the database's clock in Unix seconds (``{clock}``: its reading at this
   statement, for claims that waited for a lock); ``{json}``: the JSON type;
-- ``{pending_scan}``, ``{pending_run}``, ``{lane_pending}``: SQLite's index hints for
-  the pending rows in id order, a run's and a lane's pending rows (nothing elsewhere);
+- ``{pending_run}``, ``{lane_pending}``: SQLite's index hints for a run's and a lane's
+  pending rows in id order (nothing elsewhere);
   ``{lanes}``: "lane is in the list of this parameter";
   ``{lock_lanes}``: how a claim locks the lanes it reads (PostgreSQL only);
 - ``{previous_id}``: an alias payload's ``previousId``.
@@ -82,11 +82,20 @@ _BUSY = (
     " UNION SELECT lane FROM {s}messages WHERE status = 'pending'"
     " AND next_attempt_at IS NOT NULL AND next_attempt_at > ? AND {lanes}"
 )
-# All free lanes at once: the pending rows in enqueue order, skipping busy lanes' rows, so
-# an uncontended claim takes a run of consecutive ids as before lanes (few pages written).
+# All free lanes at once: a run's pending rows in enqueue order, skipping busy lanes'
+# rows, so an uncontended claim takes a run of consecutive ids as before lanes (few pages
+# written). Several runs are read this way each and merged by id.
 _SCAN_ROWS = (
-    _CANDIDATES + " %s WHERE status = 'pending'%s AND {lanes} AND id > ?"
-    " ORDER BY id LIMIT ?"
+    _CANDIDATES + " {pending_run} WHERE status = 'pending' AND run = ? AND {lanes}"
+    " AND id > ? ORDER BY run, id LIMIT ?"
+)
+# The runs with pending rows (the counts are exact, in the same transaction as each change).
+_PENDING_RUNS = "SELECT run FROM {s}counts WHERE status = 'pending' AND n > 0 ORDER BY run"
+# The oldest pending row: the oldest of the runs' heads.
+_OLDEST = (
+    "SELECT created_at FROM {s}messages WHERE id = (SELECT min((SELECT m.id FROM {s}messages"
+    " m {pending_run} WHERE m.status = 'pending' AND m.run = c.run ORDER BY m.run, m.id"
+    " LIMIT 1)) FROM {s}counts c WHERE c.status = 'pending' AND c.n > 0)"
 )
 # Claimants whose last claim found no free lane, while rows were pending: the free lanes
 # of the next claims are shared with them (a claim that got rows removes its entry).
@@ -283,7 +292,10 @@ class SQLStorage:
             now = cur.execute(self.q("SELECT {clock}")).fetchone()[0]
             deltas: Deltas = defaultdict(int)
             # Rows leased by a worker that died come back once their lease has expired.
-            self._transition(cur, deltas, _EXPIRED, (now,), "pending", _DROP_LEASE, ())
+            if self._transition(cur, deltas, _EXPIRED, (now,), "pending", _DROP_LEASE, ()):
+                # Counted now: the scan below finds the runs with pending rows in counts.
+                self._shift(cur, deltas)
+                deltas.clear()
             free = self._free_lanes(cur, now, run)
             claimants = max(1, share) + cur.execute(
                 self.q(_WAITING), (worker_id, now - WAITING_SECONDS)).fetchone()[0]
@@ -356,28 +368,34 @@ class SQLStorage:
 
     def _scan_candidates(self, cur: Any, lanes: list[tuple[int, int]], run: str | None
                          ) -> Iterator[Row]:
-        """Pending rows of these lanes in enqueue order, from one index in id order (for a
-        claim that takes every free lane: the rows it passes over are of busy lanes)."""
-        if run is None:
-            sql = self.q(_SCAN_ROWS % ("{pending_scan}", ""))
-            run_args: tuple[str, ...] = ()
-        else:
-            sql = self.q(_SCAN_ROWS % ("{pending_run}", " AND run = ?"))
-            run_args = (run,)
+        """Pending rows of these lanes in enqueue order (for a claim that takes every free
+        lane: the rows it passes over are of busy lanes): each run's from the run index in
+        id order, merged by id (usually there is one run: one range scan)."""
+        runs = [run] if run is not None else [
+            r for (r,) in cur.execute(self.q(_PENDING_RUNS)).fetchall()]
+        sql = self.q(_SCAN_ROWS)
         ids = self._id_list([lane for lane, _ in lanes])
-        after, size = min(head for _, head in lanes) - 1, max(FIRST_PAGE_MIN, min(
-            CANDIDATE_PAGE_SIZE, int(self.__dict__.get("_claim_rows", CANDIDATE_PAGE_SIZE))
-            * 5 // 4 + 8))
-        budget = CANDIDATE_PAGES * CANDIDATE_PAGE_SIZE
-        while budget > 0:
-            size = min(size, budget)
-            page = cur.execute(sql, (*run_args, ids, after, size)).fetchall()
-            budget -= len(page) or 1
-            yield from starmap(Row, page)
-            if len(page) < size:
-                return
-            after = page[-1][0]
-            size = min(CANDIDATE_PAGE_SIZE, size * 2)
+        start = min(head for _, head in lanes) - 1
+        first = max(FIRST_PAGE_MIN, min(CANDIDATE_PAGE_SIZE, int(self.__dict__.get(
+            "_claim_rows", CANDIDATE_PAGE_SIZE)) * 5 // (4 * max(1, len(runs))) + 8))
+        budget = [CANDIDATE_PAGES * CANDIDATE_PAGE_SIZE]
+
+        def run_rows(name: str) -> Iterator[tuple[Any, ...]]:
+            after, size = start, first
+            while budget[0] > 0:
+                size = min(size, budget[0])
+                page = cur.execute(sql, (name, ids, after, size)).fetchall()
+                budget[0] -= len(page) or 1
+                yield from page
+                if len(page) < size:
+                    return
+                after = page[-1][0]
+                size = min(CANDIDATE_PAGE_SIZE, size * 2)
+
+        if len(runs) == 1:
+            yield from starmap(Row, run_rows(runs[0]))
+        else:
+            yield from starmap(Row, heapq.merge(*(run_rows(name) for name in runs)))
 
     def _lane_candidates(self, cur: Any, lanes: list[tuple[int, int]], run: str | None
                          ) -> Iterator[Row]:
@@ -602,8 +620,7 @@ class SQLStorage:
 
     def oldest_pending(self, run: str | None = None) -> float | None:
         if run is None:
-            rows = self._query("SELECT created_at FROM {s}messages WHERE status = 'pending'"
-                             " ORDER BY id LIMIT 1")
+            rows = self._query(_OLDEST)
         else:
             rows = self._query("SELECT created_at FROM {s}messages {pending_run}"
                              " WHERE status = 'pending' AND run = ? ORDER BY run, id LIMIT 1",
