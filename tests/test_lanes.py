@@ -154,6 +154,28 @@ def test_a_claim_of_one_run_finds_its_rows_behind_a_large_backlog_of_another(
                          max_messages=5000, run="small") == []
 
 
+def test_a_claim_that_finds_only_its_own_workers_rows_in_flight_takes_no_write_lock(
+    tmp_path: Path,
+) -> None:
+    from cio_outbox.storage.sqlite import SQLiteStorage
+
+    storage = SQLiteStorage(tmp_path / "o.db")
+    storage.insert([new_row(i, "ann") for i in range(3)])
+    assert claim(storage, "w1", max_messages=1)
+    statements: list[str] = []
+    storage.conn.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+    # Another sender of the same worker: ann's lane is busy with w1's own row, which is
+    # no other worker's to wait for, so the empty claim only reads.
+    assert claim(storage, "w1") == []
+    storage.conn.set_trace_callback(None)  # type: ignore[attr-defined]
+    assert statements and not [sql for sql in statements if sql.startswith("BEGIN")]
+    # A worker whose claim finds the lanes held by another does record that it waits.
+    assert claim(storage, "w2") == []
+    assert [r[0] for r in storage.conn.execute(  # type: ignore[attr-defined]
+        "SELECT worker_id FROM claimants")] == ["w2"]
+    storage.close()
+
+
 def test_a_claim_shares_the_free_lanes_with_its_callers_senders_oldest_first(
     storage: Storage,
 ) -> None:

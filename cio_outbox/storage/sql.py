@@ -281,7 +281,10 @@ class SQLStorage:
         run_filter, run_args = ("", ()) if run is None else (" AND h.run = ?", (run,))
         if not self._read(self.q(_ANYTHING % run_filter), run_args, tuples=True):
             noted = self.__dict__.get("_waiting_as", {}).get(worker_id)
-            if noted is None or time.monotonic() - noted > WAITING_SECONDS / 2:
+            # Read first whether another worker holds rows: a worker whose own senders hold
+            # every busy lane (concurrency 4 into a fast server) then takes no write lock.
+            if (noted is None or time.monotonic() - noted > WAITING_SECONDS / 2) and \
+                    self._others_hold_rows(worker_id, run):
                 self._tx(lambda cur: self._note_claimant(
                     cur, worker_id, cur.execute(self.q("SELECT {clock}")).fetchone()[0],
                     False, run))
@@ -344,14 +347,24 @@ class SQLStorage:
             if waiting.pop(worker_id, None) is not None:
                 cur.execute(self.q(_SERVED), (worker_id,))
             return
-        # Waiting counts only for rows another worker holds: lanes busy with this worker's
-        # own senders, or with deferred rows, are no one else's to share.
-        run_filter, run_args = ("", ()) if run is None else (" AND run = ?", (run,))
-        if cur.execute(self.q("SELECT 1 FROM {s}counts WHERE status = 'pending' AND n > 0"
-                              + run_filter + " LIMIT 1"), run_args).fetchone() and \
-                cur.execute(self.q(_HELD_BY_OTHERS), (worker_id,)).fetchone():
+        if self._others_hold_rows(worker_id, run, cur):
             cur.execute(self.q(_WAIT), (worker_id, now))
             waiting[worker_id] = time.monotonic()
+
+    def _others_hold_rows(self, worker_id: str, run: str | None, cur: Any = None) -> bool:
+        """Whether rows are pending while another worker holds rows in flight (in cur's
+        transaction, or read outside one).
+
+        Waiting counts only for rows another worker holds: lanes busy with this worker's
+        own senders, or with deferred rows, are no one else's to share."""
+        run_filter, run_args = ("", ()) if run is None else (" AND run = ?", (run,))
+        pending = self.q("SELECT 1 FROM {s}counts WHERE status = 'pending' AND n > 0"
+                         + run_filter + " LIMIT 1")
+        if cur is None:
+            return bool(self._read(pending, run_args, tuples=True)) and bool(
+                self._read(self.q(_HELD_BY_OTHERS), (worker_id,), tuples=True))
+        return bool(cur.execute(pending, run_args).fetchone()) and bool(
+            cur.execute(self.q(_HELD_BY_OTHERS), (worker_id,)).fetchone())
 
     def _free_lanes(self, cur: Any, now: float, run: str | None) -> list[tuple[int, int]]:
         """The free lanes with pending rows and their oldest pending ids, oldest first,
