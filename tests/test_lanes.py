@@ -116,6 +116,66 @@ def test_an_uncontended_claim_takes_every_free_lane_in_enqueue_order(
     assert [r.message_id for r in taken] == [f"m{i}" for i in range(LANES)]
 
 
+def test_a_lone_claim_takes_the_rows_of_several_runs_in_enqueue_order(
+    storage: Storage,
+) -> None:
+    # Runs interleaved row by row: a claim alone reads each run's pending rows in id order
+    # and merges them, so a person's rows of two runs still leave in enqueue order.
+    people = [f"user-{i}" for i in range(7)]
+    rows = [new_row(i, people[i % 7]) for i in range(60)]
+    for i, row in enumerate(rows):
+        row.run = ("a", "b", "c")[i % 3]
+    storage.insert(rows)
+    assert storage.oldest_pending() == storage.rows(limit=1)[0]["created_at"]
+    taken = claim(storage, max_messages=25)
+    assert [r.message_id for r in taken] == [f"m{i}" for i in range(25)]
+    assert [r.run for r in taken] == [("a", "b", "c")[i % 3] for i in range(25)]
+    storage.mark_sent(taken[:10])
+    storage.release(taken[10:])
+    assert [r.message_id for r in claim(storage)] == [f"m{i}" for i in range(10, 60)]
+
+
+def test_a_claim_of_one_run_finds_its_rows_behind_a_large_backlog_of_another(
+    storage: Storage,
+) -> None:
+    backlog = [new_row(i, f"user-{i % 50}") for i in range(25_000)]
+    for row in backlog:
+        row.run = "big"
+    storage.insert(backlog)
+    later = [new_row(30_000 + i, f"user-{i % 50}") for i in range(20)]
+    for row in later:
+        row.run = "small"
+    storage.insert(later)
+    assert storage.oldest_pending("small") == storage.message("m30000")["created_at"]
+    taken = storage.claim("w1", lease_seconds=60.0, max_bytes=MAX_BATCH_BYTES,
+                          max_messages=5000, run="small")
+    assert [r.message_id for r in taken] == [f"m{30_000 + i}" for i in range(20)]
+    assert storage.claim("w1", lease_seconds=60.0, max_bytes=MAX_BATCH_BYTES,
+                         max_messages=5000, run="small") == []
+
+
+def test_a_claim_that_finds_only_its_own_workers_rows_in_flight_takes_no_write_lock(
+    tmp_path: Path,
+) -> None:
+    from cio_outbox.storage.sqlite import SQLiteStorage
+
+    storage = SQLiteStorage(tmp_path / "o.db")
+    storage.insert([new_row(i, "ann") for i in range(3)])
+    assert claim(storage, "w1", max_messages=1)
+    statements: list[str] = []
+    storage.conn.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+    # Another sender of the same worker: ann's lane is busy with w1's own row, which is
+    # no other worker's to wait for, so the empty claim only reads.
+    assert claim(storage, "w1") == []
+    storage.conn.set_trace_callback(None)  # type: ignore[attr-defined]
+    assert statements and not [sql for sql in statements if sql.startswith("BEGIN")]
+    # A worker whose claim finds the lanes held by another does record that it waits.
+    assert claim(storage, "w2") == []
+    assert [r[0] for r in storage.conn.execute(  # type: ignore[attr-defined]
+        "SELECT worker_id FROM claimants")] == ["w2"]
+    storage.close()
+
+
 def test_a_claim_shares_the_free_lanes_with_its_callers_senders_oldest_first(
     storage: Storage,
 ) -> None:
@@ -284,6 +344,12 @@ def test_an_sqlite_outbox_of_schema_version_4_gets_its_lanes(tmp_path: Path) -> 
     conn.execute("PRAGMA user_version = 4")
     conn.close()
     _check_migrated(open_storage(path))
+    # Migration 6 dropped the pending index by id: the index set is a new outbox's.
+    conn = sqlite3.connect(path)
+    assert {name for (name,) in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages'"
+        " AND sql IS NOT NULL")} == MESSAGE_INDEXES
+    conn.close()
 
 
 def test_a_postgres_outbox_of_schema_version_4_gets_its_lanes(postgres_location: str) -> None:
@@ -399,7 +465,7 @@ def test_several_processes_of_several_senders_keep_each_persons_order(
 #: The indexes of messages besides its primary key (each costs every insert and every
 #: status change): what the queries below need, nothing more.
 MESSAGE_INDEXES = {
-    "messages_pending", "messages_pending_run", "messages_failed", "messages_sent",
+    "messages_pending_run", "messages_failed", "messages_sent",
     "messages_in_flight", "messages_lane_pending", "messages_lane_deferred",
 }
 

@@ -217,6 +217,11 @@ MIGRATIONS: list[str | dict[str, str]] = [
         WHERE status = 'pending' AND next_attempt_at IS NOT NULL;
     CREATE TABLE {s}claimants (worker_id TEXT PRIMARY KEY, waiting_since {real} NOT NULL);
     """,
+    # 6: one pending index fewer (issues 16 and 17). Every index on messages costs each
+    # insert and each status change; the pending rows in id order across runs are read
+    # per run from messages_pending_run and merged (a claim alone, oldest_pending), so the
+    # pending index by id alone served nothing the others cannot.
+    "DROP INDEX {s}messages_pending;",
 ]
 #: The migration (1-based version) that adds lanes; the backend then computes the lanes
 #: of the rows already stored (see :func:`cio_outbox.storage.sql.SQLStorage._fill_lanes`).

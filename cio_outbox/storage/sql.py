@@ -7,8 +7,8 @@ fields, which :meth:`SQLStorage.q` fills in for the dialect:
 - ``{s}``: the table prefix; ``{ids}``: "id is in the id list of this parameter";
 - ``{now}``: the database's clock in Unix seconds (``{clock}``: its reading at this
   statement, for claims that waited for a lock); ``{json}``: the JSON type;
-- ``{pending_scan}``, ``{pending_run}``, ``{lane_pending}``: SQLite's index hints for
-  the pending rows in id order, a run's and a lane's pending rows (nothing elsewhere);
+- ``{pending_run}``, ``{lane_pending}``: SQLite's index hints for a run's and a lane's
+  pending rows in id order (nothing elsewhere);
   ``{lanes}``: "lane is in the list of this parameter";
   ``{lock_lanes}``: how a claim locks the lanes it reads (PostgreSQL only);
 - ``{previous_id}``: an alias payload's ``previousId``.
@@ -27,9 +27,9 @@ import re
 import secrets
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from itertools import islice
+from itertools import islice, starmap
 from typing import Any, ClassVar, TypeVar
 
 from cio_outbox.batch import select
@@ -40,7 +40,9 @@ T = TypeVar("T")
 Deltas = dict[tuple[str, str], int]
 Moved = list[tuple[str, str, int]]  # (run, old status, rows)
 
-_CANDIDATES = "SELECT id, run, call_type, person, size, attempts FROM {s}messages"
+# In the order of Row's fields (message_id and payload are read once rows are leased),
+# so that a page of candidates becomes Rows without a Python loop per row.
+_CANDIDATES = "SELECT id, '', run, call_type, person, '', size, attempts FROM {s}messages"
 CANDIDATE_PAGE_SIZE = 1000
 CANDIDATE_PAGES = 20  # bounded: never read far inside a claim
 FIRST_PAGE_MIN = 16
@@ -80,11 +82,20 @@ _BUSY = (
     " UNION SELECT lane FROM {s}messages WHERE status = 'pending'"
     " AND next_attempt_at IS NOT NULL AND next_attempt_at > ? AND {lanes}"
 )
-# All free lanes at once: the pending rows in enqueue order, skipping busy lanes' rows, so
-# an uncontended claim takes a run of consecutive ids as before lanes (few pages written).
+# All free lanes at once: a run's pending rows in enqueue order, skipping busy lanes'
+# rows, so an uncontended claim takes a run of consecutive ids as before lanes (few pages
+# written). Several runs are read this way each and merged by id.
 _SCAN_ROWS = (
-    _CANDIDATES + " %s WHERE status = 'pending'%s AND {lanes} AND id > ?"
-    " ORDER BY id LIMIT ?"
+    _CANDIDATES + " {pending_run} WHERE status = 'pending' AND run = ? AND {lanes}"
+    " AND id > ? ORDER BY run, id LIMIT ?"
+)
+# The runs with pending rows (the counts are exact, in the same transaction as each change).
+_PENDING_RUNS = "SELECT run FROM {s}counts WHERE status = 'pending' AND n > 0 ORDER BY run"
+# The oldest pending row: the oldest of the runs' heads.
+_OLDEST = (
+    "SELECT created_at FROM {s}messages WHERE id = (SELECT min((SELECT m.id FROM {s}messages"
+    " m {pending_run} WHERE m.status = 'pending' AND m.run = c.run ORDER BY m.run, m.id"
+    " LIMIT 1)) FROM {s}counts c WHERE c.status = 'pending' AND c.n > 0)"
 )
 # Claimants whose last claim found no free lane, while rows were pending: the free lanes
 # of the next claims are shared with them (a claim that got rows removes its entry).
@@ -107,7 +118,7 @@ _LEASE = (
     "UPDATE {s}messages SET status = 'in_flight', worker_id = ?, lease_expires_at = ?,"
     " next_attempt_at = NULL, updated_at = ?, claim_token = ? WHERE {ids}"
 )
-_PAYLOADS = "SELECT id, message_id, payload FROM {s}messages WHERE {ids}"
+_PAYLOADS = "SELECT id, message_id, payload FROM {s}messages WHERE {ids} ORDER BY id"
 _FENCED = (
     "UPDATE {s}messages SET %s"
     " WHERE status = 'in_flight' AND claim_token = ? AND {ids} RETURNING id, run"
@@ -222,6 +233,17 @@ class SQLStorage:
             cache[sql] = text
         return text
 
+    def _by_ids(self, sql: str, ids: Sequence[int]) -> tuple[str, tuple[Any, ...]]:
+        """A query of this module whose ``{ids}`` (its last parameter) is these ids, and
+        its id parameters: a range when the ids are consecutive, as a lone claim's usually
+        are (a range scan; a list is one lookup per id, about twice the cost), else the
+        dialect's id list."""
+        ordered = sorted(set(ids))
+        if ordered and ordered[-1] - ordered[0] == len(ordered) - 1:
+            return self.q(sql.replace("{ids}", "id BETWEEN ? AND ?")), (ordered[0],
+                                                                         ordered[-1])
+        return self.q(sql), (self._id_list(ordered),)
+
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         return self._read(self.q(sql), params)
 
@@ -260,7 +282,10 @@ class SQLStorage:
         run_filter, run_args = ("", ()) if run is None else (" AND h.run = ?", (run,))
         if not self._read(self.q(_ANYTHING % run_filter), run_args, tuples=True):
             noted = self.__dict__.get("_waiting_as", {}).get(worker_id)
-            if noted is None or time.monotonic() - noted > WAITING_SECONDS / 2:
+            # Read first whether another worker holds rows: a worker whose own senders hold
+            # every busy lane (concurrency 4 into a fast server) then takes no write lock.
+            if (noted is None or time.monotonic() - noted > WAITING_SECONDS / 2) and \
+                    self._others_hold_rows(worker_id, run):
                 self._tx(lambda cur: self._note_claimant(
                     cur, worker_id, cur.execute(self.q("SELECT {clock}")).fetchone()[0],
                     False, run))
@@ -271,7 +296,10 @@ class SQLStorage:
             now = cur.execute(self.q("SELECT {clock}")).fetchone()[0]
             deltas: Deltas = defaultdict(int)
             # Rows leased by a worker that died come back once their lease has expired.
-            self._transition(cur, deltas, _EXPIRED, (now,), "pending", _DROP_LEASE, ())
+            if self._transition(cur, deltas, _EXPIRED, (now,), "pending", _DROP_LEASE, ()):
+                # Counted now: the scan below finds the runs with pending rows in counts.
+                self._shift(cur, deltas)
+                deltas.clear()
             free = self._free_lanes(cur, now, run)
             claimants = max(1, share) + cur.execute(
                 self.q(_WAITING), (worker_id, now - WAITING_SECONDS)).fetchone()[0]
@@ -289,8 +317,8 @@ class SQLStorage:
             chosen = self._lock_chosen(cur, chosen) if chosen else chosen
             if chosen:
                 chosen.sort(key=lambda r: r.id)
-                cur.execute(self.q(_LEASE), (worker_id, now + lease_seconds, now, token,
-                                             self._id_list([r.id for r in chosen])))
+                sql, ids = self._by_ids(_LEASE, [r.id for r in chosen])
+                cur.execute(sql, (worker_id, now + lease_seconds, now, token, *ids))
                 for row in chosen:
                     deltas[(row.run, "pending")] -= 1
                     deltas[(row.run, "in_flight")] += 1
@@ -301,12 +329,14 @@ class SQLStorage:
         chosen = self._tx(body)
         if chosen:
             self.__dict__["_claim_rows"] = len(chosen)
-            bodies = {row_id: (message_id, payload) for row_id, message_id, payload in
-                      self._read(self.q(_PAYLOADS), (self._id_list([r.id for r in chosen]),),
-                                 tuples=True)}
-            for row in chosen:
-                row.message_id, row.payload = bodies[row.id]
-                row.claim = token
+            # Both lists in id order; a row forgotten since the claim (forget deletes rows
+            # in flight) is not returned.
+            bodies = self._read(*self._by_ids(_PAYLOADS, [r.id for r in chosen]), tuples=True)
+            if len(bodies) != len(chosen):
+                found = {row_id for row_id, _, _ in bodies}
+                chosen = [row for row in chosen if row.id in found]
+            for row, (_, message_id, payload) in zip(chosen, bodies, strict=True):
+                row.message_id, row.payload, row.claim = message_id, payload, token
         return chosen
 
     def _note_claimant(self, cur: Any, worker_id: str, now: float, served: bool,
@@ -318,14 +348,24 @@ class SQLStorage:
             if waiting.pop(worker_id, None) is not None:
                 cur.execute(self.q(_SERVED), (worker_id,))
             return
-        # Waiting counts only for rows another worker holds: lanes busy with this worker's
-        # own senders, or with deferred rows, are no one else's to share.
-        run_filter, run_args = ("", ()) if run is None else (" AND run = ?", (run,))
-        if cur.execute(self.q("SELECT 1 FROM {s}counts WHERE status = 'pending' AND n > 0"
-                              + run_filter + " LIMIT 1"), run_args).fetchone() and \
-                cur.execute(self.q(_HELD_BY_OTHERS), (worker_id,)).fetchone():
+        if self._others_hold_rows(worker_id, run, cur):
             cur.execute(self.q(_WAIT), (worker_id, now))
             waiting[worker_id] = time.monotonic()
+
+    def _others_hold_rows(self, worker_id: str, run: str | None, cur: Any = None) -> bool:
+        """Whether rows are pending while another worker holds rows in flight (in cur's
+        transaction, or read outside one).
+
+        Waiting counts only for rows another worker holds: lanes busy with this worker's
+        own senders, or with deferred rows, are no one else's to share."""
+        run_filter, run_args = ("", ()) if run is None else (" AND run = ?", (run,))
+        pending = self.q("SELECT 1 FROM {s}counts WHERE status = 'pending' AND n > 0"
+                         + run_filter + " LIMIT 1")
+        if cur is None:
+            return bool(self._read(pending, run_args, tuples=True)) and bool(
+                self._read(self.q(_HELD_BY_OTHERS), (worker_id,), tuples=True))
+        return bool(cur.execute(pending, run_args).fetchone()) and bool(
+            cur.execute(self.q(_HELD_BY_OTHERS), (worker_id,)).fetchone())
 
     def _free_lanes(self, cur: Any, now: float, run: str | None) -> list[tuple[int, int]]:
         """The free lanes with pending rows and their oldest pending ids, oldest first,
@@ -342,29 +382,34 @@ class SQLStorage:
 
     def _scan_candidates(self, cur: Any, lanes: list[tuple[int, int]], run: str | None
                          ) -> Iterator[Row]:
-        """Pending rows of these lanes in enqueue order, from one index in id order (for a
-        claim that takes every free lane: the rows it passes over are of busy lanes)."""
-        if run is None:
-            sql = self.q(_SCAN_ROWS % ("{pending_scan}", ""))
-            run_args: tuple[str, ...] = ()
-        else:
-            sql = self.q(_SCAN_ROWS % ("{pending_run}", " AND run = ?"))
-            run_args = (run,)
+        """Pending rows of these lanes in enqueue order (for a claim that takes every free
+        lane: the rows it passes over are of busy lanes): each run's from the run index in
+        id order, merged by id (usually there is one run: one range scan)."""
+        runs = [run] if run is not None else [
+            r for (r,) in cur.execute(self.q(_PENDING_RUNS)).fetchall()]
+        sql = self.q(_SCAN_ROWS)
         ids = self._id_list([lane for lane, _ in lanes])
-        after, size = min(head for _, head in lanes) - 1, max(FIRST_PAGE_MIN, min(
-            CANDIDATE_PAGE_SIZE, int(self.__dict__.get("_claim_rows", CANDIDATE_PAGE_SIZE))
-            * 5 // 4 + 8))
-        budget = CANDIDATE_PAGES * CANDIDATE_PAGE_SIZE
-        while budget > 0:
-            size = min(size, budget)
-            page = cur.execute(sql, (*run_args, ids, after, size)).fetchall()
-            budget -= len(page) or 1
-            for row_id, row_run, call_type, person, row_size, attempts in page:
-                yield Row(row_id, "", row_run, call_type, person, "", row_size, attempts)
-            if len(page) < size:
-                return
-            after = page[-1][0]
-            size = min(CANDIDATE_PAGE_SIZE, size * 2)
+        start = min(head for _, head in lanes) - 1
+        first = max(FIRST_PAGE_MIN, min(CANDIDATE_PAGE_SIZE, int(self.__dict__.get(
+            "_claim_rows", CANDIDATE_PAGE_SIZE)) * 5 // (4 * max(1, len(runs))) + 8))
+        budget = [CANDIDATE_PAGES * CANDIDATE_PAGE_SIZE]
+
+        def run_rows(name: str) -> Iterator[tuple[Any, ...]]:
+            after, size = start, first
+            while budget[0] > 0:
+                size = min(size, budget[0])
+                page = cur.execute(sql, (name, ids, after, size)).fetchall()
+                budget[0] -= len(page) or 1
+                yield from page
+                if len(page) < size:
+                    return
+                after = page[-1][0]
+                size = min(CANDIDATE_PAGE_SIZE, size * 2)
+
+        if len(runs) == 1:
+            yield from starmap(Row, run_rows(runs[0]))
+        else:
+            yield from starmap(Row, heapq.merge(*(run_rows(name) for name in runs)))
 
     def _lane_candidates(self, cur: Any, lanes: list[tuple[int, int]], run: str | None
                          ) -> Iterator[Row]:
@@ -395,9 +440,7 @@ class SQLStorage:
                 after = page[-1][0]
                 size = min(CANDIDATE_PAGE_SIZE, size * 2)
 
-        for row_id, row_run, call_type, person, size, attempts in heapq.merge(
-                *(lane_rows(lane, head) for lane, head in lanes)):
-            yield Row(row_id, "", row_run, call_type, person, "", size, attempts)
+        yield from starmap(Row, heapq.merge(*(lane_rows(lane, head) for lane, head in lanes)))
 
     @property
     def lanes(self) -> int:
@@ -471,18 +514,18 @@ class SQLStorage:
         for row in rows:
             by_claim[row.claim].append(row.id)
         status = ("status = ?, ",) if new_status else ()
-        sql = self.q(_FENCED % ("".join(status) + assignments))
+        template = _FENCED % ("".join(status) + assignments)
         changed: list[int] = []
         deltas: Deltas = defaultdict(int)
+        first = (new_status,) if new_status else ()
         for token, ids in by_claim.items():
-            first = (new_status,) if new_status else ()
-            for row_id, run in cur.execute(
-                sql, (*first, *params, token, self._id_list(ids))
-            ).fetchall():
-                changed.append(row_id)
-                if new_status:
-                    deltas[(run, "in_flight")] -= 1
-                    deltas[(run, new_status)] += 1
+            sql, id_args = self._by_ids(template, ids)
+            moved = cur.execute(sql, (*first, *params, token, *id_args)).fetchall()
+            changed.extend(row_id for row_id, _ in moved)
+            if new_status:
+                for run, n in Counter(run for _, run in moved).items():
+                    deltas[(run, "in_flight")] -= n
+                    deltas[(run, new_status)] += n
         self._shift(cur, deltas)
         return sorted(changed)
 
@@ -593,8 +636,7 @@ class SQLStorage:
 
     def oldest_pending(self, run: str | None = None) -> float | None:
         if run is None:
-            rows = self._query("SELECT created_at FROM {s}messages WHERE status = 'pending'"
-                             " ORDER BY id LIMIT 1")
+            rows = self._query(_OLDEST)
         else:
             rows = self._query("SELECT created_at FROM {s}messages {pending_run}"
                              " WHERE status = 'pending' AND run = ? ORDER BY run, id LIMIT 1",

@@ -94,7 +94,6 @@ class SQLiteStorage(SQLStorage):
     fields: ClassVar[dict[str, str]] = {
         "now": _NOW, "clock": _NOW, "ids": "id IN (SELECT value FROM json_each(?))",
         "json": "TEXT", "pending_run": "INDEXED BY messages_pending_run",
-        "pending_scan": "INDEXED BY messages_pending",
         "previous_id": "json_extract(payload, '$.previousId')",
         "lane_pending": "INDEXED BY messages_lane_pending",
         "lanes": "lane IN (SELECT value FROM json_each(?))", "lock_lanes": "",
