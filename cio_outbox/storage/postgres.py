@@ -15,9 +15,11 @@ Design, in short:
   transaction as the rows they count; every transaction locks its message rows first
   and its count rows last, in a fixed order, so counts never dead-lock.
 - A claim is one short transaction with no global lock: it recovers expired leases,
-  locks the free lanes (rows of the ``lanes`` table, ``FOR UPDATE SKIP LOCKED``, so
-  concurrent claims take different lanes), keeps its share of them (all of them when no
-  other claimant waits, see sql.py), rechecks in a fresh snapshot
+  reads the free lanes, chooses its share of them (all of them when no other claimant
+  waits, see sql.py) and locks only those (rows of the ``lanes`` table, oldest head first,
+  ``FOR UPDATE SKIP LOCKED``, so concurrent claims take different lanes, and the lanes it
+  leaves are free for the claims of other processes at once; locking every free lane
+  kept them from other workers until commit), rechecks in a fresh snapshot
   that nothing of them went in flight meanwhile, lets :func:`cio_outbox.batch.select`
   pick from their pending rows, then locks the picked rows with ``SELECT ... FOR UPDATE
   SKIP LOCKED``. A picked row that another transaction holds (a late ``mark_sent`` of a
@@ -47,7 +49,7 @@ from cio_outbox.storage.lanes import lane_of
 from cio_outbox.storage.location import DEFAULT_SCHEMA, redact, split_location
 from cio_outbox.storage.schema import LANES_VERSION, POSTGRES, SCHEMA_VERSION, render
 from cio_outbox.storage.slots import MAX_SLOTS, NoFreeSlot, WorkerSlot, slot_id
-from cio_outbox.storage.sql import Deltas, Moved, SQLStorage
+from cio_outbox.storage.sql import _BUSY, _FREE_LANES, Deltas, Moved, SQLStorage
 
 if TYPE_CHECKING:
     import psycopg
@@ -98,7 +100,7 @@ class PostgresStorage(SQLStorage):
         "pending_scan": "",
         "previous_id": "(payload::jsonb ->> 'previousId')",
         "lane_pending": "", "lanes": "lane = ANY(?::int[])",
-        "lock_lanes": " FOR UPDATE OF l SKIP LOCKED",
+        "lock_lanes": "",  # the lanes a claim keeps are locked in _keep_lanes
     }
 
     def __init__(self, url: str, *, connect_timeout: float = CONNECT_TIMEOUT_SECONDS) -> None:
@@ -301,6 +303,33 @@ class PostgresStorage(SQLStorage):
         cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
                     (self._migrate_key,))
         super()._create_sync_state(cur)
+
+    def _free_lanes(self, cur: Any, now: float, run: str | None) -> list[tuple[int, int]]:
+        # Read without locks; _keep_lanes locks and rechecks the lanes the claim keeps.
+        run_filter, run_args = ("", ()) if run is None else (" AND h.run = ?", (run,))
+        return [(lane, head) for lane, head in cur.execute(
+            self.q(_FREE_LANES % (run_filter, run_filter)),
+            (*run_args, *run_args, now, self.lanes)).fetchall()]
+
+    def _keep_lanes(self, cur: Any, free: list[tuple[int, int]], take: int, now: float
+                    ) -> list[tuple[int, int]]:
+        if not free or take <= 0:
+            return []
+        order = [lane for lane, _ in free]
+        # LIMIT applies after the locks: lanes another claim holds are skipped and the
+        # next oldest taken instead, up to this claim's share.
+        cur.execute(
+            f"SELECT lane FROM {self._s}.lanes WHERE lane = ANY(%s::int[])"
+            " ORDER BY array_position(%s::int[], lane) LIMIT %s FOR UPDATE SKIP LOCKED",
+            (order, order, take),
+        )
+        locked = [lane for (lane,) in cur.fetchall()]
+        if not locked:
+            return []
+        # A claim that committed after the read above may have made a lane busy.
+        busy = {lane for (lane,) in cur.execute(self.q(_BUSY), (locked, now, locked))}
+        kept = set(locked) - busy
+        return [(lane, head) for lane, head in free if lane in kept]
 
     def _lock_chosen(self, cur: Any, chosen: list[Row]) -> list[Row]:
         cur.execute(

@@ -177,6 +177,13 @@ class SQLStorage:
         """Anything a claim must lock first (SQLite's write lock is taken by BEGIN
         IMMEDIATE; PostgreSQL locks the lanes it takes, in the lanes query)."""
 
+    def _keep_lanes(self, cur: Any, free: list[tuple[int, int]], take: int, now: float
+                    ) -> list[tuple[int, int]]:
+        """The lanes of ``free`` (oldest head first) this claim keeps: the first ``take``
+        (SQLite holds the write lock; PostgreSQL locks only these, skipping lanes another
+        claim holds, so that the lanes it leaves are free for other claims at once)."""
+        return free[:take]
+
     def _lock_chosen(self, cur: Any, chosen: list[Row]) -> list[Row]:
         """The chosen rows this claim may lease (PostgreSQL skips rows locked elsewhere)."""
         return chosen
@@ -277,11 +284,11 @@ class SQLStorage:
             if claimants > 1 and len(free) > 1:
                 take = max(min(len(free), lanes_per_claim(self.lanes)),
                            -(-len(free) // claimants))
-                lanes = free[:take]
             else:
-                lanes = free
+                take = len(free)
+            lanes = self._keep_lanes(cur, free, take, now)
             # Persons never share a lane, so nothing is blocked within the lanes taken.
-            candidates = (self._scan_candidates(cur, lanes, run) if lanes is free
+            candidates = (self._scan_candidates(cur, lanes, run) if len(lanes) == len(free)
                           else self._lane_candidates(cur, lanes, run))
             chosen = select(candidates, set(), max_bytes=max_bytes,
                             max_messages=max_messages) if lanes else []
