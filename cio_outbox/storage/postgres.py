@@ -30,6 +30,11 @@ Design, in short:
 - Everything but the connection, the schema versioning, COPY, claim locking and the two
   statements that move or delete rows while counting them is in sql.py, shared with
   SQLite.
+- Idle senders of other processes and machines wake on a change: every change that can
+  make rows claimable (rows added, sent, released, ...) sends a NOTIFY on the outbox's
+  channel, and a listener thread (its own connection, started by the first
+  ``wait_for_change``) turns the others' notifications into the same wake-up as a change
+  made in this process. Without it, they would claim again only after their poll interval.
 - Dead-locks and serialization failures (possible between two imports that add the
   same messageIds in different orders) are retried a few times.
 """
@@ -37,9 +42,12 @@ Design, in short:
 from __future__ import annotations
 
 import os
+import secrets
 import threading
+import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
+from hashlib import blake2b
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random
@@ -49,7 +57,7 @@ from cio_outbox.storage.lanes import lane_of
 from cio_outbox.storage.location import DEFAULT_SCHEMA, redact, split_location
 from cio_outbox.storage.schema import LANES_VERSION, POSTGRES, SCHEMA_VERSION, render
 from cio_outbox.storage.slots import MAX_SLOTS, NoFreeSlot, WorkerSlot, slot_id
-from cio_outbox.storage.sql import _BUSY, _FREE_LANES, Deltas, Moved, SQLStorage
+from cio_outbox.storage.sql import _BUSY, _FREE_LANES, _WAIT, Deltas, Moved, SQLStorage
 
 if TYPE_CHECKING:
     import psycopg
@@ -62,6 +70,10 @@ CONNECT_TIMEOUT_SECONDS = 10
 _RETRIES = 8
 IDLE_IN_TRANSACTION_MS = 60_000
 _COPY_FROM = 64  # rows from which an insert goes by COPY
+# How often a claiming worker renews its entry in the claimants table, in seconds.
+_ACTIVE_REFRESH = 1.0
+# How often the listener thread looks up from its connection to see if it should stop.
+_LISTEN_TICK = 0.5
 # The server's clock, in Unix seconds, at the start of the current transaction.
 _NOW = "extract(epoch from now())::float8"
 
@@ -116,6 +128,12 @@ class PostgresStorage(SQLStorage):
         self._all: list[tuple[threading.Thread, Any]] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        # LISTEN/NOTIFY: the outbox's channel (an identifier of at most 63 bytes), and
+        # this object's mark on its own notifications (it has woken its waiters already).
+        self._channel = "cio_outbox_" + blake2b(self.schema.encode(), digest_size=12).hexdigest()
+        self._mark = secrets.token_hex(8)
+        self._listener: tuple[int, threading.Thread, threading.Event, threading.Event] | None \
+            = None
         self._migrate()
 
     # -- connections -------------------------------------------------------------------
@@ -311,6 +329,22 @@ class PostgresStorage(SQLStorage):
             self.q(_FREE_LANES % (run_filter, run_filter)),
             (*run_args, *run_args, now, self.lanes)).fetchall()]
 
+    def _note_claimant(self, cur: Any, worker_id: str, now: float, served: bool,
+                       run: str | None) -> None:
+        """Record that this worker claims, served or not: on PostgreSQL the claimants
+        table lists every worker that claimed in the last WAITING_SECONDS, and a claim
+        shares the free lanes among all of them.
+
+        Counting only workers whose last claim found nothing (SQLite's rule) let workers
+        whose requests ended together (one NOTIFY wakes them all) each see itself alone
+        and try to take every free lane: the first took all, and the others sat out a
+        round. Written at most once a second per worker (a small HOT update)."""
+        noted: dict[str, float] = self.__dict__.setdefault("_waiting_as", {})
+        last = noted.get(worker_id)
+        if last is None or time.monotonic() - last > _ACTIVE_REFRESH:
+            cur.execute(self.q(_WAIT), (worker_id, now))
+            noted[worker_id] = time.monotonic()
+
     def _keep_lanes(self, cur: Any, free: list[tuple[int, int]], take: int, now: float
                     ) -> list[tuple[int, int]]:
         if not free or take <= 0:
@@ -395,6 +429,68 @@ class PostgresStorage(SQLStorage):
         except self._psycopg.Error as exc:
             raise self._explain(exc) from None
 
+    # -- waking idle senders of other processes (LISTEN/NOTIFY) --------------------------
+
+    def _signal(self) -> None:
+        super()._signal()
+        # After the change's commit: a lost notification costs the others at most their
+        # poll interval, so a failure here is not the caller's.
+        with suppress(Exception):
+            self.conn.execute("SELECT pg_notify(%s, %s)", (self._channel, self._mark))
+
+    def wake(self) -> None:
+        """Wake this object's waiters (a worker stopping), not other processes'."""
+        super()._signal()
+
+    def wait_for_change(self, seen: int, timeout: float) -> bool:
+        """As SQLStorage.wait_for_change; changes made through other storage objects,
+        processes and machines wake it too (their NOTIFY, within milliseconds)."""
+        started = time.monotonic()
+        ready = self._listening()
+        if not ready.is_set():
+            ready.wait(timeout)
+        return super().wait_for_change(seen, max(0.0, timeout - (time.monotonic() - started)))
+
+    def _listening(self) -> threading.Event:
+        """The listener thread of this process (started on first use); its ready event."""
+        with self._lock:
+            current = self._listener
+            if current is not None and current[0] == os.getpid() and current[1].is_alive():
+                return current[3]
+            stop, ready = threading.Event(), threading.Event()
+            thread = threading.Thread(target=self._listen, args=(stop, ready),
+                                      name=f"cio-listen-{self.schema}", daemon=True)
+            self._listener = (os.getpid(), thread, stop, ready)
+            thread.start()
+            return ready
+
+    def _listen(self, stop: threading.Event, ready: threading.Event) -> None:
+        """Turn other objects' notifications into wake-ups until stopped."""
+        from psycopg import sql
+
+        heard_before = False
+        while not stop.is_set():
+            try:
+                conn = self._connect()
+            except StorageError:
+                stop.wait(1.0)  # the server is away: waiters poll meanwhile
+                continue
+            try:
+                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+                if heard_before:  # changes made while listening again were not heard
+                    SQLStorage._signal(self)
+                heard_before = True
+                ready.set()
+                while not stop.is_set():
+                    for note in conn.notifies(timeout=_LISTEN_TICK):
+                        if note.payload != self._mark:
+                            SQLStorage._signal(self)
+            except Exception:  # a lost connection: listen again on a new one
+                stop.wait(0.1)
+            finally:
+                with suppress(Exception):
+                    conn.close()
+
     def worker_slot(self) -> WorkerSlot:
         """A slot of this outbox on this host: a session advisory lock on a connection of
         its own, held until released or until the process dies (see slots.py)."""
@@ -416,6 +512,9 @@ class PostgresStorage(SQLStorage):
 
     def close(self) -> None:
         with self._lock:
+            if self._listener is not None:
+                self._listener[2].set()  # the thread closes its connection within a tick
+                self._listener = None
             for _, conn in self._all:
                 with suppress(Exception):
                     conn.close()
