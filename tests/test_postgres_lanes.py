@@ -62,15 +62,15 @@ def test_a_shared_claim_locks_only_the_lanes_it_keeps(
     assert isinstance(storage, PostgresStorage)
     one_row_per_lane(storage)
     seen: list[int] = []
-    lock_chosen = PostgresStorage._lock_chosen
+    lease_chosen = PostgresStorage._lease_chosen
 
-    def probe(self: PostgresStorage, cur: Any, chosen: list[Row]) -> list[Row]:
+    def probe(self: PostgresStorage, cur: Any, chosen: list[Row], lease: Any) -> list[Row]:
         # In the middle of the claim's transaction: the lanes it did not keep are free for
         # the claims of other processes (before, every free lane stayed locked to commit).
         seen.append(lockable_lanes(postgres_location))
-        return lock_chosen(self, cur, chosen)
+        return lease_chosen(self, cur, chosen, lease)
 
-    monkeypatch.setattr(PostgresStorage, "_lock_chosen", probe)
+    monkeypatch.setattr(PostgresStorage, "_lease_chosen", probe)
     taken = claim(storage, share=4)
     assert [r.message_id for r in taken] == [f"m{i}" for i in range(LANES // 4)]
     assert seen == [LANES - LANES // 4]

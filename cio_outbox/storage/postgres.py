@@ -57,7 +57,15 @@ from cio_outbox.storage.lanes import lane_of
 from cio_outbox.storage.location import DEFAULT_SCHEMA, redact, split_location
 from cio_outbox.storage.schema import LANES_VERSION, POSTGRES, SCHEMA_VERSION, render
 from cio_outbox.storage.slots import MAX_SLOTS, NoFreeSlot, WorkerSlot, slot_id
-from cio_outbox.storage.sql import _BUSY, _FREE_LANES, _WAIT, Deltas, Moved, SQLStorage
+from cio_outbox.storage.sql import (
+    _BUSY,
+    _DEFERRED,
+    _LANE_HEAD,
+    _WAIT,
+    Deltas,
+    Moved,
+    SQLStorage,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -90,6 +98,56 @@ _FROM_ARRAYS = (
 )
 
 
+# A lane with nothing in flight, probed per lane (one index entry of messages_in_flight)
+# rather than NOT EXISTS: the planner estimates the rows in flight from the last ANALYZE,
+# usually taken when none were, and then joins every lane against a full scan of the
+# in-flight index, visiting the heap for each of its thousands of live and dead entries
+# (20 to 30 ms a claim with 4 workers' rows in flight; the probes take a few ms).
+_IDLE_LANE = (
+    "(SELECT 1 FROM {s}messages b WHERE b.status = 'in_flight' AND b.lane = l.lane LIMIT 1)"
+    " IS NULL"
+)
+_FREE_LANES = (
+    "SELECT l.lane, (" + _LANE_HEAD + ") AS head FROM {s}lanes l"
+    " WHERE (" + _LANE_HEAD + ") IS NOT NULL"
+    " AND " + _IDLE_LANE + " AND NOT EXISTS (" + _DEFERRED + ")"
+    " ORDER BY head"
+)
+# As sql.py's, with the same per-lane probes (an EXISTS became a hash join over every
+# pending index entry, dead or alive: 100 ms).
+_ANYTHING = (
+    "SELECT 1 FROM {s}lanes l WHERE (" + _LANE_HEAD + ") IS NOT NULL"
+    " AND " + _IDLE_LANE + " AND NOT EXISTS (" + _DEFERRED.replace("?", "{now}") + ")"
+    " UNION ALL SELECT 1 FROM {s}messages WHERE status = 'in_flight'"
+    " AND lease_expires_at < {now} LIMIT 1"
+)
+
+
+# The fenced change of claimed rows, looked up by id (the primary key). With the status
+# test written plainly, the planner scanned the whole in-flight index instead (every
+# worker's rows in flight, and the dead entries of those sent since the last vacuum), on
+# its estimate from the last ANALYZE that few rows are in flight. The concatenation is
+# not provable from that index's predicate, so only the id lookup remains.
+_FENCED = (
+    "UPDATE {s}messages SET %s"
+    " WHERE (status || '') = 'in_flight' AND claim_token = ? AND {ids} RETURNING id, run"
+)
+# A claim's lease in one statement: lock the chosen rows (skipping rows another
+# transaction holds), lease them, and return their message ids and payloads.
+_LOCK_AND_LEASE = (
+    "WITH locked AS (SELECT id FROM {s}messages WHERE id = ANY(?::bigint[])"
+    " AND status = 'pending' FOR UPDATE SKIP LOCKED)"
+    " UPDATE {s}messages m SET status = 'in_flight', worker_id = ?, lease_expires_at = ?,"
+    " next_attempt_at = NULL, updated_at = ?, claim_token = ? FROM locked"
+    " WHERE m.id = locked.id RETURNING m.id, m.message_id, m.payload"
+)
+# Rows leased above that must not go (a row of their person was skipped): back to pending.
+_UNLEASE = (
+    "UPDATE {s}messages SET status = 'pending', worker_id = NULL, lease_expires_at = NULL,"
+    " claim_token = NULL WHERE id = ANY(?::bigint[])"
+)
+
+
 def _driver() -> Any:
     """psycopg, imported on first use so that the SQLite path never needs it."""
     try:
@@ -106,6 +164,8 @@ class PostgresStorage(SQLStorage):
     """An outbox in a PostgreSQL schema. Safe for many threads, processes and machines."""
 
     placeholder = "%s"
+    _anything_sql = _ANYTHING
+    _fenced_sql = _FENCED
     fields: ClassVar[dict[str, str]] = {
         "now": _NOW, "clock": "extract(epoch from clock_timestamp())::float8",
         "ids": "id = ANY(?::bigint[])", "json": "JSONB", "pending_run": "",
@@ -327,7 +387,7 @@ class PostgresStorage(SQLStorage):
         run_filter, run_args = ("", ()) if run is None else (" AND h.run = ?", (run,))
         return [(lane, head) for lane, head in cur.execute(
             self.q(_FREE_LANES % (run_filter, run_filter)),
-            (*run_args, *run_args, now, self.lanes)).fetchall()]
+            (*run_args, *run_args, now)).fetchall()]
 
     def _note_claimant(self, cur: Any, worker_id: str, now: float, served: bool,
                        run: str | None) -> None:
@@ -365,14 +425,22 @@ class PostgresStorage(SQLStorage):
         kept = set(locked) - busy
         return [(lane, head) for lane, head in free if lane in kept]
 
-    def _lock_chosen(self, cur: Any, chosen: list[Row]) -> list[Row]:
-        cur.execute(
-            f"SELECT id FROM {self._s}.messages WHERE id = ANY(%s::bigint[])"
-            " AND status = 'pending' FOR UPDATE SKIP LOCKED",
-            ([r.id for r in chosen],),
-        )
-        locked = {row_id for (row_id,) in cur.fetchall()}
-        return chosen if len(locked) == len(chosen) else _in_order(chosen, locked)
+    def _lease_chosen(self, cur: Any, chosen: list[Row], lease: tuple[Any, ...]
+                      ) -> list[Row]:
+        """Lock, lease and read the chosen rows in one statement (three before). A
+        chosen row another transaction holds (a late mark_sent, a forget) is skipped, and
+        so is every later row of its person: those were leased too and go back at once,
+        in this transaction (rare)."""
+        cur.execute(self.q(_LOCK_AND_LEASE), ([r.id for r in chosen], *lease))
+        bodies = {row_id: (message_id, payload)
+                  for row_id, message_id, payload in cur.fetchall()}
+        kept = chosen if len(bodies) == len(chosen) else _in_order(chosen, set(bodies))
+        if len(kept) != len(bodies):
+            keep = {r.id for r in kept}
+            cur.execute(self.q(_UNLEASE), ([i for i in bodies if i not in keep],))
+        for row in kept:
+            row.message_id, row.payload = bodies[row.id]
+        return sorted(kept, key=lambda r: r.id)
 
     def _move(self, cur: Any, where: str, params: Sequence[Any], new_status: str,
               assignments: str, assignment_params: Sequence[Any]) -> Moved:

@@ -151,6 +151,10 @@ class SQLStorage:
     location: str
     prefix: str = ""
     placeholder: ClassVar[str] = "?"
+    #: The read before a claim's transaction (a dialect may phrase it for its planner).
+    _anything_sql: ClassVar[str] = _ANYTHING
+    #: The fenced change of claimed rows (a dialect may phrase it for its planner).
+    _fenced_sql: ClassVar[str] = _FENCED
     fields: ClassVar[dict[str, str]] = {}
 
     # -- hooks -------------------------------------------------------------------------
@@ -183,6 +187,17 @@ class SQLStorage:
         (SQLite holds the write lock; PostgreSQL locks only these, skipping lanes another
         claim holds, so that the lanes it leaves are free for other claims at once)."""
         return free[:take]
+
+    def _lease_chosen(self, cur: Any, chosen: list[Row], lease: tuple[Any, ...]
+                      ) -> list[Row]:
+        """Lease the chosen rows this claim may take (``lease``: worker id, lease expiry,
+        now, claim token); those rows, in id order. A backend may also fill in their
+        message ids and payloads (PostgreSQL returns them from the lease itself)."""
+        chosen = self._lock_chosen(cur, chosen)
+        if chosen:
+            chosen.sort(key=lambda r: r.id)
+            cur.execute(self.q(_LEASE), (*lease, self._id_list([r.id for r in chosen])))
+        return chosen
 
     def _lock_chosen(self, cur: Any, chosen: list[Row]) -> list[Row]:
         """The chosen rows this claim may lease (PostgreSQL skips rows locked elsewhere)."""
@@ -264,7 +279,7 @@ class SQLStorage:
         lanes."""
         token = secrets.token_hex(8)
         run_filter, run_args = ("", ()) if run is None else (" AND h.run = ?", (run,))
-        if not self._read(self.q(_ANYTHING % run_filter), run_args, tuples=True):
+        if not self._read(self.q(self._anything_sql % run_filter), run_args, tuples=True):
             noted = self.__dict__.get("_waiting_as", {}).get(worker_id)
             if noted is None or time.monotonic() - noted > WAITING_SECONDS / 2:
                 self._tx(lambda cur: self._note_claimant(
@@ -292,11 +307,9 @@ class SQLStorage:
                           else self._lane_candidates(cur, lanes, run))
             chosen = select(candidates, set(), max_bytes=max_bytes,
                             max_messages=max_messages) if lanes else []
-            chosen = self._lock_chosen(cur, chosen) if chosen else chosen
+            chosen = self._lease_chosen(cur, chosen, (
+                worker_id, now + lease_seconds, now, token)) if chosen else chosen
             if chosen:
-                chosen.sort(key=lambda r: r.id)
-                cur.execute(self.q(_LEASE), (worker_id, now + lease_seconds, now, token,
-                                             self._id_list([r.id for r in chosen])))
                 for row in chosen:
                     deltas[(row.run, "pending")] -= 1
                     deltas[(row.run, "in_flight")] += 1
@@ -305,13 +318,15 @@ class SQLStorage:
             return chosen
 
         chosen = self._tx(body)
-        if chosen:
-            self.__dict__["_claim_rows"] = len(chosen)
+        if chosen and not chosen[0].payload:  # the backend did not return them with the lease
             bodies = {row_id: (message_id, payload) for row_id, message_id, payload in
                       self._read(self.q(_PAYLOADS), (self._id_list([r.id for r in chosen]),),
                                  tuples=True)}
             for row in chosen:
                 row.message_id, row.payload = bodies[row.id]
+        if chosen:
+            self.__dict__["_claim_rows"] = len(chosen)
+            for row in chosen:
                 row.claim = token
         return chosen
 
@@ -477,7 +492,7 @@ class SQLStorage:
         for row in rows:
             by_claim[row.claim].append(row.id)
         status = ("status = ?, ",) if new_status else ()
-        sql = self.q(_FENCED % ("".join(status) + assignments))
+        sql = self.q(self._fenced_sql % ("".join(status) + assignments))
         changed: list[int] = []
         deltas: Deltas = defaultdict(int)
         for token, ids in by_claim.items():
