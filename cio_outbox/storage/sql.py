@@ -10,7 +10,8 @@ fields, which :meth:`SQLStorage.q` fills in for the dialect:
 - ``{pending_scan}``, ``{pending_run}``, ``{lane_pending}``: SQLite's index hints for
   the pending rows in id order, a run's and a lane's pending rows (nothing elsewhere);
   ``{lanes}``: "lane is in the list of this parameter";
-  ``{lock_lanes}``: how a claim locks the lanes it reads (PostgreSQL only);
+  ``{lock_lanes}``: how a claim locks the lanes it reads (empty in both dialects now:
+  PostgreSQL locks only the lanes it keeps, in ``_keep_lanes``);
 - ``{previous_id}``: an alias payload's ``previousId``.
 
 A backend provides the connection (``_tx`` runs a body in one write transaction,
@@ -179,7 +180,7 @@ class SQLStorage:
 
     def _lock_claims(self, cur: Any) -> None:
         """Anything a claim must lock first (SQLite's write lock is taken by BEGIN
-        IMMEDIATE; PostgreSQL locks the lanes it takes, in the lanes query)."""
+        IMMEDIATE; PostgreSQL locks the lanes it keeps, in _keep_lanes)."""
 
     def _keep_lanes(self, cur: Any, free: list[tuple[int, int]], take: int, now: float
                     ) -> list[tuple[int, int]]:
@@ -296,14 +297,16 @@ class SQLStorage:
             free = self._free_lanes(cur, now, run)
             claimants = max(1, share) + cur.execute(
                 self.q(_WAITING), (worker_id, now - WAITING_SECONDS)).fetchone()[0]
-            if claimants > 1 and len(free) > 1:
+            shared = claimants > 1 and len(free) > 1
+            if shared:
                 take = max(min(len(free), lanes_per_claim(self.lanes)),
                            -(-len(free) // claimants))
             else:
                 take = len(free)
             lanes = self._keep_lanes(cur, free, take, now)
             # Persons never share a lane, so nothing is blocked within the lanes taken.
-            candidates = (self._scan_candidates(cur, lanes, run) if len(lanes) == len(free)
+            candidates = (self._scan_candidates(cur, lanes, run)
+                          if not shared and len(lanes) == len(free)
                           else self._lane_candidates(cur, lanes, run))
             chosen = select(candidates, set(), max_bytes=max_bytes,
                             max_messages=max_messages) if lanes else []
