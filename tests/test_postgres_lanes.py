@@ -182,3 +182,28 @@ def test_workers_served_a_moment_ago_still_share_the_free_lanes(
     mine = {lane_of(r.person) for r in claim(storage, "w2")}
     assert len(mine) == LANES // 4 and not mine & {lane_of(r.person) for r in again}
     storage.close()
+
+
+def test_a_claim_whose_lanes_went_busy_before_it_locked_them_takes_the_next_free_ones(
+    postgres_location: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage, other = open_storage(postgres_location), open_storage(postgres_location)
+    one_row_per_lane(storage)
+    free_lanes = PostgresStorage._free_lanes
+    theirs: list[Row] = []
+
+    def stale(self: PostgresStorage, cur: Any, now: float, run: str | None) -> Any:
+        free = free_lanes(self, cur, now, run)
+        if self is storage and not theirs:  # another worker claims and commits meanwhile
+            theirs.extend(claim(other, "w2"))
+        return free
+
+    monkeypatch.setattr(PostgresStorage, "_free_lanes", stale)
+    mine = claim(storage, "w1")
+    # w2 took the 8 oldest lanes, and counts as a claimant: w1 keeps its share (half of
+    # the 64 it read as free), taking the next free lanes for those that went busy.
+    assert len({lane_of(r.person) for r in theirs}) == 8
+    assert len({lane_of(r.person) for r in mine}) == LANES // 2
+    assert not {lane_of(r.person) for r in mine} & {lane_of(r.person) for r in theirs}
+    storage.close()
+    other.close()

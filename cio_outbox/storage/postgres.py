@@ -414,20 +414,28 @@ class PostgresStorage(SQLStorage):
         # workers started with it found nothing (no row is cheaper to lease for being
         # next to the others here, unlike SQLite's page writes).
         take = min(take, max(lanes_per_claim(self.lanes), take if take < len(free) else 0))
-        order = [lane for lane, _ in free]
-        # LIMIT applies after the locks: lanes another claim holds are skipped and the
-        # next oldest taken instead, up to this claim's share.
-        cur.execute(
-            f"SELECT lane FROM {self._s}.lanes WHERE lane = ANY(%s::int[])"
-            " ORDER BY array_position(%s::int[], lane) LIMIT %s FOR UPDATE SKIP LOCKED",
-            (order, order, take),
-        )
-        locked = [lane for (lane,) in cur.fetchall()]
-        if not locked:
-            return []
-        # A claim that committed after the read above may have made a lane busy.
-        busy = {lane for (lane,) in cur.execute(self.q(_BUSY), (locked, now, locked))}
-        kept = set(locked) - busy
+        kept: set[int] = set()
+        tried: set[int] = set()
+        while len(kept) < take:
+            order = [lane for lane, _ in free if lane not in tried]
+            if not order:
+                break
+            # LIMIT applies after the locks: lanes another claim holds are skipped and the
+            # next oldest taken instead, up to this claim's share.
+            cur.execute(
+                f"SELECT lane FROM {self._s}.lanes WHERE lane = ANY(%s::int[])"
+                " ORDER BY array_position(%s::int[], lane) LIMIT %s FOR UPDATE SKIP LOCKED",
+                (order, order, take - len(kept)),
+            )
+            locked = [lane for (lane,) in cur.fetchall()]
+            if not locked:
+                break
+            tried.update(locked)
+            # A claim that committed after the read above may have made a lane busy: then
+            # lock the next free ones instead (seen in the claim log as claims that kept
+            # none of the 8 lanes they chose while 19 others were free).
+            busy = {lane for (lane,) in cur.execute(self.q(_BUSY), (locked, now, locked))}
+            kept.update(lane for lane in locked if lane not in busy)
         return [(lane, head) for lane, head in free if lane in kept]
 
     def _scan_candidates(self, cur: Any, lanes: list[tuple[int, int]], run: str | None
