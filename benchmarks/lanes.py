@@ -2,6 +2,7 @@
 
     python -m benchmarks --only lanes [--quick | --full] [--reps N]
     python -m benchmarks.lanes [same options]            # the same thing
+    python -m benchmarks.lanes --postgres-only [--n 50000] [--reps 1]   # figure 5 alone
 
 Every drain is a whole worker process (``benchmarks.lanes_child``) on a fresh copy of the
 same filled outbox. Servers:
@@ -374,7 +375,10 @@ def add_rows(t: Table, r: dict[str, Any]) -> None:
     t.add(f"end to end at {E2E_LATENCY * 1000:.0f} ms: msg/s", e["ours_40ms"]["rate"],
           e["official_nodrop_40ms"]["rate"], "official, queue drops nothing",
           e["vs_official_nodrop_40ms"], ">= 8", e["vs_official_nodrop_40ms"] >= 8)
-    p = r["postgres"]
+    add_postgres_rows(t, r["postgres"])
+
+
+def add_postgres_rows(t: Table, p: dict[str, Any]) -> None:
     if "skipped" in p:
         t.add("postgres 4 processes vs 1", "skipped", None, p["skipped"])
         return
@@ -388,12 +392,46 @@ def add_rows(t: Table, r: dict[str, Any]) -> None:
           inversions == 0)
 
 
+def postgres_main(argv: list[str]) -> int:
+    """Only the PostgreSQL figure (1 and 4 worker processes at 200 ms), for working on it
+    without the SQLite sections' minutes."""
+    import argparse
+    import sys
+
+    from benchmarks.run import Table as RunTable
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.lanes --postgres-only")
+    parser.add_argument("--n", type=int, default=SIZES["default"].postgres_calls,
+                        help="calls of 50 people to drain (default %(default)s)")
+    parser.add_argument("--reps", type=int, default=1, help="repetitions (median reported)")
+    args = parser.parse_args(argv)
+    url = os.environ.get("CIO_TEST_POSTGRES_URL")
+    if not url:
+        parser.error("set CIO_TEST_POSTGRES_URL to a PostgreSQL server")
+    start = os.getloadavg()[0]
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    result = postgres_section(url, args.n, args.reps, log)
+    table = RunTable()
+    add_postgres_rows(table, result)
+    print(f"load average {start:.2f} at start, {os.getloadavg()[0]:.2f} at end; runs (s):"
+          f" 1 process {[round(x, 2) for x in result['p1']['runs']]}, 4 processes"
+          f" {[round(x, 2) for x in result['p4']['runs']]}")
+    print(table.render())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import sys
 
     from benchmarks.run import main as run_main  # the shared table and JSON output
 
-    return run_main(["--only", "lanes", *(sys.argv[1:] if argv is None else argv)])
+    args = sys.argv[1:] if argv is None else argv
+    if "--postgres-only" in args:
+        return postgres_main([a for a in args if a != "--postgres-only"])
+    return run_main(["--only", "lanes", *args])
 
 
 if __name__ == "__main__":

@@ -582,8 +582,9 @@ class Worker:
 
     # Idle senders wait for the storage's signal (rows added, sent, released) rather than
     # polling: claims of lanes other senders of this process hold would find nothing.
-    # Changes made by other processes are not signalled, so the wait ends after
-    # idle_interval anyway. A storage without the signal is polled.
+    # On SQLite changes made by other processes are not signalled (PostgreSQL's are, by
+    # LISTEN/NOTIFY), so the wait ends after idle_interval anyway (a lease may also run
+    # out). A storage without the signal is polled.
 
     def _changes(self) -> int:
         return int(getattr(self.storage, "changes", 0))

@@ -15,9 +15,11 @@ Design, in short:
   transaction as the rows they count; every transaction locks its message rows first
   and its count rows last, in a fixed order, so counts never dead-lock.
 - A claim is one short transaction with no global lock: it recovers expired leases,
-  locks the free lanes (rows of the ``lanes`` table, ``FOR UPDATE SKIP LOCKED``, so
-  concurrent claims take different lanes), keeps its share of them (all of them when no
-  other claimant waits, see sql.py), rechecks in a fresh snapshot
+  reads the free lanes, chooses its share of them (all of them when no other claimant
+  waits, see sql.py) and locks only those (rows of the ``lanes`` table, oldest head first,
+  ``FOR UPDATE SKIP LOCKED``, so concurrent claims take different lanes, and the lanes it
+  leaves are free for the claims of other processes at once; locking every free lane
+  kept them from other workers until commit), rechecks in a fresh snapshot
   that nothing of them went in flight meanwhile, lets :func:`cio_outbox.batch.select`
   pick from their pending rows, then locks the picked rows with ``SELECT ... FOR UPDATE
   SKIP LOCKED``. A picked row that another transaction holds (a late ``mark_sent`` of a
@@ -28,6 +30,11 @@ Design, in short:
 - Everything but the connection, the schema versioning, COPY, claim locking and the two
   statements that move or delete rows while counting them is in sql.py, shared with
   SQLite.
+- Idle senders of other processes and machines wake on a change: every change that can
+  make rows claimable (rows added, sent, released, ...) sends a NOTIFY on the outbox's
+  channel, and a listener thread (its own connection, started by the first
+  ``wait_for_change``) turns the others' notifications into the same wake-up as a change
+  made in this process. Without it, they would claim again only after their poll interval.
 - Dead-locks and serialization failures (possible between two imports that add the
   same messageIds in different orders) are retried a few times.
 """
@@ -35,20 +42,30 @@ Design, in short:
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
+from hashlib import blake2b
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random
 
 from cio_outbox.storage.base import NewRow, Row, StorageError
-from cio_outbox.storage.lanes import lane_of
+from cio_outbox.storage.lanes import lane_of, lanes_per_claim
 from cio_outbox.storage.location import DEFAULT_SCHEMA, redact, split_location
 from cio_outbox.storage.schema import LANES_VERSION, POSTGRES, SCHEMA_VERSION, render
 from cio_outbox.storage.slots import MAX_SLOTS, NoFreeSlot, WorkerSlot, slot_id
-from cio_outbox.storage.sql import Deltas, Moved, SQLStorage
+from cio_outbox.storage.sql import (
+    _BUSY,
+    _DEFERRED,
+    _LANE_HEAD,
+    _WAIT,
+    Deltas,
+    Moved,
+    SQLStorage,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -61,6 +78,10 @@ CONNECT_TIMEOUT_SECONDS = 10
 _RETRIES = 8
 IDLE_IN_TRANSACTION_MS = 60_000
 _COPY_FROM = 64  # rows from which an insert goes by COPY
+# How often a claiming worker renews its entry in the claimants table, in seconds.
+_ACTIVE_REFRESH = 1.0
+# How often the listener thread looks up from its connection to see if it should stop.
+_LISTEN_TICK = 0.5
 # The server's clock, in Unix seconds, at the start of the current transaction.
 _NOW = "extract(epoch from now())::float8"
 
@@ -74,6 +95,56 @@ _INSERT = (
 _FROM_ARRAYS = (
     "unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int[],"
     " %s::int[]) WITH ORDINALITY AS t(m, r, c, p, b, z, n, o)"
+)
+
+
+# A lane with nothing in flight, probed per lane (one index entry of messages_in_flight)
+# rather than NOT EXISTS: the planner estimates the rows in flight from the last ANALYZE,
+# usually taken when none were, and then joins every lane against a full scan of the
+# in-flight index, visiting the heap for each of its thousands of live and dead entries
+# (20 to 30 ms a claim with 4 workers' rows in flight; the probes take a few ms).
+_IDLE_LANE = (
+    "(SELECT 1 FROM {s}messages b WHERE b.status = 'in_flight' AND b.lane = l.lane LIMIT 1)"
+    " IS NULL"
+)
+_FREE_LANES = (
+    "SELECT l.lane, (" + _LANE_HEAD + ") AS head FROM {s}lanes l"
+    " WHERE (" + _LANE_HEAD + ") IS NOT NULL"
+    " AND " + _IDLE_LANE + " AND NOT EXISTS (" + _DEFERRED + ")"
+    " ORDER BY head"
+)
+# As sql.py's, with the same per-lane probes (an EXISTS became a hash join over every
+# pending index entry, dead or alive: 100 ms).
+_ANYTHING = (
+    "SELECT 1 FROM {s}lanes l WHERE (" + _LANE_HEAD + ") IS NOT NULL"
+    " AND " + _IDLE_LANE + " AND NOT EXISTS (" + _DEFERRED.replace("?", "{now}") + ")"
+    " UNION ALL SELECT 1 FROM {s}messages WHERE status = 'in_flight'"
+    " AND lease_expires_at < {now} LIMIT 1"
+)
+
+
+# The fenced change of claimed rows, looked up by id (the primary key). With the status
+# test written plainly, the planner scanned the whole in-flight index instead (every
+# worker's rows in flight, and the dead entries of those sent since the last vacuum), on
+# its estimate from the last ANALYZE that few rows are in flight. The concatenation is
+# not provable from that index's predicate, so only the id lookup remains.
+_FENCED = (
+    "UPDATE {s}messages SET %s"
+    " WHERE (status || '') = 'in_flight' AND claim_token = ? AND {ids} RETURNING id, run"
+)
+# A claim's lease in one statement: lock the chosen rows (skipping rows another
+# transaction holds), lease them, and return their message ids and payloads.
+_LOCK_AND_LEASE = (
+    "WITH locked AS (SELECT id FROM {s}messages WHERE id = ANY(?::bigint[])"
+    " AND status = 'pending' FOR UPDATE SKIP LOCKED)"
+    " UPDATE {s}messages m SET status = 'in_flight', worker_id = ?, lease_expires_at = ?,"
+    " next_attempt_at = NULL, updated_at = ?, claim_token = ? FROM locked"
+    " WHERE m.id = locked.id RETURNING m.id, m.message_id, m.payload"
+)
+# Rows leased above that must not go (a row of their person was skipped): back to pending.
+_UNLEASE = (
+    "UPDATE {s}messages SET status = 'pending', worker_id = NULL, lease_expires_at = NULL,"
+    " claim_token = NULL WHERE id = ANY(?::bigint[])"
 )
 
 
@@ -107,13 +178,14 @@ class PostgresStorage(SQLStorage):
     vacuum_wait: float = 60.0
 
     placeholder = "%s"
+    _anything_sql = _ANYTHING
+    _fenced_sql = _FENCED
     fields: ClassVar[dict[str, str]] = {
         "now": _NOW, "clock": "extract(epoch from clock_timestamp())::float8",
         "ids": "id = ANY(?::bigint[])", "json": "JSONB", "pending_run": "",
-        "pending_scan": "",
         "previous_id": "(payload::jsonb ->> 'previousId')",
         "lane_pending": "", "lanes": "lane = ANY(?::int[])",
-        "lock_lanes": " FOR UPDATE OF l SKIP LOCKED",
+        "lock_lanes": "",  # the lanes a claim keeps are locked in _keep_lanes
     }
 
     def __init__(self, url: str, *, connect_timeout: float = CONNECT_TIMEOUT_SECONDS) -> None:
@@ -129,6 +201,12 @@ class PostgresStorage(SQLStorage):
         self._all: list[tuple[threading.Thread, Any]] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        # LISTEN/NOTIFY: the outbox's channel (an identifier of at most 63 bytes), and
+        # this object's mark on its own notifications (it has woken its waiters already).
+        self._channel = "cio_outbox_" + blake2b(self.schema.encode(), digest_size=12).hexdigest()
+        self._mark = secrets.token_hex(8)
+        self._listener: tuple[int, threading.Thread, threading.Event, threading.Event] | None \
+            = None
         self._migrate()
 
     # -- connections -------------------------------------------------------------------
@@ -317,14 +395,85 @@ class PostgresStorage(SQLStorage):
                     (self._migrate_key,))
         super()._create_sync_state(cur)
 
-    def _lock_chosen(self, cur: Any, chosen: list[Row]) -> list[Row]:
-        cur.execute(
-            f"SELECT id FROM {self._s}.messages WHERE id = ANY(%s::bigint[])"
-            " AND status = 'pending' FOR UPDATE SKIP LOCKED",
-            ([r.id for r in chosen],),
-        )
-        locked = {row_id for (row_id,) in cur.fetchall()}
-        return chosen if len(locked) == len(chosen) else _in_order(chosen, locked)
+    def _free_lanes(self, cur: Any, now: float, run: str | None) -> list[tuple[int, int]]:
+        # Read without locks; _keep_lanes locks and rechecks the lanes the claim keeps.
+        run_filter, run_args = ("", ()) if run is None else (" AND h.run = ?", (run,))
+        return [(lane, head) for lane, head in cur.execute(
+            self.q(_FREE_LANES % (run_filter, run_filter)),
+            (*run_args, *run_args, now)).fetchall()]
+
+    def _note_claimant(self, cur: Any, worker_id: str, now: float, served: bool,
+                       run: str | None) -> None:
+        """Record that this worker claims, served or not: on PostgreSQL the claimants
+        table lists every worker that claimed in the last WAITING_SECONDS, and a claim
+        shares the free lanes among all of them.
+
+        Counting only workers whose last claim found nothing (SQLite's rule) let workers
+        whose requests ended together (one NOTIFY wakes them all) each see itself alone
+        and try to take every free lane: the first took all, and the others sat out a
+        round. Written at most once a second per worker (a small HOT update)."""
+        noted: dict[str, float] = self.__dict__.setdefault("_waiting_as", {})
+        last = noted.get(worker_id)
+        if last is None or time.monotonic() - last > _ACTIVE_REFRESH:
+            cur.execute(self.q(_WAIT), (worker_id, now))
+            noted[worker_id] = time.monotonic()
+
+    def _keep_lanes(self, cur: Any, free: list[tuple[int, int]], take: int, now: float
+                    ) -> list[tuple[int, int]]:
+        if not free or take <= 0:
+            return []
+        # Alone, a claim takes no more than a shared claim would: with every free lane,
+        # a worker that started first held them all for its first request while the
+        # workers started with it found nothing (no row is cheaper to lease for being
+        # next to the others here, unlike SQLite's page writes).
+        take = min(take, max(lanes_per_claim(self.lanes), take if take < len(free) else 0))
+        kept: set[int] = set()
+        tried: set[int] = set()
+        while len(kept) < take:
+            order = [lane for lane, _ in free if lane not in tried]
+            if not order:
+                break
+            # LIMIT applies after the locks: lanes another claim holds are skipped and the
+            # next oldest taken instead, up to this claim's share.
+            cur.execute(
+                f"SELECT lane FROM {self._s}.lanes WHERE lane = ANY(%s::int[])"
+                " ORDER BY array_position(%s::int[], lane) LIMIT %s FOR UPDATE SKIP LOCKED",
+                (order, order, take - len(kept)),
+            )
+            locked = [lane for (lane,) in cur.fetchall()]
+            if not locked:
+                break
+            tried.update(locked)
+            # A claim that committed after the read above may have made a lane busy: then
+            # lock the next free ones instead (seen in the claim log as claims that kept
+            # none of the 8 lanes they chose while 19 others were free).
+            busy = {lane for (lane,) in cur.execute(self.q(_BUSY), (locked, now, locked))}
+            kept.update(lane for lane in locked if lane not in busy)
+        return [(lane, head) for lane, head in free if lane in kept]
+
+    def _scan_candidates(self, cur: Any, lanes: list[tuple[int, int]], run: str | None
+                         ) -> Iterator[Row]:
+        """Always lane by lane: the one scan in id order over many lanes was planned as
+        a bitmap scan of every pending row of those lanes and a sort (270 ms at 27,000
+        rows), whatever its LIMIT."""
+        return self._lane_candidates(cur, lanes, run)
+
+    def _lease_chosen(self, cur: Any, chosen: list[Row], lease: tuple[Any, ...]
+                      ) -> list[Row]:
+        """Lock, lease and read the chosen rows in one statement (three before). A
+        chosen row another transaction holds (a late mark_sent, a forget) is skipped, and
+        so is every later row of its person: those were leased too and go back at once,
+        in this transaction (rare)."""
+        cur.execute(self.q(_LOCK_AND_LEASE), ([r.id for r in chosen], *lease))
+        bodies = {row_id: (message_id, payload)
+                  for row_id, message_id, payload in cur.fetchall()}
+        kept = chosen if len(bodies) == len(chosen) else _in_order(chosen, set(bodies))
+        if len(kept) != len(bodies):
+            keep = {r.id for r in kept}
+            cur.execute(self.q(_UNLEASE), ([i for i in bodies if i not in keep],))
+        for row in kept:
+            row.message_id, row.payload = bodies[row.id]
+        return sorted(kept, key=lambda r: r.id)
 
     def _move(self, cur: Any, where: str, params: Sequence[Any], new_status: str,
               assignments: str, assignment_params: Sequence[Any]) -> Moved:
@@ -385,6 +534,68 @@ class PostgresStorage(SQLStorage):
         except self._psycopg.Error as exc:
             raise self._explain(exc) from None
 
+    # -- waking idle senders of other processes (LISTEN/NOTIFY) --------------------------
+
+    def _signal(self) -> None:
+        super()._signal()
+        # After the change's commit: a lost notification costs the others at most their
+        # poll interval, so a failure here is not the caller's.
+        with suppress(Exception):
+            self.conn.execute("SELECT pg_notify(%s, %s)", (self._channel, self._mark))
+
+    def wake(self) -> None:
+        """Wake this object's waiters (a worker stopping), not other processes'."""
+        super()._signal()
+
+    def wait_for_change(self, seen: int, timeout: float) -> bool:
+        """As SQLStorage.wait_for_change; changes made through other storage objects,
+        processes and machines wake it too (their NOTIFY, within milliseconds)."""
+        started = time.monotonic()
+        ready = self._listening()
+        if not ready.is_set():
+            ready.wait(timeout)
+        return super().wait_for_change(seen, max(0.0, timeout - (time.monotonic() - started)))
+
+    def _listening(self) -> threading.Event:
+        """The listener thread of this process (started on first use); its ready event."""
+        with self._lock:
+            current = self._listener
+            if current is not None and current[0] == os.getpid() and current[1].is_alive():
+                return current[3]
+            stop, ready = threading.Event(), threading.Event()
+            thread = threading.Thread(target=self._listen, args=(stop, ready),
+                                      name=f"cio-listen-{self.schema}", daemon=True)
+            self._listener = (os.getpid(), thread, stop, ready)
+            thread.start()
+            return ready
+
+    def _listen(self, stop: threading.Event, ready: threading.Event) -> None:
+        """Turn other objects' notifications into wake-ups until stopped."""
+        from psycopg import sql
+
+        heard_before = False
+        while not stop.is_set():
+            try:
+                conn = self._connect()
+            except StorageError:
+                stop.wait(1.0)  # the server is away: waiters poll meanwhile
+                continue
+            try:
+                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+                if heard_before:  # changes made while listening again were not heard
+                    SQLStorage._signal(self)
+                heard_before = True
+                ready.set()
+                while not stop.is_set():
+                    for note in conn.notifies(timeout=_LISTEN_TICK):
+                        if note.payload != self._mark:
+                            SQLStorage._signal(self)
+            except Exception:  # a lost connection: listen again on a new one
+                stop.wait(0.1)
+            finally:
+                with suppress(Exception):
+                    conn.close()
+
     def worker_slot(self) -> WorkerSlot:
         """A slot of this outbox on this host: a session advisory lock on a connection of
         its own, held until released or until the process dies (see slots.py)."""
@@ -406,6 +617,9 @@ class PostgresStorage(SQLStorage):
 
     def close(self) -> None:
         with self._lock:
+            if self._listener is not None:
+                self._listener[2].set()  # the thread closes its connection within a tick
+                self._listener = None
             for _, conn in self._all:
                 with suppress(Exception):
                     conn.close()

@@ -10,7 +10,8 @@ fields, which :meth:`SQLStorage.q` fills in for the dialect:
 - ``{pending_run}``, ``{lane_pending}``: SQLite's index hints for a run's and a lane's
   pending rows in id order (nothing elsewhere);
   ``{lanes}``: "lane is in the list of this parameter";
-  ``{lock_lanes}``: how a claim locks the lanes it reads (PostgreSQL only);
+  ``{lock_lanes}``: how a claim locks the lanes it reads (empty in both dialects now:
+  PostgreSQL locks only the lanes it keeps, in ``_keep_lanes``);
 - ``{previous_id}``: an alias payload's ``previousId``.
 
 A backend provides the connection (``_tx`` runs a body in one write transaction,
@@ -162,6 +163,10 @@ class SQLStorage:
     location: str
     prefix: str = ""
     placeholder: ClassVar[str] = "?"
+    #: The read before a claim's transaction (a dialect may phrase it for its planner).
+    _anything_sql: ClassVar[str] = _ANYTHING
+    #: The fenced change of claimed rows (a dialect may phrase it for its planner).
+    _fenced_sql: ClassVar[str] = _FENCED
     fields: ClassVar[dict[str, str]] = {}
 
     # -- hooks -------------------------------------------------------------------------
@@ -186,7 +191,26 @@ class SQLStorage:
 
     def _lock_claims(self, cur: Any) -> None:
         """Anything a claim must lock first (SQLite's write lock is taken by BEGIN
-        IMMEDIATE; PostgreSQL locks the lanes it takes, in the lanes query)."""
+        IMMEDIATE; PostgreSQL locks the lanes it keeps, in _keep_lanes)."""
+
+    def _keep_lanes(self, cur: Any, free: list[tuple[int, int]], take: int, now: float
+                    ) -> list[tuple[int, int]]:
+        """The lanes of ``free`` (oldest head first) this claim keeps: the first ``take``
+        (SQLite holds the write lock; PostgreSQL locks only these, skipping lanes another
+        claim holds, so that the lanes it leaves are free for other claims at once)."""
+        return free[:take]
+
+    def _lease_chosen(self, cur: Any, chosen: list[Row], lease: tuple[Any, ...]
+                      ) -> list[Row]:
+        """Lease the chosen rows this claim may take (``lease``: worker id, lease expiry,
+        now, claim token); those rows, in id order. A backend may also fill in their
+        message ids and payloads (PostgreSQL returns them from the lease itself)."""
+        chosen = self._lock_chosen(cur, chosen)
+        if chosen:
+            chosen.sort(key=lambda r: r.id)
+            sql, ids = self._by_ids(_LEASE, [r.id for r in chosen])
+            cur.execute(sql, (*lease, *ids))
+        return chosen
 
     def _lock_chosen(self, cur: Any, chosen: list[Row]) -> list[Row]:
         """The chosen rows this claim may lease (PostgreSQL skips rows locked elsewhere)."""
@@ -280,7 +304,7 @@ class SQLStorage:
         lanes."""
         token = secrets.token_hex(8)
         run_filter, run_args = ("", ()) if run is None else (" AND h.run = ?", (run,))
-        if not self._read(self.q(_ANYTHING % run_filter), run_args, tuples=True):
+        if not self._read(self.q(self._anything_sql % run_filter), run_args, tuples=True):
             noted = self.__dict__.get("_waiting_as", {}).get(worker_id)
             # Read first whether another worker holds rows: a worker whose own senders hold
             # every busy lane (concurrency 4 into a fast server) then takes no write lock.
@@ -303,22 +327,22 @@ class SQLStorage:
             free = self._free_lanes(cur, now, run)
             claimants = max(1, share) + cur.execute(
                 self.q(_WAITING), (worker_id, now - WAITING_SECONDS)).fetchone()[0]
-            if claimants > 1 and len(free) > 1:
+            shared = claimants > 1 and len(free) > 1
+            if shared:
                 take = max(min(len(free), lanes_per_claim(self.lanes)),
                            -(-len(free) // claimants))
-                lanes = free[:take]
             else:
-                lanes = free
+                take = len(free)
+            lanes = self._keep_lanes(cur, free, take, now)
             # Persons never share a lane, so nothing is blocked within the lanes taken.
-            candidates = (self._scan_candidates(cur, lanes, run) if lanes is free
+            candidates = (self._scan_candidates(cur, lanes, run)
+                          if not shared and len(lanes) == len(free)
                           else self._lane_candidates(cur, lanes, run))
             chosen = select(candidates, set(), max_bytes=max_bytes,
                             max_messages=max_messages) if lanes else []
-            chosen = self._lock_chosen(cur, chosen) if chosen else chosen
+            chosen = self._lease_chosen(cur, chosen, (
+                worker_id, now + lease_seconds, now, token)) if chosen else chosen
             if chosen:
-                chosen.sort(key=lambda r: r.id)
-                sql, ids = self._by_ids(_LEASE, [r.id for r in chosen])
-                cur.execute(sql, (worker_id, now + lease_seconds, now, token, *ids))
                 for row in chosen:
                     deltas[(row.run, "pending")] -= 1
                     deltas[(row.run, "in_flight")] += 1
@@ -327,8 +351,7 @@ class SQLStorage:
             return chosen
 
         chosen = self._tx(body)
-        if chosen:
-            self.__dict__["_claim_rows"] = len(chosen)
+        if chosen and not chosen[0].payload:  # the backend did not return them with the lease
             # Both lists in id order; a row forgotten since the claim (forget deletes rows
             # in flight) is not returned.
             bodies = self._read(*self._by_ids(_PAYLOADS, [r.id for r in chosen]), tuples=True)
@@ -336,7 +359,11 @@ class SQLStorage:
                 found = {row_id for row_id, _, _ in bodies}
                 chosen = [row for row in chosen if row.id in found]
             for row, (_, message_id, payload) in zip(chosen, bodies, strict=True):
-                row.message_id, row.payload, row.claim = message_id, payload, token
+                row.message_id, row.payload = message_id, payload
+        if chosen:
+            self.__dict__["_claim_rows"] = len(chosen)
+            for row in chosen:
+                row.claim = token
         return chosen
 
     def _note_claimant(self, cur: Any, worker_id: str, now: float, served: bool,
@@ -514,7 +541,7 @@ class SQLStorage:
         for row in rows:
             by_claim[row.claim].append(row.id)
         status = ("status = ?, ",) if new_status else ()
-        template = _FENCED % ("".join(status) + assignments)
+        template = self._fenced_sql % ("".join(status) + assignments)
         changed: list[int] = []
         deltas: Deltas = defaultdict(int)
         first = (new_status,) if new_status else ()
