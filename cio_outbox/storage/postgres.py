@@ -402,6 +402,9 @@ class PostgresStorage(SQLStorage):
             self.q(_FREE_LANES % (run_filter, run_filter)),
             (*run_args, *run_args, now)).fetchall()]
 
+    def _claimant_to_note(self, worker_id: str, run: str | None) -> bool:
+        return True  # every claiming worker is a claimant here (see _note_claimant)
+
     def _note_claimant(self, cur: Any, worker_id: str, now: float, served: bool,
                        run: str | None) -> None:
         """Record that this worker claims, served or not: on PostgreSQL the claimants

@@ -309,7 +309,7 @@ class SQLStorage:
             # Read first whether another worker holds rows: a worker whose own senders hold
             # every busy lane (concurrency 4 into a fast server) then takes no write lock.
             if (noted is None or time.monotonic() - noted > WAITING_SECONDS / 2) and \
-                    self._others_hold_rows(worker_id, run):
+                    self._claimant_to_note(worker_id, run):
                 self._tx(lambda cur: self._note_claimant(
                     cur, worker_id, cur.execute(self.q("SELECT {clock}")).fetchone()[0],
                     False, run))
@@ -378,6 +378,12 @@ class SQLStorage:
         if self._others_hold_rows(worker_id, run, cur):
             cur.execute(self.q(_WAIT), (worker_id, now))
             waiting[worker_id] = time.monotonic()
+
+    def _claimant_to_note(self, worker_id: str, run: str | None) -> bool:
+        """Whether an empty claim has a claimant to record (read outside a transaction,
+        so that most empty claims take no write lock): SQLite's rule, another worker
+        holds rows while rows are pending."""
+        return self._others_hold_rows(worker_id, run)
 
     def _others_hold_rows(self, worker_id: str, run: str | None, cur: Any = None) -> bool:
         """Whether rows are pending while another worker holds rows in flight (in cur's
