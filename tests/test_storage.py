@@ -568,6 +568,19 @@ def _older_snapshot(plain: str, held: threading.Event, release: threading.Event)
         other.rollback()
 
 
+def _open_older_transaction(location: str) -> tuple[threading.Thread, threading.Event]:
+    """Start another client's open transaction on the outbox's server; set the event to
+    end it (then join the thread)."""
+    from cio_outbox.storage.postgres import split_location
+
+    held, release = threading.Event(), threading.Event()
+    other = threading.Thread(target=_older_snapshot,
+                             args=(split_location(location)[0], held, release))
+    other.start()
+    assert held.wait(30)
+    return other, release
+
+
 def test_postgres_forget_leaves_no_trace_in_table_files(
     postgres_location: str, superuser_conn: tuple[Any, str]
 ) -> None:
@@ -588,16 +601,10 @@ def test_postgres_forget_waits_for_an_older_transaction_before_it_rewrites_the_f
 ) -> None:
     # PostgreSQL keeps a deleted row, in VACUUM FULL's new files too, while any
     # transaction that may still see it is open: another client's, on the same server.
-    from cio_outbox.storage.postgres import split_location
-
     conn, schema = superuser_conn
-    held, release = threading.Event(), threading.Event()
-    other = threading.Thread(target=_older_snapshot,
-                             args=(split_location(postgres_location)[0], held, release))
     with Outbox(postgres_location) as outbox:
         _enqueue_person_data(outbox)
-        other.start()
-        assert held.wait(30)
+        other, release = _open_older_transaction(postgres_location)
         threading.Timer(1.0, release.set).start()
         report = outbox.storage.forget(SECRET_ID)
         other.join(30)
@@ -609,16 +616,10 @@ def test_postgres_forget_waits_for_an_older_transaction_before_it_rewrites_the_f
 def test_postgres_forget_names_a_transaction_that_outlives_its_wait_then_a_rerun_erases(
     postgres_location: str, superuser_conn: tuple[Any, str]
 ) -> None:
-    from cio_outbox.storage.postgres import split_location
-
     conn, schema = superuser_conn
-    held, release = threading.Event(), threading.Event()
-    other = threading.Thread(target=_older_snapshot,
-                             args=(split_location(postgres_location)[0], held, release))
     with Outbox(postgres_location) as outbox:
         _enqueue_person_data(outbox)
-        other.start()
-        assert held.wait(30)
+        other, release = _open_older_transaction(postgres_location)
         outbox.storage.vacuum_wait = 0.5  # type: ignore[attr-defined]
         try:
             report = outbox.storage.forget(SECRET_ID)
@@ -1199,17 +1200,13 @@ def test_the_forget_command_fails_while_an_older_transaction_keeps_the_traces(
     from click.testing import CliRunner
 
     from cio_outbox.cli import cli
-    from cio_outbox.storage.postgres import PostgresStorage, split_location
+    from cio_outbox.storage.postgres import PostgresStorage
 
     with Outbox(postgres_location) as outbox:
         _enqueue_person_data(outbox)
     monkeypatch.setattr(PostgresStorage, "vacuum_wait", 0.3)
-    held, release = threading.Event(), threading.Event()
-    other = threading.Thread(target=_older_snapshot,
-                             args=(split_location(postgres_location)[0], held, release))
-    other.start()
+    other, release = _open_older_transaction(postgres_location)
     try:
-        assert held.wait(30)
         result = CliRunner().invoke(cli, ["forget", SECRET_ID, "--db", postgres_location])
     finally:
         release.set()

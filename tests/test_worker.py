@@ -13,6 +13,7 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import responses
 
@@ -21,7 +22,7 @@ from cio_outbox.batch import MAX_BATCH_BYTES
 from cio_outbox.client import Client
 from cio_outbox.config import ApiKey, resolve_target
 from cio_outbox.sandbox import Sandbox
-from cio_outbox.worker import EXIT_AUTH, Worker
+from cio_outbox.worker import EXIT_AUTH, Worker, WorkerResult
 
 FAST = {"backoff_initial": 0.01, "backoff_max": 0.05, "progress": False}
 
@@ -136,6 +137,15 @@ def test_one_poison_message_in_1000_is_the_only_one_dead_lettered(outbox: Outbox
     assert len(received) == 999
 
 
+def _drain_through(outbox: Outbox, answer: Any, **options: Any) -> WorkerResult:
+    """Drain the outbox at concurrency 1 into a mocked /v1/batch that ``answer`` answers."""
+    key = ApiKey("testkey")
+    client = Client(key, resolve_target(key, host="https://cdp.customer.io"), gzip=False)
+    with responses.RequestsMock() as mock:
+        mock.add_callback(responses.POST, "https://cdp.customer.io/v1/batch", callback=answer)
+        return Worker(outbox.storage, client, concurrency=1, **options).run(until_empty=True)
+
+
 def test_400_without_item_indexes_is_isolated_by_splitting(outbox: Outbox) -> None:
     calls = _events(64)
     calls[21] = {"type": "track", "userId": "bad", "event": "Poison"}
@@ -149,11 +159,7 @@ def test_400_without_item_indexes_is_isolated_by_splitting(outbox: Outbox) -> No
         delivered.extend(m["messageId"] for m in batch)
         return (200, {}, "{}")
 
-    key = ApiKey("testkey")
-    client = Client(key, resolve_target(key, host="https://cdp.customer.io"), gzip=False)
-    with responses.RequestsMock() as mock:
-        mock.add_callback(responses.POST, "https://cdp.customer.io/v1/batch", callback=answer)
-        result = Worker(outbox.storage, client, concurrency=1).run(until_empty=True)
+    result = _drain_through(outbox, answer)
     assert result.sent == 63 and result.failed == 1
     assert len(delivered) == 63
     assert outbox.failed()[0]["summary"] == "track Poison for bad"
@@ -182,13 +188,8 @@ def test_refusals_while_isolating_a_bad_neighbour_cost_the_good_rows_no_attempt(
         delivered.extend(m["messageId"] for m in batch)
         return (200, {}, "{}")
 
-    key = ApiKey("testkey")
-    client = Client(key, resolve_target(key, host="https://cdp.customer.io"), gzip=False)
-    with responses.RequestsMock() as mock:
-        mock.add_callback(responses.POST, "https://cdp.customer.io/v1/batch", callback=answer)
-        result = Worker(outbox.storage, client, concurrency=1, max_attempts=3,
-                        backoff_initial=0.01, backoff_max=0.02
-                        ).run(until_empty=True)
+    result = _drain_through(outbox, answer, max_attempts=3, backoff_initial=0.01,
+                            backoff_max=0.02)
     assert (result.sent, result.failed) == (63, 1)
     assert len(delivered) == 63
     failed = outbox.failed()

@@ -185,7 +185,6 @@ class PostgresStorage(SQLStorage):
         "ids": "id = ANY(?::bigint[])", "json": "JSONB", "pending_run": "",
         "previous_id": "(payload::jsonb ->> 'previousId')",
         "lane_pending": "", "lanes": "lane = ANY(?::int[])",
-        "lock_lanes": "",  # the lanes a claim keeps are locked in _keep_lanes
     }
 
     def __init__(self, url: str, *, connect_timeout: float = CONNECT_TIMEOUT_SECONDS) -> None:

@@ -10,8 +10,6 @@ fields, which :meth:`SQLStorage.q` fills in for the dialect:
 - ``{pending_run}``, ``{lane_pending}``: SQLite's index hints for a run's and a lane's
   pending rows in id order (nothing elsewhere);
   ``{lanes}``: "lane is in the list of this parameter";
-  ``{lock_lanes}``: how a claim locks the lanes it reads (empty in both dialects now:
-  PostgreSQL locks only the lanes it keeps, in ``_keep_lanes``);
 - ``{previous_id}``: an alias payload's ``previousId``.
 
 A backend provides the connection (``_tx`` runs a body in one write transaction,
@@ -59,13 +57,13 @@ _HEAD = "SELECT %s FROM {s}messages h WHERE h.status = 'pending' AND h.lane = l.
 # A lane's oldest pending row, read from the lane's index (PostgreSQL would otherwise walk
 # the pending index from its start, over every dead entry the drain has left behind).
 _LANE_HEAD = _HEAD % ("h.id", "%s") + " ORDER BY h.id LIMIT 1"
-# The free lanes with pending rows and their heads, oldest head first; PostgreSQL locks
-# them, skipping lanes another claim holds, so claims on different lanes run in parallel.
+# The free lanes with pending rows and their heads, oldest head first, read without locks
+# (PostgreSQL locks only the lanes a claim keeps, in its _keep_lanes).
 _FREE_LANES = (
     "SELECT l.lane, (" + _LANE_HEAD + ") AS head FROM {s}lanes l"
     " WHERE (" + _LANE_HEAD + ") IS NOT NULL"
     " AND NOT EXISTS (" + _IN_FLIGHT + ") AND NOT EXISTS (" + _DEFERRED + ")"
-    " ORDER BY head LIMIT ?{lock_lanes}"
+    " ORDER BY head LIMIT ?"
 )
 # Read before a claim's write transaction: is there anything to take (a free lane with
 # pending rows, or a lease that ran out)? Senders that find nothing then take no write lock.
@@ -145,6 +143,22 @@ _REDACT = {
     "attempts": "error",
     "messages": "last_error",
 }
+
+
+def _pages(cur: Any, sql: str, key: tuple[Any, ...], after: int, size: int,
+           budget: list[int]) -> Iterator[tuple[Any, ...]]:
+    """Rows of a candidate query (parameters: ``key``, then the id to read after and a page
+    size) in id order, a page at a time (pages double up to CANDIDATE_PAGE_SIZE), lazily,
+    while the claim's shared ``budget`` of rows read lasts."""
+    while budget[0] > 0:
+        size = min(size, budget[0])
+        page = cur.execute(sql, (*key, after, size)).fetchall()
+        budget[0] -= len(page) or 1
+        yield from page
+        if len(page) < size:
+            return
+        after = page[-1][0]
+        size = min(CANDIDATE_PAGE_SIZE, size * 2)
 
 
 def _token_pattern(value: str) -> re.Pattern[str]:
@@ -427,22 +441,11 @@ class SQLStorage:
             "_claim_rows", CANDIDATE_PAGE_SIZE)) * 5 // (4 * max(1, len(runs))) + 8))
         budget = [CANDIDATE_PAGES * CANDIDATE_PAGE_SIZE]
 
-        def run_rows(name: str) -> Iterator[tuple[Any, ...]]:
-            after, size = start, first
-            while budget[0] > 0:
-                size = min(size, budget[0])
-                page = cur.execute(sql, (name, ids, after, size)).fetchall()
-                budget[0] -= len(page) or 1
-                yield from page
-                if len(page) < size:
-                    return
-                after = page[-1][0]
-                size = min(CANDIDATE_PAGE_SIZE, size * 2)
-
         if len(runs) == 1:
-            yield from starmap(Row, run_rows(runs[0]))
+            yield from starmap(Row, _pages(cur, sql, (runs[0], ids), start, first, budget))
         else:
-            yield from starmap(Row, heapq.merge(*(run_rows(name) for name in runs)))
+            yield from starmap(Row, heapq.merge(*(
+                _pages(cur, sql, (name, ids), start, first, budget) for name in runs)))
 
     def _lane_candidates(self, cur: Any, lanes: list[tuple[int, int]], run: str | None
                          ) -> Iterator[Row]:
@@ -461,19 +464,9 @@ class SQLStorage:
         first = max(FIRST_PAGE_MIN, min(CANDIDATE_PAGE_SIZE,
                                         expected * 5 // (4 * max(1, len(lanes))) + 8))
 
-        def lane_rows(lane: int, head: int) -> Iterator[tuple[Any, ...]]:
-            after, size = head - 1, first
-            while budget[0] > 0:
-                size = min(size, budget[0])
-                page = cur.execute(sql, (lane, *run_args, after, size)).fetchall()
-                budget[0] -= len(page) or 1
-                yield from page
-                if len(page) < size:
-                    return
-                after = page[-1][0]
-                size = min(CANDIDATE_PAGE_SIZE, size * 2)
-
-        yield from starmap(Row, heapq.merge(*(lane_rows(lane, head) for lane, head in lanes)))
+        yield from starmap(Row, heapq.merge(*(
+            _pages(cur, sql, (lane, *run_args), head - 1, first, budget)
+            for lane, head in lanes)))
 
     @property
     def lanes(self) -> int:
