@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from procs import pause
 
 from cio_outbox.sandbox import SandboxProcess
 from cio_outbox.storage import open_storage
@@ -102,7 +103,7 @@ def test_three_workers_and_two_enqueuers_with_a_killed_worker(
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 if _held_by(storage, "w0") and sandbox.stats()["messages"] > 200:
-                    workers[0].send_signal(signal.SIGSTOP)
+                    pause(workers[0])
                     held_at_kill = _held_by(storage, "w0")
                     if held_at_kill:
                         break

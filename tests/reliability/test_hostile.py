@@ -21,6 +21,7 @@ import pytest
 from _rel_support import cli_argv, cli_env, file_bytes, free_port, record, tracks
 from click.testing import CliRunner
 from hostile import Answer, HostileServer, Request
+from procs import pause
 
 from cio_outbox import Outbox
 from cio_outbox.cli import cli
@@ -76,7 +77,7 @@ def _stop_outside_a_write(proc: subprocess.Popen[str], location: str) -> None:
     timeout); the zombie scenarios are about a worker that lost its lease, so they stop
     it between writes."""
     for _ in range(100):
-        proc.send_signal(signal.SIGSTOP)
+        pause(proc)  # once stopped, it cannot begin a write after the check below
         if not _holds_a_write(location):
             return
         proc.send_signal(signal.SIGCONT)
