@@ -7,6 +7,7 @@ conftest.py); a few at the end check what only one backend has.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import sys
@@ -1262,3 +1263,22 @@ def test_sqlite_rows_get_their_persons_lane_on_every_insert_path(tmp_path: Path)
     assert len(stored) == 310
     assert all(lane == lane_of(person, storage.lanes) for person, lane in stored)
     assert len({lane for _, lane in stored}) > 20
+
+
+def test_connections_of_ended_threads_are_closed(tmp_path: Path) -> None:
+    """Each thread that writes gets a connection of its own (a worker's senders, one set
+    per run); once the thread has ended its connection is closed, so that a long-lived
+    process does not pile up open outbox files."""
+    location = tmp_path / "outbox.db"
+    with Outbox(location) as outbox:
+        for i in range(12):
+            thread = threading.Thread(target=outbox.enqueue,
+                                      args=({"type": "track", "userId": f"p{i}",
+                                             "event": "Step"},))
+            thread.start()
+            thread.join()
+        outbox.status()
+        fds = [name for name in os.listdir("/proc/self/fd")
+               if os.path.realpath(f"/proc/self/fd/{name}") == str(location.resolve())]
+        assert len(fds) <= 3, f"{len(fds)} open descriptors of the outbox"
+        assert outbox.status()["pending"] == 12

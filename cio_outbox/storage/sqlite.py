@@ -113,7 +113,7 @@ class SQLiteStorage(SQLStorage):
         self.synchronous = synchronous.upper()
         self.busy_timeout = busy_timeout
         self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
+        self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._lock = threading.Lock()
         if self.path.exists() and self.path.is_dir():
             raise StorageError(f"{self.path} is a directory, not an outbox file")
@@ -166,7 +166,17 @@ class SQLiteStorage(SQLStorage):
             conn = self._connect()
             self._local.conn = conn
             with self._lock:
-                self._conns.append(conn)
+                # Close connections of threads that ended (a large write's writer thread,
+                # a worker's senders per run), so that they do not pile up.
+                alive = []
+                for thread, other in self._conns:
+                    if thread.is_alive():
+                        alive.append((thread, other))
+                    else:
+                        with suppress(sqlite3.Error):
+                            other.close()
+                alive.append((threading.current_thread(), conn))
+                self._conns = alive
         return conn
 
     def _explain(self, exc: sqlite3.Error) -> StorageError:
@@ -390,7 +400,7 @@ class SQLiteStorage(SQLStorage):
 
     def close(self) -> None:
         with self._lock:
-            for conn in self._conns:
+            for _, conn in self._conns:
                 with suppress(sqlite3.Error):
                     conn.close()
             self._conns.clear()
