@@ -431,15 +431,23 @@ def test_postgres_claims_skip_lanes_another_claim_holds(postgres_location: str) 
 
 # -- several processes of several senders ----------------------------------------------
 
-PEOPLE = 24
-CALLS = 1800
+#: More people than a batch holds (max_messages=25 below): a batch of 25 consecutive calls
+#: of 24 people held every busy lane, so whichever process claimed first kept every lane
+#: busy and, on a fast machine, sent everything while the others found nothing free.
+PEOPLE = 120
+CALLS = 3000
 DRAINER = """
-import json, sys
+import json, pathlib, sys, time
 from cio_outbox import Outbox
-location, host, key, name = sys.argv[1:5]
+location, host, key, name, gate = sys.argv[1:6]
 box = Outbox(location)
 worker = box.worker(key=key, host=host, concurrency=3, max_messages=25, worker_id=name,
                     idle_interval=0.05, backoff_initial=0.05)
+# All processes start draining together: a fast machine otherwise drains the outbox in
+# the first process before the others have imported the package.
+pathlib.Path(gate, name).touch()
+while not pathlib.Path(gate, "go").exists():
+    time.sleep(0.005)
 result = worker.run(until_empty=True, timeout=150)
 worker.client.close()
 box.close()
@@ -448,16 +456,25 @@ print(json.dumps({"sent": result.sent, "exit": result.exit_code, "error": result
 
 
 def test_several_processes_of_several_senders_keep_each_persons_order(
-    outbox_location: str,
+    outbox_location: str, tmp_path: Path,
 ) -> None:
     box = Outbox(outbox_location)
     box.enqueue_many([{"type": "track", "userId": f"u{i % PEOPLE}", "event": "Step",
                        "properties": {"seq": i}} for i in range(CALLS)])
-    with SandboxProcess(latency=0.005) as sandbox:
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    with SandboxProcess(latency=0.02) as sandbox:
         procs = [subprocess.Popen(
             [sys.executable, "-c", DRAINER, outbox_location, sandbox.url, sandbox.key,
-             f"w{i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+             f"w{i}", str(gate)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             stdin=subprocess.DEVNULL) for i in range(3)]
+        deadline = time.monotonic() + 120
+        while len([p for p in gate.iterdir() if p.name != "go"]) < len(procs):
+            assert time.monotonic() < deadline, "the drainers never got ready"
+            assert all(proc.poll() is None for proc in procs), \
+                [proc.communicate()[1][-3000:] for proc in procs if proc.poll() is not None]
+            time.sleep(0.01)
+        (gate / "go").touch()
         results = []
         for proc in procs:
             out, err = proc.communicate(timeout=200)
@@ -469,6 +486,7 @@ def test_several_processes_of_several_senders_keep_each_persons_order(
     assert sum(r["sent"] for r in results) == CALLS
     assert stats["messages"] == CALLS and stats["duplicates"] == 0
     # More than one process did work: the lanes let them send at once.
+    print("sent by process:", [r["sent"] for r in results])
     assert sum(1 for r in results if r["sent"]) >= 2, results
     seqs: dict[str, list[int]] = defaultdict(list)
     for message in received:  # in the order the sandbox stored them
