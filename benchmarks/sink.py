@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,7 @@ class Sink:
         self.prefix: Path | None = None
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
+        self._offset = 0  # where the requests counted by stats() begin in the access log
 
     @property
     def url(self) -> str:
@@ -155,6 +157,7 @@ class Sink:
                 prefix=self.prefix, port=self.port, body=RESPONSE_BODY,
                 access_log=f"{self.access_log} sink" if self.log_requests else "off"))
             self.access_log.touch()
+            self._offset = 0
             self._proc = subprocess.Popen(
                 [self.binary, "-p", str(self.prefix), "-c", str(conf),
                  "-e", str(self.prefix / "error.log")],
@@ -214,20 +217,50 @@ class Sink:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _logged_until_now(self) -> tuple[bytes, int, int]:
+        """The access log once every request answered so far is in it, and where the
+        marker line that proves it starts and ends.
+
+        nginx writes a request's log line after sending its answer, so a client can hold
+        the answer of a request whose line is not written yet. The sink asks for a marker
+        path of its own and waits for that line: nginx (one process, one event loop)
+        finishes an earlier request, its log line included, before it reads the next."""
+        marker = f"/sink/mark/{uuid.uuid4().hex}"
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as conn:
+            conn.sendall(f"GET {marker} HTTP/1.1\r\nHost: sink\r\nConnection: close\r\n\r\n"
+                         .encode())
+            while conn.recv(65536):  # the answer (a 404), until nginx closes
+                pass
+        needle = f" {marker} ".encode()
+        deadline = time.monotonic() + 10
+        while True:
+            logged = self.access_log.read_bytes()
+            at = logged.find(needle, self._offset)
+            if at >= 0:
+                start = logged.rfind(b"\n", 0, at) + 1
+                return logged, start, logged.index(b"\n", at) + 1
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the sink never logged its marker {marker}")
+            time.sleep(0.005)
+
     def reset(self) -> None:
-        """Forget the requests logged so far (nginx appends to the emptied file)."""
+        """Forget the requests answered so far."""
         if self.log_requests:
-            self.access_log.write_bytes(b"")
+            self._offset = self._logged_until_now()[2]
 
     def stats(self) -> dict[str, Any]:
-        """Requests by endpoint and by status code, logged since :meth:`reset`."""
+        """Requests by endpoint and by status code, answered since :meth:`reset`."""
         statuses: Counter[int] = Counter()
         endpoints: Counter[str] = Counter()
         if self.log_requests:
-            for line in self.access_log.read_text().splitlines():
+            logged, end, _ = self._logged_until_now()
+            for line in logged[self._offset:end].decode().splitlines():
                 parts = line.split(" ")
+                uri = " ".join(parts[1:-1])
+                if uri.startswith("/sink/"):
+                    continue  # an earlier stats() call's marker
                 statuses[int(parts[-1])] += 1
-                endpoints[" ".join(parts[1:-1])] += 1
+                endpoints[uri] += 1
         return {"requests": sum(statuses.values()), "statuses": dict(statuses),
                 "endpoints": dict(endpoints)}
 

@@ -118,3 +118,21 @@ def test_recorder_records_arrival_order_after_its_latency() -> None:
         assert report["inversions"] == 1
         rec.reset()
         assert rec.stats() == {"requests": 0, "messages": 0, "arrivals": {}}
+
+
+@needs_nginx
+def test_counts_are_exact_right_after_an_answer() -> None:
+    """nginx logs a request after answering it. Counted right after the answer, the
+    request must be in the figures, and a reset right after it must leave it out (the CI
+    failures, under load: a request missing from stats, and one counted after a reset)."""
+    with Sink() as sink:
+        session = requests.Session()
+        noise = bytes(range(256)) * 400
+        for _ in range(300):
+            assert session.post(sink.url + "/v1/batch", data=noise).status_code == 200
+            assert sink.stats()["requests"] == 1
+            sink.reset()
+            assert sink.stats()["requests"] == 0
+        session.post(sink.url + "/v1/alias", data=b"{}")
+        assert sink.stats()["endpoints"] == {"/v1/alias": 1}
+        assert sink.stats()["endpoints"] == {"/v1/alias": 1}  # a second look counts the same
