@@ -65,6 +65,7 @@ from cio_outbox.storage.sql import (
     Deltas,
     Moved,
     SQLStorage,
+    with_thread_connection,
 )
 
 if TYPE_CHECKING:
@@ -239,16 +240,8 @@ class PostgresStorage(SQLStorage):
             conn = self._connect()
             self._local.conn = conn
             with self._lock:
-                # Close connections of threads that ended (a worker's senders per run).
-                alive = []
-                for thread, other in self._all:
-                    if thread.is_alive() and not other.closed:
-                        alive.append((thread, other))
-                    else:
-                        with suppress(Exception):
-                            other.close()
-                alive.append((threading.current_thread(), conn))
-                self._all = alive
+                self._all = with_thread_connection(self._all, conn,
+                                                   closed=lambda other: other.closed)
         return conn
 
     def _explain(self, exc: Exception) -> StorageError:

@@ -28,6 +28,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import suppress
 from itertools import islice, starmap
 from typing import Any, ClassVar, TypeVar
 
@@ -169,6 +170,25 @@ def _token_pattern(value: str) -> re.Pattern[str]:
 def redact(text: str, value: str) -> str:
     """Text with every whole-token occurrence of value replaced by ``[forgotten]``."""
     return _token_pattern(value).sub("[forgotten]", text)
+
+
+def with_thread_connection(
+    entries: list[tuple[threading.Thread, Any]], conn: Any,
+    closed: Callable[[Any], bool] = lambda conn: False,
+) -> list[tuple[threading.Thread, Any]]:
+    """The (thread, connection) pairs of a storage with ``conn`` added for the calling
+    thread, and the connections of threads that ended (or ``closed`` ones) closed and
+    dropped: each thread gets a connection of its own and a worker starts senders per
+    run, so a long-lived process would otherwise pile them up."""
+    alive = []
+    for thread, other in entries:
+        if thread.is_alive() and not closed(other):
+            alive.append((thread, other))
+        else:
+            with suppress(Exception):
+                other.close()
+    alive.append((threading.current_thread(), conn))
+    return alive
 
 
 class SQLStorage:

@@ -26,7 +26,7 @@ from cio_outbox.storage.base import CHUNK_ROWS, NewRow, StorageError
 from cio_outbox.storage.lanes import lane_of
 from cio_outbox.storage.schema import LANES_VERSION, SCHEMA_VERSION, SQLITE, render
 from cio_outbox.storage.slots import WorkerSlot, file_slot
-from cio_outbox.storage.sql import Deltas, Moved, SQLStorage
+from cio_outbox.storage.sql import Deltas, Moved, SQLStorage, with_thread_connection
 from cio_outbox.storage.sqlite_schema import add_status_check, statements
 
 T = TypeVar("T")
@@ -166,17 +166,7 @@ class SQLiteStorage(SQLStorage):
             conn = self._connect()
             self._local.conn = conn
             with self._lock:
-                # Close connections of threads that ended (a large write's writer thread,
-                # a worker's senders per run), so that they do not pile up.
-                alive = []
-                for thread, other in self._conns:
-                    if thread.is_alive():
-                        alive.append((thread, other))
-                    else:
-                        with suppress(sqlite3.Error):
-                            other.close()
-                alive.append((threading.current_thread(), conn))
-                self._conns = alive
+                self._conns = with_thread_connection(self._conns, conn)
         return conn
 
     def _explain(self, exc: sqlite3.Error) -> StorageError:
