@@ -301,8 +301,8 @@ class JsonlReader(_Reader):
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             return Record(number, error=_utf8_problem(exc))
-        if not text.strip():
-            return None
+        if not raw.strip():  # ASCII whitespace only, as the fast path strips a line:
+            return None  # str.strip() also took b"\x1c" or a no-break space for blank
         try:
             call = json.loads(text)
         except json.JSONDecodeError as exc:

@@ -283,8 +283,8 @@ class TextFile(Source):
             except UnicodeDecodeError as exc:
                 chunk.problems.append((number, _utf8_problem(exc)))
                 continue
-            if not text.strip():
-                continue
+            if not raw.strip():  # ASCII whitespace only: str.strip() also took a line of
+                continue  # b"\x1c" or a no-break space for blank, and dropped it unreported
             try:
                 value = json.loads(text)
             except (ValueError, RecursionError) as exc:

@@ -67,6 +67,18 @@ def test_jsonl_reports_bad_json_non_objects_and_broken_utf8_by_line() -> None:
     assert "0xe9" in records[3].error
 
 
+def test_jsonl_rejects_a_line_of_non_json_whitespace_instead_of_skipping_it() -> None:
+    """Only ASCII whitespace makes a line blank. A line holding an information separator
+    or a Unicode space is a broken line: rejected by its number, never dropped as if blank
+    (hypothesis found b"\\x1c" skipped and uncounted)."""
+    raw = b'\x1c\n\xc2\xa0\n\xe2\x80\xa8\n \t\r\n{"type": "identify", "userId": "u5"}\n'
+    records = list(JsonlReader(io.BytesIO(raw), run="r"))
+    assert [r.line for r in records] == [1, 2, 3, 5]
+    assert all(r.call is None and r.error and r.error.startswith("invalid JSON")
+               for r in records[:3])
+    assert records[3].call is not None
+
+
 def test_jsonl_ignores_a_utf8_byte_order_mark() -> None:
     raw = b'\xef\xbb\xbf{"type": "identify", "userId": "u1"}\n'
     (record,) = JsonlReader(io.BytesIO(raw), run="r")

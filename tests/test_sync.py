@@ -535,6 +535,19 @@ _AWKWARD_CSV = (
 )
 
 
+def test_a_jsonl_line_of_non_ascii_whitespace_is_a_problem_not_a_blank(
+        tmp_path: Path) -> None:
+    from cio_outbox import sources
+
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b'{"id": 1}\n\x1c\n \t\n\xc2\xa0\n{"id": 2}\n')
+    chunks = list(sources.open_source(path).chunks(1000))
+    assert [line for chunk in chunks for line, _ in chunk.rows] == [1, 5]
+    problems = [problem for chunk in chunks for problem in chunk.problems]
+    assert [line for line, _ in problems] == [2, 4]
+    assert all(text.startswith("invalid JSON") for _, text in problems)
+
+
 @pytest.mark.parametrize("block", [1, 7, 16, 33, 64, 1 << 20])
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_records_parsed_are_the_rows_and_problems_the_reader_gives(
