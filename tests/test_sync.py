@@ -472,6 +472,7 @@ CHILD = textwrap.dedent("""
 
     def progress(result, table):
         print(result.new + result.changed + result.unchanged, flush=True)
+        sys.stdin.readline()  # the parent's go: at most one chunk runs past the kill point
 
     outbox = Outbox(sys.argv[1])
     outbox.sync(sys.argv[2], key="id", mapping=["Lifetime Value=traits.ltv:float"],
@@ -481,15 +482,20 @@ CHILD = textwrap.dedent("""
 
 
 def _sync_killed_midway(location: str, source: Path, rng: random.Random) -> bool:
-    """Run a sync in a child and SIGKILL it after a few chunks; True if it was killed."""
+    """Run a sync in a child and SIGKILL it after a few chunks; True if it was killed.
+
+    The child waits for a line on its stdin after each progress report, so that on a fast
+    machine it cannot finish before the kill lands (in the next chunk or at its end)."""
     child = subprocess.Popen([sys.executable, "-c", CHILD, location, str(source)],
-                             stdout=subprocess.PIPE, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert child.stdout is not None
+    assert child.stdout is not None and child.stdin is not None
     kill_after = rng.randint(2, 5)
     for chunks, line in enumerate(child.stdout, 1):
         if line.strip() == "done":
             break
+        child.stdin.write("go\n")
+        child.stdin.flush()
         if chunks == kill_after:
             time.sleep(rng.uniform(0, 0.05))  # land anywhere in the next chunk
             child.send_signal(signal.SIGKILL)
