@@ -382,30 +382,47 @@ class ProgressPrinter:
             self._open_line = False
 
 
-@contextmanager
-def stop_on_signals(worker: Worker, printer: ProgressPrinter) -> Iterator[None]:
+class GracefulStop:
     """SIGINT and SIGTERM ask the worker to stop gracefully (finish the request in flight,
     record it, release the rest); a second signal quits at once (exit 130) and leaves the
-    rows in flight to come back when their lease expires."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
+    rows in flight to come back when their lease expires.
 
-    def handler(signum: int, frame: FrameType | None) -> None:
-        received.append(signum)
-        if len(received) > 1:
+    Installed before the outbox opens: a worker started next to busy writers can wait
+    seconds for the write lock before it has a Worker to stop, and a signal then must not
+    kill it with the default action. A signal that came first stops the worker as soon as
+    it is :meth:`attach`-ed, before it claims anything."""
+
+    def __init__(self, printer: ProgressPrinter) -> None:
+        self.printer = printer
+        self.received: list[int] = []
+        self.worker: Worker | None = None
+
+    def attach(self, worker: Worker) -> None:
+        self.worker = worker
+        if self.received:
+            worker.stop()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received.append(signum)
+        if len(self.received) > 1:
             os._exit(130)
-        worker.stop()
-        printer.message(f"{signal.Signals(signum).name}: stopping after the request in "
-                        "flight (send it again to quit at once)")
+        if self.worker is not None:
+            self.worker.stop()
+        self.printer.message(f"{signal.Signals(signum).name}: stopping after the request in "
+                             "flight (send it again to quit at once)")
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    @contextmanager
+    def installed(self) -> Iterator[GracefulStop]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self._handle)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
 
 @cli.command(short_help="Send the outbox to the Pipelines API.")
@@ -468,7 +485,7 @@ def worker(
     their lease expires.
     """
     printer = ProgressPrinter()
-    with _opened(db, create=True) as outbox:
+    with GracefulStop(printer).installed() as graceful, _opened(db, create=True) as outbox:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -485,9 +502,9 @@ def worker(
             raise Failure(str(exc), EXIT_USAGE) from None
         for warning in caught:
             _err(f"warning: {warning.message}")
+        graceful.attach(the_worker)
         try:
-            with stop_on_signals(the_worker, printer):
-                result = the_worker.run(until_empty=until_empty)
+            result = the_worker.run(until_empty=until_empty)
         finally:
             the_worker.client.close()
             printer.end_line()

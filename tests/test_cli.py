@@ -513,6 +513,47 @@ def test_worker_stops_cleanly_on_sigint_and_sigterm_and_a_resumed_run_delivers_e
     assert stats["duplicates"] == 0
 
 
+def _has_open(pid: int, path: str) -> bool:
+    """Whether process ``pid`` holds ``path`` open (Linux /proc)."""
+    folder = Path(f"/proc/{pid}/fd")
+    target = os.path.realpath(path)
+    try:
+        return any(os.path.realpath(fd) == target for fd in folder.iterdir())
+    except OSError:  # the process or one of its descriptors went away meanwhile
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc")
+def test_sigterm_while_the_worker_waits_to_open_the_outbox_stops_it_gracefully(
+    db: str,
+) -> None:
+    # A worker started next to busy enqueuers can wait seconds for the write lock before
+    # it has a Worker to stop; a SIGTERM then must not kill it with the default action.
+    with Outbox(db) as outbox:
+        outbox.track("u1", "Queued")
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the lock the worker's open waits for
+    with SandboxProcess() as sandbox:
+        proc = _worker_process(db, sandbox, "--until-empty")
+        try:
+            _wait_for(lambda: _has_open(proc.pid, db), 60, "the worker to open the outbox")
+            time.sleep(0.2)  # it is now waiting in SQLite's busy handler
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            holder.execute("ROLLBACK")
+            out, err = proc.communicate(timeout=60)
+        finally:
+            holder.close()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, err
+        assert out.startswith("stopped:"), out
+        assert "SIGTERM: stopping" in err
+        assert sandbox.stats()["messages"] == 0  # it stopped before sending anything
+    assert _counts(db) == {"pending": 1, "in_flight": 0, "sent": 0, "failed": 0}
+
+
 def test_enqueue_killed_partway_then_rerun_gives_exactly_one_row_per_line(
     db: str, tmp_path: Path
 ) -> None:
