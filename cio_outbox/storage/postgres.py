@@ -331,7 +331,9 @@ class PostgresStorage(SQLStorage):
                     f"this cio-outbox understands ({SCHEMA_VERSION}); upgrade cio-outbox"
                 )
             for number in range(version, SCHEMA_VERSION):
-                cur.execute(render(number, POSTGRES, self.prefix))
+                script = render(number, POSTGRES, self.prefix)
+                if script.strip():  # a migration may concern SQLite only
+                    cur.execute(script)
                 if number + 1 == LANES_VERSION:
                     self._fill_lanes(cur)
                 cur.execute(

@@ -24,10 +24,20 @@ from typing import Any, ClassVar, TypeVar
 
 from cio_outbox.storage.base import CHUNK_ROWS, NewRow, StorageError
 from cio_outbox.storage.lanes import lane_of
-from cio_outbox.storage.schema import LANES_VERSION, SCHEMA_VERSION, SQLITE, render
+from cio_outbox.storage.schema import (
+    COMPARED_CHECK_VERSION,
+    LANES_VERSION,
+    SCHEMA_VERSION,
+    SQLITE,
+    render,
+)
 from cio_outbox.storage.slots import WorkerSlot, file_slot
 from cio_outbox.storage.sql import Deltas, Moved, SQLStorage, with_thread_connection
-from cio_outbox.storage.sqlite_schema import add_status_check, statements
+from cio_outbox.storage.sqlite_schema import (
+    add_status_check,
+    compare_status_check,
+    statements,
+)
 
 T = TypeVar("T")
 
@@ -286,6 +296,8 @@ class SQLiteStorage(SQLStorage):
                     conn.execute(statement)
                 if number + 1 == 3:
                     add_status_check(conn)
+                if number + 1 == COMPARED_CHECK_VERSION:
+                    compare_status_check(conn)
                 if number + 1 == LANES_VERSION:
                     self._fill_lanes(conn)
                 conn.execute(f"PRAGMA user_version = {number + 1}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 
 from cio_outbox.storage.base import STATUSES, StorageError
-from cio_outbox.storage.schema import STATUS_CHECK
+from cio_outbox.storage.schema import STATUS_CHECK, STATUS_CHECK_COMPARED
 
 _STATUS_COLUMN = "status TEXT NOT NULL DEFAULT 'pending',"
 
@@ -29,6 +29,28 @@ def add_status_check(conn: sqlite3.Connection) -> None:
         _edit_table_sql(conn, checked)
     except sqlite3.DatabaseError:
         _rebuild_messages(conn, checked)
+
+
+def compare_status_check(conn: sqlite3.Connection) -> None:
+    """Rewrite the status CHECK's ``IN`` list as comparisons (migration 7): the same test,
+    without the lookup table SQLite builds to evaluate it for every inserted row. The rows
+    already passed the same test. Where editing the schema is forbidden (defensive mode)
+    the CHECK stays as it is: correct, only slower, and not worth copying the table."""
+    cookie = conn.execute("PRAGMA schema_version").fetchone()[0]
+    try:
+        conn.execute("PRAGMA writable_schema = ON")
+        try:
+            changed = conn.execute(
+                "UPDATE sqlite_master SET sql = replace(sql, ?, ?)"
+                " WHERE type = 'table' AND name = 'messages' AND instr(sql, ?) > 0",
+                (STATUS_CHECK, STATUS_CHECK_COMPARED, STATUS_CHECK),
+            ).rowcount
+            if changed:
+                conn.execute(f"PRAGMA schema_version = {cookie + 1}")
+        finally:
+            conn.execute("PRAGMA writable_schema = OFF")
+    except sqlite3.DatabaseError:
+        return
 
 
 def _edit_table_sql(conn: sqlite3.Connection, checked: str) -> None:
