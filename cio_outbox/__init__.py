@@ -5,11 +5,11 @@ from typing import Any
 from cio_outbox._version import __version__
 from cio_outbox.config import ApiKey, ConfigError, Target, resolve_target
 from cio_outbox.errors import CioOutboxError
-from cio_outbox.messages import MessageError
 from cio_outbox.outbox import Outbox
 from cio_outbox.results import EnqueueResult
 from cio_outbox.settings import Settings
 from cio_outbox.storage import StorageError
+from cio_outbox.wire import MessageError
 
 __all__ = [
     "ApiKey",

@@ -658,7 +658,7 @@ def replace(message_id: str, call: str, db: str, allow_person_change: bool,
     \b
     cio-outbox replace 0190f7a2-... '{"type": "track", "userId": "u9", "event": "Paid"}'
     """
-    from cio_outbox.messages import MessageError
+    from cio_outbox.wire import MessageError
 
     text = call
     if call.startswith("@"):

@@ -60,11 +60,11 @@ import msgspec
 from cio_outbox import intake
 from cio_outbox.columns import ColumnRule, MappingError, Plan, ValueProblem
 from cio_outbox.known_traits import suggest_traits
-from cio_outbox.messages import MessageError, message_id_for
 from cio_outbox.outbox import Outbox
 from cio_outbox.results import MAX_LISTED_REJECTIONS, ImportResult, LineRejection
 from cio_outbox.sources import gzipped
 from cio_outbox.storage.base import CHUNK_ROWS, NewRow
+from cio_outbox.wire import MessageError, message_id_for
 
 __all__ = [
     "CHUNK_SIZE",

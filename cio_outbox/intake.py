@@ -29,30 +29,31 @@ import functools
 import gc
 import hashlib
 import operator
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 import orjson
 
-from cio_outbox.messages import (
+from cio_outbox.results import EnqueueResult, Rejection
+from cio_outbox.storage.base import CHUNK_ROWS, NewRow, Storage
+from cio_outbox.wire import (
     _CANONICAL_TIMESTAMP,
     LIBRARY,
     MAX_MESSAGE_BYTES,
-    MODELS,
-    Message,
     MessageError,
     check_rules,
     encode_wire,
-    from_wire,
     json_form,
     message_id_for,
     new_message_id,
 )
-from cio_outbox.results import EnqueueResult, Rejection
-from cio_outbox.storage.base import CHUNK_ROWS, NewRow, Storage
+
+if TYPE_CHECKING:  # the models load only when a call needs them (see SHAPES)
+    from cio_outbox.messages import Message
 
 __all__ = [
     "BOTH_IDS",
@@ -195,29 +196,16 @@ _KNOWN_MODEL_VALIDATORS = frozenset({"_someone"})
 
 
 class _Shape:
-    """What the fast check needs to know about one model, read from the model itself."""
+    """What the fast check needs to know about one model: whether it can vouch for its
+    calls at all, the check of each field it knows, and the required fields."""
 
-    def __init__(self, model: type[Message]) -> None:
-        decorators = model.__pydantic_decorators__
-        covered: set[str] = set()
-        for name, validator in decorators.field_validators.items():
-            if name not in _KNOWN_FIELD_VALIDATORS:
-                covered.update(validator.info.fields)
-        unknown_model = set(decorators.model_validators) - _KNOWN_MODEL_VALIDATORS
-        extra = model.model_config.get("extra")
-        # Extra fields allowed or not, the fast check vouches only for the fields it knows:
-        # any other field sends the call to pydantic.
-        self.usable = not unknown_model and extra in ("forbid", "allow") and not (
-            decorators.root_validators or decorators.model_serializers)
-        self.checks: dict[str, Callable[[Any], bool]] = {
-            name: check for name, check in _CHECKS.items()
-            if name in model.model_fields and name not in covered
-        }
+    def __init__(self, call_type: str, usable: bool, fields: tuple[str, ...],
+                 required: tuple[str, ...]) -> None:
+        self.call_type = call_type
+        self.usable = usable
+        self.checks: dict[str, Callable[[Any], bool]] = {name: _CHECKS[name] for name in fields}
         self.checks["type"] = _is_name  # the key that chose this shape
-        self.required = tuple(
-            name for name, info in model.model_fields.items() if info.is_required()
-        )
-        self.call_type = model.call_type
+        self.required = required
         self._rules: _Rules | None = None
 
     @property
@@ -225,6 +213,47 @@ class _Shape:
         if self._rules is None:  # on first use: it reads the OpenAPI document
             self._rules = _Rules.of(self)
         return self._rules
+
+
+def shape_of_model(model: type[Message]) -> tuple[bool, tuple[str, ...], tuple[str, ...]]:
+    """``(usable, fields, required)`` of a model, read from the model itself: whether the
+    fast check can vouch for its calls, the fields of :data:`_CHECKS` whose check it
+    restates, and its required fields."""
+    decorators = model.__pydantic_decorators__
+    covered: set[str] = set()
+    for name, validator in decorators.field_validators.items():
+        if name not in _KNOWN_FIELD_VALIDATORS:
+            covered.update(validator.info.fields)
+    unknown_model = set(decorators.model_validators) - _KNOWN_MODEL_VALIDATORS
+    extra = model.model_config.get("extra")
+    # Extra fields allowed or not, the fast check vouches only for the fields it knows:
+    # any other field sends the call to pydantic.
+    usable = not unknown_model and extra in ("forbid", "allow") and not (
+        decorators.root_validators or decorators.model_serializers)
+    fields = tuple(name for name in _CHECKS if name in model.model_fields
+                   and name not in covered)
+    required = tuple(name for name, info in model.model_fields.items() if info.is_required())
+    return usable, fields, required
+
+
+#: :func:`shape_of_model` of each model, stored: reading the models means importing
+#: pydantic, most of the package's start-up, and an import of clean lines never needs
+#: them. tests/test_intake.py checks this table against the models.
+SHAPES: dict[str, tuple[bool, tuple[str, ...], tuple[str, ...]]] = {
+    "identify": (True, ("messageId", "userId", "anonymousId", "timestamp", "originalTimestamp",
+                        "context", "traits", "integrations"), ()),
+    "track": (True, ("messageId", "userId", "anonymousId", "groupId", "timestamp",
+                     "originalTimestamp", "context", "properties", "integrations", "event"),
+              ("event",)),
+    "page": (True, ("messageId", "userId", "anonymousId", "timestamp", "originalTimestamp",
+                    "context", "properties", "integrations", "name"), ()),
+    "screen": (True, ("messageId", "userId", "anonymousId", "timestamp", "originalTimestamp",
+                      "context", "properties", "integrations", "name"), ()),
+    "group": (True, ("messageId", "userId", "anonymousId", "groupId", "timestamp",
+                     "originalTimestamp", "context", "traits", "integrations"), ("groupId",)),
+    "alias": (True, ("messageId", "userId", "anonymousId", "previousId", "timestamp",
+                     "originalTimestamp", "context", "integrations"), ("userId", "previousId")),
+}
 
 
 # The rules of the document that each fast check implies: a value it vouches for meets them.
@@ -322,7 +351,7 @@ def _accepts(rule: dict[str, Any], value: Any) -> bool:
                for name, inner in value.items())
 
 
-_SHAPES = {call_type: _Shape(model) for call_type, model in MODELS.items()}
+_SHAPES = {call_type: _Shape(call_type, *shape) for call_type, shape in SHAPES.items()}
 
 
 def _fast_wire(call: dict[str, Any], ours: tuple[str, ...] = ()
@@ -621,7 +650,7 @@ def prepare(
     ``plain=True`` says it holds JSON values only (it was parsed from JSON or CSV).
     Raises :class:`MessageError` naming the field; nothing is written then.
     """
-    if type(call) is not dict and isinstance(call, Message):
+    if type(call) is not dict and _is_message(call):
         if idempotency_key is not None:
             call = call.model_copy(update={"messageId": message_id_for(idempotency_key)})
         wire = call.wire()  # validated when it was built
@@ -632,6 +661,12 @@ def prepare(
     else:
         wire, payload, rules_hold = _checked(call, idempotency_key, identity, owned)
     return _row(wire, payload, rules_hold, plain, run)
+
+
+def _is_message(call: Any) -> bool:
+    """Whether ``call`` is a :class:`Message` (none exists while the models are not loaded)."""
+    models = sys.modules.get("cio_outbox.messages")
+    return models is not None and isinstance(call, models.Message)
 
 
 def _row(wire: dict[str, Any], payload: bytes, rules_hold: bool, plain: bool,
@@ -679,6 +714,8 @@ def _checked(call: Mapping[str, Any], idempotency_key: str | None, identity: str
             return wire, encode_wire(wire, fallback=False), rules_hold
         except TypeError:
             pass  # what orjson refuses (an integer key, a huge integer): pydantic decides
+    from cio_outbox.messages import from_wire  # pydantic decides, and explains
+
     wire = from_wire(fields).wire()
     return wire, encode_wire(wire), False
 

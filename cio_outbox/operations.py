@@ -52,13 +52,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cio_outbox import intake
-from cio_outbox.messages import (
-    IDEMPOTENCY_NAMESPACE,
-    MessageError,
-    message_id_for,
-)
 from cio_outbox.results import EnqueueResult, Rejection
 from cio_outbox.storage.base import CHUNK_ROWS, NewRow
+from cio_outbox.wire import IDEMPOTENCY_NAMESPACE, MessageError, message_id_for
 
 if TYPE_CHECKING:
     from cio_outbox.storage.base import Storage

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from cio_outbox import intake, operations
 from cio_outbox.config import ApiKey, Target, resolve_target
-from cio_outbox.messages import Message
 from cio_outbox.results import EnqueueResult, Progress, Rejection, WorkerResult
 from cio_outbox.retention import parse_age as parse_age  # where it used to live
 from cio_outbox.settings import (
@@ -35,6 +34,7 @@ from cio_outbox.storage.base import CHUNK_ROWS
 
 if TYPE_CHECKING:
     from cio_outbox.inspection import FailedPage
+    from cio_outbox.messages import Message
     from cio_outbox.repair import FixResult
     from cio_outbox.retention import PurgePlan
     from cio_outbox.worker import Worker

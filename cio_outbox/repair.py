@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cio_outbox import intake
-from cio_outbox.messages import MessageError
+from cio_outbox.wire import MessageError
 
 if TYPE_CHECKING:
     from cio_outbox.outbox import Outbox

@@ -53,7 +53,7 @@ from cio_outbox.columns import (
     plain,
     present,
 )
-from cio_outbox.messages import MessageError, build, message_id_for
+from cio_outbox.messages import build
 from cio_outbox.operations import object_anonymous_id
 from cio_outbox.sources import (
     CHUNK_ROWS,
@@ -66,6 +66,7 @@ from cio_outbox.sources import (
 )
 from cio_outbox.storage.base import NewRow
 from cio_outbox.storage.sync_state import SyncTransaction
+from cio_outbox.wire import MessageError, message_id_for
 
 if TYPE_CHECKING:
     from cio_outbox.storage import Storage

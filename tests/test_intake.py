@@ -257,6 +257,45 @@ def test_what_the_fast_check_proves_the_document_accepts() -> None:
     assert not intake._fast_wire({**page, "properties": {"url": "/"}})[1]
 
 
+def test_the_shapes_the_fast_checks_know_are_the_models_own() -> None:
+    # The table is what intake reads instead of the models (so that an import of clean
+    # lines loads no pydantic); a model that changes must change the table too.
+    derived = {kind: intake.shape_of_model(model) for kind, model in messages.MODELS.items()}
+    assert intake.SHAPES == derived, (
+        "intake.SHAPES no longer matches the models; set it to:\n"
+        + "\n".join(f"    {kind!r}: {shape!r}," for kind, shape in derived.items()))
+
+
+def test_an_import_of_clean_lines_loads_no_pydantic(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "calls.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in (
+        {"type": "track", "userId": "u1", "event": "Imported", "properties": {"n": 1}},
+        {"type": "identify", "userId": "u1", "traits": {"plan": "pro"}},
+        {"type": "page", "anonymousId": "a1", "name": "Home"},
+        {"type": "group", "userId": "u1", "groupId": "g1", "traits": {"n": 2}},
+    )))
+    code = (
+        "import sys\n"
+        "from cio_outbox.cli import cli\n"
+        "try:\n"
+        "    cli.main(['enqueue', sys.argv[1], '--db', sys.argv[2]], standalone_mode=False)\n"
+        "finally:\n"
+        "    print('pydantic' in sys.modules, 'pandas' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "o.db")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "4 lines, 4 added" in out
+    assert out.strip().splitlines()[-1] == "False False"
+    with Outbox(str(tmp_path / "o.db")) as outbox:  # and the rows are the models' rows
+        for payload in _payloads(outbox):
+            assert from_wire(payload).wire() == {
+                k: v for k, v in payload.items() if k != "context"} | {
+                "context": payload["context"]}
+
+
 def test_a_line_written_from_its_own_bytes_is_the_row_the_general_path_makes(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever line_row accepts, prepare accepts too, with the same row (the payload being

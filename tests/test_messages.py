@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import time
 import uuid
 from decimal import Decimal
@@ -191,6 +192,41 @@ def test_generated_message_ids_are_uuid7_and_grow_with_time() -> None:
     assert uuid.UUID(first).variant == uuid.RFC_4122
     assert first[:13] < second[:13]  # the millisecond timestamp leads
     assert len({new_message_id() for _ in range(10_000)}) == 10_000
+
+
+def test_generated_message_ids_of_a_burst_are_strictly_increasing() -> None:
+    # Within one millisecond too: ids of one enqueue_many land in id order at the end of
+    # the messageId index, and sorting by messageId gives the order of enqueue.
+    from cio_outbox.messages import new_message_id
+
+    burst = [new_message_id() for _ in range(50_000)]
+    assert burst == sorted(burst) and len(set(burst)) == len(burst)
+    assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).variant == uuid.RFC_4122
+               for i in burst[::997])
+    assert all(str(uuid.UUID(i)) == i for i in burst[::997])  # the canonical text
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_never_repeats_its_parents_message_ids() -> None:
+    from cio_outbox.messages import new_message_id
+
+    new_message_id()  # the parent's sequence has started before the fork
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the same instant, the same inherited state
+        try:
+            os.write(write, "\n".join(new_message_id() for _ in range(2000)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    mine = {new_message_id() for _ in range(2000)}
+    chunks = []
+    while chunk := os.read(read, 1 << 16):
+        chunks.append(chunk)
+    os.close(read)
+    os.waitpid(pid, 0)
+    theirs = set(b"".join(chunks).decode().split("\n"))
+    assert len(theirs) == 2000 and not mine & theirs
 
 
 def test_numpy_datetime64_becomes_an_iso_timestamp() -> None:

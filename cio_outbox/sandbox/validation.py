@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from cio_outbox.batch import MAX_BATCH_BYTES
-from cio_outbox.messages import CALL_TYPES, MAX_MESSAGE_BYTES, MessageError, validate_wire
+from cio_outbox.messages import validate_wire
+from cio_outbox.wire import CALL_TYPES, MAX_MESSAGE_BYTES, MessageError
 
 MESSAGE_LIMIT = MAX_MESSAGE_BYTES
 """Bytes per message, measured by :func:`message_size`."""
