@@ -261,7 +261,7 @@ def test_the_shapes_the_fast_checks_know_are_the_models_own() -> None:
     # The table is what intake reads instead of the models (so that an import of clean
     # lines loads no pydantic); a model that changes must change the table too.
     derived = {kind: intake.shape_of_model(model) for kind, model in messages.MODELS.items()}
-    assert intake.SHAPES == derived, (
+    assert derived == intake.SHAPES, (
         "intake.SHAPES no longer matches the models; set it to:\n"
         + "\n".join(f"    {kind!r}: {shape!r}," for kind, shape in derived.items()))
 
