@@ -241,6 +241,11 @@ class _Reader:
         return intake.line_message_id(self.run, line, content)
 
 
+#: JSON's whitespace: what may surround a line's value. bytes.strip() also takes a vertical
+#: tab and a form feed, which would make the import accept a line JSON parsers refuse.
+JSON_SPACE = b" \t\r\n"
+
+
 class JsonlReader(_Reader):
     """Calls from a JSONL file: each non-blank line is one call in its wire shape.
 
@@ -268,7 +273,7 @@ class JsonlReader(_Reader):
         run, line_row, record = self.run, intake.line_row, self._record
         for raw in lines:
             number = lines.number
-            row = line_row(raw.strip(), run, number)
+            row = line_row(raw.strip(JSON_SPACE), run, number)
             if row is not None:
                 yield number, row
                 continue
@@ -292,7 +297,7 @@ class JsonlReader(_Reader):
         if type(call) is not dict:
             return Record(number, error="a call must be a JSON object", field="type")
         if call.get("messageId") is None:
-            call["messageId"] = self._line_id(number, raw.strip())
+            call["messageId"] = self._line_id(number, raw.strip(JSON_SPACE))
         return Record(number, call)
 
     @staticmethod

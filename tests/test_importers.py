@@ -79,6 +79,25 @@ def test_jsonl_rejects_a_line_of_non_json_whitespace_instead_of_skipping_it() ->
     assert records[3].call is not None
 
 
+@pytest.mark.parametrize("lead", [b"\x0b", b"\x0c"])
+def test_a_line_led_by_a_vertical_tab_or_form_feed_is_invalid_on_every_path(
+    tmp_path: Path, lead: bytes
+) -> None:
+    """JSON's whitespace is space, tab, CR and LF: a line led by another ASCII space is
+    invalid JSON, whichever of the reader's paths reads it (the import's fast path once
+    stripped every ASCII space and accepted it, the records path refused it)."""
+    raw = lead + b'{"type": "identify", "userId": "u1"}\n{"type": "identify", "userId": "u2"}\n'
+    records = list(JsonlReader(io.BytesIO(raw), run="r"))
+    assert records[0].call is None and records[0].error is not None
+    assert records[0].error.startswith("invalid JSON")
+    path = tmp_path / "calls.jsonl"
+    path.write_bytes(raw)
+    with Outbox(str(tmp_path / "o.db")) as outbox:
+        result = enqueue_file(outbox, path)
+        assert (result.added, [r.line for r in result.rejections]) == (1, [1])
+        assert [json.loads(r["payload"])["userId"] for r in outbox.rows()] == ["u2"]
+
+
 def test_jsonl_ignores_a_utf8_byte_order_mark() -> None:
     raw = b'\xef\xbb\xbf{"type": "identify", "userId": "u1"}\n'
     (record,) = JsonlReader(io.BytesIO(raw), run="r")
