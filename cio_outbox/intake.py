@@ -114,11 +114,13 @@ def line_message_id(run: str, line: int, content: bytes) -> str:
     point of the messageId index however large the outbox is.
     """
     number = f"{line:010x}"
-    return "".join((_run_hexes.get(run) or _run_hex(run), "-", number[:4], "-8", number[4:7],
-                    "-8", number[7:], "-", _blake2b(content, digest_size=6).hexdigest()))
+    digest = _BLAKE2B_6.copy()  # copying a hasher is cheaper than making one with options
+    digest.update(content)
+    return (f"{_run_hexes.get(run) or _run_hex(run)}-{number[:4]}-8{number[4:7]}"
+            f"-8{number[7:]}-{digest.hexdigest()}")
 
 
-_blake2b = hashlib.blake2b
+_BLAKE2B_6 = hashlib.blake2b(digest_size=6)
 
 
 def line_of(run: str, message_id: str) -> int | None:
