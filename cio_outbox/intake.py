@@ -455,6 +455,8 @@ _TYPES: dict[Callable[[Any], bool], Any] = {
 }
 _BLANK_CHECKED = (_is_id, _is_event, _is_message_id)
 _LIBRARY_CONTEXT = b'"context":{"library":' + orjson.dumps(LIBRARY) + b"}"
+# The end of a line's payload: the library context and the line's closing brace.
+_LIBRARY_TAIL = "," + _LIBRARY_CONTEXT.decode("ascii") + "}"
 
 
 class _LinePlan:
@@ -539,21 +541,25 @@ def line_row(raw: bytes, run: str, line: int) -> NewRow | None:
     if call.context is not _UNSET or (plan.rules_checked and not plan.rules.hold_for(call)) or (
             plan.track and call.event in _semantic_names()):
         return _line_checked(call, plan, raw, run, line)
-    parts = [raw[:-1]]
     if message_id is _UNSET:
         message_id = line_message_id(run, line, raw)
-        parts.append(b',"messageId":"' + message_id.encode() + b'"')
-    if stamp is _UNSET:
-        parts.append(b',"timestamp":"' + now_timestamp().encode() + b'"')
-    parts.append(b"," + _LIBRARY_CONTEXT + b"}")
-    payload = _splice(parts)
-    if len(payload) > MAX_MESSAGE_BYTES:
+        if stamp is _UNSET:
+            tail = f',"messageId":"{message_id}","timestamp":"{now_timestamp()}"{_LIBRARY_TAIL}'
+        else:
+            tail = f',"messageId":"{message_id}"{_LIBRARY_TAIL}'
+    elif stamp is _UNSET:
+        tail = f',"timestamp":"{now_timestamp()}"{_LIBRARY_TAIL}'
+    else:
+        tail = _LIBRARY_TAIL
+    # The tail is ASCII (our id, our timestamp, the library): its bytes are its characters.
+    size = len(raw) - 1 + len(tail)
+    if size > MAX_MESSAGE_BYTES:
         return None  # the general path explains
     try:
-        text = payload.decode("utf-8")
+        text = _splice(raw, tail)
     except UnicodeDecodeError:
         return None  # the reader explains
-    return NewRow(message_id, run, plan.kind, person, text, len(payload))
+    return NewRow(message_id, run, plan.kind, person, text, size)
 
 
 def _line_checked(line: Any, plan: _LinePlan, raw: bytes, run: str, number: int
@@ -577,9 +583,10 @@ def _line_checked(line: Any, plan: _LinePlan, raw: bytes, run: str, number: int
     return _row(wire, encode_wire(wire), False, True, run)
 
 
-def _splice(parts: list[bytes]) -> bytes:
-    """The payload of a line: its bytes and the fields added (its one encoding)."""
-    return b"".join(parts)
+def _splice(raw: bytes, tail: str) -> str:
+    """The payload of a line: its text without the closing brace, then the fields added
+    and the brace (its one encoding). Raises UnicodeDecodeError for a line not UTF-8."""
+    return raw[:-1].decode("utf-8") + tail
 
 
 _UNSET = msgspec.UNSET
