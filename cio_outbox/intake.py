@@ -454,9 +454,8 @@ _TYPES: dict[Callable[[Any], bool], Any] = {
     _is_flags: dict[str, bool],
 }
 _BLANK_CHECKED = (_is_id, _is_event, _is_message_id)
-_LIBRARY_CONTEXT = b'"context":{"library":' + orjson.dumps(LIBRARY) + b"}"
 # The end of a line's payload: the library context and the line's closing brace.
-_LIBRARY_TAIL = "," + _LIBRARY_CONTEXT.decode("ascii") + "}"
+_LIBRARY_TAIL = ',"context":{"library":' + orjson.dumps(LIBRARY).decode("ascii") + "}}"
 
 
 class _LinePlan:
@@ -541,6 +540,7 @@ def line_row(raw: bytes, run: str, line: int) -> NewRow | None:
     if call.context is not _UNSET or (plan.rules_checked and not plan.rules.hold_for(call)) or (
             plan.track and call.event in _semantic_names()):
         return _line_checked(call, plan, raw, run, line)
+    # One f-string per case: adding the parts one by one cost 0.2 us a line (3.2 -> 3.4).
     if message_id is _UNSET:
         message_id = line_message_id(run, line, raw)
         if stamp is _UNSET:
